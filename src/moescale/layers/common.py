@@ -1,0 +1,132 @@
+"""What every FFN family shares: parameters with logical axes, activations, and the aux contract.
+
+Logical axis names (mapped to mesh axes by `moescale.sharding` rules; t5x/flaxformer spelling):
+
+    embed     d_model                      mlp       d_ff, expert_size, PKM k_dim
+    expert    num_experts                  vocab     vocabulary
+    heads     attention / PKM heads        kv        per-head feature dim
+    keys      PKM sub-keys (num_keys)      values    PKM value rows (num_keys**2)
+    norm      LayerNorm scales/biases      length    sequence positions (learned positions)
+
+The auxiliary contract. A family never returns its auxiliary losses: it *records* them, and
+whoever runs the model collects them with `nnx.capture(fn, AuxLoss, RoutingMetric)`, so the
+model and trainer never need to know which family is inside:
+
+    record_losses(self, load_balance=lb, router_z=z)       # unweighted scalars
+    record_metrics(self, expert_usage=usage, dropped=frac)  # scalars or small vectors
+
+Called outside a capture (a user calling a layer by hand), recording is a no-op: nothing is
+stored on the module and no deprecation warning fires.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+
+class AuxLoss(nnx.Intermediate):
+  """An unweighted auxiliary loss (scalar) recorded by a sublayer; the model weights it."""
+
+
+class RoutingMetric(nnx.Intermediate):
+  """A routing statistic (scalar or small vector) recorded by a sublayer, for logging only."""
+
+
+def _record(module: nnx.Module, kind, values: dict) -> None:
+  # nnx.capture sets `__captures__` on every module it wraps; outside a capture, skip silently.
+  if not hasattr(module, '__captures__'):
+    return
+  for name, value in values.items():
+    module.sow(kind, name, value)
+
+
+def record_losses(module: nnx.Module, **losses: Array) -> None:
+  """Records unweighted auxiliary losses (e.g. `load_balance`, `router_z`, `entropy`)."""
+  _record(module, AuxLoss, losses)
+
+
+def record_metrics(module: nnx.Module, **metrics: Array) -> None:
+  """Records routing metrics (e.g. `expert_usage` [num_experts], `fraction_dropped`)."""
+  _record(module, RoutingMetric, metrics)
+
+
+def param(
+    rngs: nnx.Rngs,
+    initializer: Initializer,
+    shape: Sequence[int],
+    names: Sequence[str | None],
+    dtype=jnp.float32,
+) -> nnx.Param:
+  """A parameter with logical axis names, one per dimension.
+
+  Sharding is *not* applied at creation (eager_sharding=False): the trainer creates the whole
+  model inside `jax.jit` with out_shardings from these names, so nothing is materialised on one
+  device first, and a layer built by hand in a notebook needs no mesh at all.
+  """
+  if len(names) != len(shape):
+    raise ValueError(f'logical names {tuple(names)} do not match shape {tuple(shape)}')
+  return nnx.Param(
+      initializer(rngs.params(), tuple(shape), dtype),
+      out_sharding=tuple(names),
+      eager_sharding=False,
+  )
+
+
+def normal(stddev: float) -> Initializer:
+  return nnx.initializers.normal(stddev=stddev)
+
+
+def fan_in_normal(fan_in: int, scale: float = 1.0) -> Initializer:
+  """N(0, scale**2 / fan_in): what Csordás et al. call standard init, with scale = c."""
+  return nnx.initializers.normal(stddev=scale / float(fan_in) ** 0.5)
+
+
+_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    'relu': jax.nn.relu,
+    # fairseq's and Megatron's GELU is the exact erf form, not the tanh approximation.
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'silu': jax.nn.silu,
+}
+
+
+def activation_fn(name: str) -> Callable[[Array], Array]:
+  try:
+    return _ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(
+        f'unknown activation {name!r}; valid: {sorted(_ACTIVATIONS)}') from None
+
+
+def dropout(x: Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> Array:
+  """Inverted dropout; `rngs.dropout()` supplies the key. No-op when deterministic or rate 0."""
+  if deterministic or rate <= 0.0:
+    return x
+  if rngs is None:
+    raise ValueError('dropout > 0 in training needs rngs with a "dropout" stream')
+  keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def check_positive(**values: int | float) -> None:
+  """Raises a ValueError naming every non-positive hyperparameter."""
+  bad = {k: v for k, v in values.items() if not v > 0}
+  if bad:
+    raise ValueError(', '.join(f'{k}={v!r} must be > 0' for k, v in bad.items()))
+
+
+def token_mask(segment_ids: Array | None, shape: Sequence[int]) -> Array:
+  """[batch, length] bool: True for real tokens (segment id != 0, as seqio packs)."""
+  if segment_ids is None:
+    return jnp.ones(tuple(shape), dtype=bool)
+  if tuple(segment_ids.shape) != tuple(shape):
+    raise ValueError(
+        f'segment_ids shape {tuple(segment_ids.shape)} must be [batch, length] = {tuple(shape)}')
+  return segment_ids != 0

@@ -1,0 +1,119 @@
+"""The shared MoE dispatch: route -> permute -> grouped matmul -> unpermute -> combine.
+
+Every MoE family (top-k MoE, sigma-MoE) reduces to the same computation once it has chosen,
+for each token, `k` experts and `k` combine weights:
+
+    y[t] = sum_j weights[t, j] * FFN_{expert_index[t, j]}(x[t])
+    FFN_e(x) = act(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]
+
+Einsum letters: t tokens, j choice (0..k-1), e expert, d d_model, f expert_size (hidden).
+
+An assignment (t, j) whose `expert_index` equals `num_experts` (the sentinel) was dropped by
+the router (over capacity, padding token): it is never computed and contributes nothing.
+Routers must also give it weight 0, so that even a backend that computed it would add 0.
+
+How the work is done is a *backend*: a small strategy object with one method. Backends are
+interchangeable and each is tested against `ReferenceLoop`, the plain per-expert loop that
+exists for tests only (it runs every expert on every token: E times the work).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+class ExpertWeights(NamedTuple):
+  """Stacked expert parameters, leading expert axis. A pytree, so it passes through jit/grad.
+
+  w_in:  [e, d, f]    w_out: [e, f, d]    b_in: [e, f] or None    b_out: [e, d] or None
+  """
+  w_in: Array
+  w_out: Array
+  b_in: Array | None = None
+  b_out: Array | None = None
+
+  @property
+  def num_experts(self) -> int:
+    return self.w_in.shape[0]
+
+
+class DispatchBackend(Protocol):
+  """`backend(x, expert_index, weights, experts, activation, capacity=None) -> y`.
+
+  x: [t, d]; expert_index: [t, k] int32 in [0, num_experts] (num_experts = dropped);
+  weights: [t, k]; returns y: [t, d] in x.dtype. `capacity` (slots per expert) is a hint a
+  backend may use to bound its buffers; routing has already dropped what does not fit.
+  """
+  name: str
+
+  def __call__(self, x: Array, expert_index: Array, weights: Array, experts: ExpertWeights,
+               activation: Callable[[Array], Array], capacity: int | None = None) -> Array:
+    ...
+
+
+def check_assignment_shapes(x: Array, expert_index: Array, weights: Array,
+                            experts: ExpertWeights) -> None:
+  """Shape checks shared by all backends: clear errors instead of an XLA shape failure."""
+  if x.ndim != 2:
+    raise ValueError(f'dispatch expects x as [tokens, d_model], got shape {x.shape}')
+  if expert_index.shape != weights.shape or expert_index.shape[0] != x.shape[0]:
+    raise ValueError(
+        f'expert_index {expert_index.shape} and weights {weights.shape} must both be '
+        f'[tokens={x.shape[0]}, k]')
+  if experts.w_in.shape[1] != x.shape[1]:
+    raise ValueError(f'w_in {experts.w_in.shape} does not take d_model={x.shape[1]}')
+
+
+class ReferenceLoop:
+  """Every expert on every token, masked: the definition, for tests. O(E) times the work."""
+  name = 'reference'
+
+  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
+    check_assignment_shapes(x, expert_index, weights, experts)
+    y = jnp.zeros(x.shape, jnp.float32)
+    for e in range(experts.num_experts):
+      h = x @ experts.w_in[e]
+      if experts.b_in is not None:
+        h = h + experts.b_in[e]
+      out = activation(h) @ experts.w_out[e]
+      if experts.b_out is not None:
+        out = out + experts.b_out[e]
+      gate = jnp.sum(jnp.where(expert_index == e, weights, 0.0), axis=-1)  # [t]
+      y = y + gate[:, None].astype(jnp.float32) * out.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+_BACKENDS: dict[str, Callable[[], DispatchBackend]] = {
+    'reference': ReferenceLoop,
+}
+
+
+def register_backend(name: str, factory: Callable[[], DispatchBackend]) -> None:
+  _BACKENDS[name] = factory
+
+
+def available_backends() -> list[str]:
+  return sorted(_BACKENDS) + ['auto']
+
+
+def default_backend_name(platform: str | None = None) -> str:
+  """The measured-best backend for a platform (see `moescale bench`)."""
+  del platform
+  return 'reference'
+
+
+def get_backend(backend: str | DispatchBackend = 'auto') -> DispatchBackend:
+  """A backend by name ('auto' picks by platform) or an instance passed through."""
+  if not isinstance(backend, str):
+    return backend
+  name = default_backend_name(jax.default_backend()) if backend == 'auto' else backend
+  try:
+    return _BACKENDS[name]()
+  except KeyError:
+    raise ValueError(
+        f'unknown dispatch backend {backend!r}; valid: {available_backends()}') from None
