@@ -21,7 +21,8 @@ stored on the module and no deprecation warning fires.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,24 @@ from flax import nnx
 
 Array = jax.Array
 Initializer = Callable[..., Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+  """What one token costs in a sublayer's forward pass; every family reports it via `cost()`.
+
+  flops: forward FLOPs per token by component (2 per multiply-accumulate; element-wise work
+    such as activations and softmax is not counted, as in Kaplan et al. and Megatron), e.g.
+    {'router': 2*d*E, 'experts': 2*k*3... }. Keys are free-form names a report can group by.
+  active_params: parameters a token touches (a router's whole matrix, only its k experts).
+  The total parameter count is not here: accounting reads it from the abstract parameter tree.
+  """
+  flops: Mapping[str, float]
+  active_params: int
+
+  @property
+  def total_flops(self) -> float:
+    return float(sum(self.flops.values()))
 
 
 class AuxLoss(nnx.Intermediate):

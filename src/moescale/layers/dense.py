@@ -85,3 +85,10 @@ class DenseFFN(nnx.Module):
     if self.b_out is not None:
       y = y + self.b_out[...].astype(self.dtype)
     return y
+
+  def cost(self) -> common.Cost:
+    """Forward FLOPs per token: two matmuls d x f (Top-K activation saves nothing in a dense
+    matmul; the top-k selection itself is not counted)."""
+    matmul = 2 * self.d_model * self.d_ff
+    params = 2 * self.d_model * self.d_ff + (self.d_ff + self.d_model if self.b_in is not None else 0)
+    return common.Cost(flops={'ffn_in': matmul, 'ffn_out': matmul}, active_params=params)
