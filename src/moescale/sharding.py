@@ -1,0 +1,175 @@
+"""Device meshes and logical axis rules (t5x style): the ground floor of distribution.
+
+Every parameter carries logical axis names (`moescale.layers.common` has the legend). Rules map
+each logical name to mesh axes in priority order; a mesh axis is used at most once per array,
+so a later dimension whose mesh axis is taken stays replicated (flax's `logical_to_mesh_axes`).
+
+The mesh has four named axes, always in this order, sizes possibly 1:
+
+    data    pure data parallelism: params replicated, batch split
+    fsdp    data parallelism with parameters (and optimizer state) split along `embed`
+    expert  expert parallelism: expert weights split along `expert`; tokens also split here
+            (each expert-parallel rank holds different tokens and swaps them all-to-all)
+    tensor  tensor (model) parallelism: `mlp`, `heads`, `vocab` split
+
+Worked example, 8 devices, mesh (data=2, fsdp=1, expert=4, tensor=1): the batch is split 8 ways
+over (data, fsdp, expert); a [512, 256, 1024] expert weight ('expert','embed','mlp') is split
+4 ways on its first axis (128 experts per device) and replicated over `data`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn_linen
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+BATCH_AXES = ('data', 'fsdp', 'expert')
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# Parameters use the plain names; activations use act_* names so that, e.g., `embed` can be
+# FSDP-split on weights while activations keep d_model whole.
+DEFAULT_RULES: Rules = (
+    ('batch', BATCH_AXES),
+    ('act_batch', BATCH_AXES),
+    ('act_length', None),
+    ('act_embed', None),
+    ('act_mlp', 'tensor'),
+    ('act_heads', 'tensor'),
+    ('act_kv', None),
+    ('act_vocab', 'tensor'),
+    ('act_expert', 'expert'),
+    ('expert', 'expert'),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('vocab', 'tensor'),
+    ('keys', None),
+    ('values', 'tensor'),
+    ('length', None),
+    ('norm', None),
+)
+
+
+def mesh_shape(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
+               num_devices: int | None = None) -> dict[str, int]:
+  """Resolves one -1 entry to 'the rest of the devices'; checks the product.
+
+  >>> mesh_shape(data=-1, expert=4, num_devices=8)
+  {'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}
+  """
+  n = jax.device_count() if num_devices is None else num_devices
+  sizes = {'data': data, 'fsdp': fsdp, 'expert': expert, 'tensor': tensor}
+  unknown = [k for k, v in sizes.items() if v == -1]
+  bad = {k: v for k, v in sizes.items() if v != -1 and (not isinstance(v, int) or v < 1)}
+  if bad or len(unknown) > 1:
+    raise ValueError(f'mesh sizes {sizes}: each must be a positive int, at most one -1')
+  known = math.prod(v for v in sizes.values() if v != -1)
+  if unknown:
+    if n % known:
+      raise ValueError(f'{n} devices do not divide by the fixed mesh axes {sizes} (product {known})')
+    sizes[unknown[0]] = n // known
+  if math.prod(sizes.values()) != n:
+    raise ValueError(f'mesh {sizes} has {math.prod(sizes.values())} devices, but {n} are available')
+  return sizes
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 4-axis mesh (data, fsdp, expert, tensor) over all (or the given) devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = mesh_shape(data, fsdp, expert, tensor, num_devices=len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  # Auto axes: GSPMD propagates shardings from our explicit in/out shardings and constraints.
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
+                       devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: Rules = DEFAULT_RULES) -> P:
+  """('batch', 'act_length', 'act_embed') -> P(('data','fsdp','expert'), None, None)."""
+  if names is None:
+    return P()
+  known = {r[0] for r in rules}
+  unknown = [n for n in names if n is not None and n not in known]
+  if unknown:
+    raise ValueError(f'logical axis names {unknown} have no rule; known: {sorted(known)}')
+  return nn_linen.logical_to_mesh_axes(tuple(names), list(rules))
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide a dimension (e.g. 4 heads over tensor=8), so small
+  test models still run on big meshes; the dimension is then replicated over those axes."""
+  out = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    kept, size = [], 1
+    for a in axes:
+      if dim % (size * mesh.shape[a]) == 0:
+        kept.append(a)
+        size *= mesh.shape[a]
+    out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return P(*out)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
+  """NamedShardings for an (abstract) nnx.State from each Variable's logical names."""
+  def one(var):
+    names = var.get_metadata().get('out_sharding') if isinstance(var, nnx.Variable) else None
+    value = var.get_value() if isinstance(var, nnx.Variable) else var
+    shape = getattr(value, 'shape', ())
+    spec = _fit_spec(logical_to_spec(names, rules), shape, mesh) if names else P()
+    sharding = NamedSharding(mesh, spec)
+    return var.replace(sharding) if isinstance(var, nnx.Variable) else sharding
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batch arrays [batch, length, ...] split on the batch axis over the data axes."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+# Activation constraints: active only inside `activation_sharding(mesh, rules)`, so layers can
+# annotate freely and still run un-meshed in a notebook or a unit test.
+_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    'moescale_sharding', default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+  token = _CONTEXT.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _CONTEXT.reset(token)
+
+
+def current_mesh() -> Mesh | None:
+  ctx = _CONTEXT.get()
+  return None if ctx is None else ctx[0]
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names; identity outside `activation_sharding`."""
+  ctx = _CONTEXT.get()
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  spec = _fit_spec(logical_to_spec(names, rules), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def host_local_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles global arrays from each process's host-local batch shard (multi-host safe)."""
+  def one(x):
+    sharding = batch_sharding(mesh, x.ndim)
+    return jax.make_array_from_process_local_data(sharding, x)
+  return {k: one(v) for k, v in batch.items()}

@@ -1,0 +1,167 @@
+"""The jitted pieces of training: sharded init, the loss, the train step, the eval step.
+
+A model is split once into (graphdef, params, rest): `params` are the nnx.Param leaves the
+optimiser updates; `rest` is every other Variable (RNG stream counters, BatchNorm statistics),
+carried from step to step and checkpointed with the params. The model and the FFN family
+inside it are opaque here: the only contract is `model(tokens, ...) -> LMOutput`.
+
+Batches use seqio's decoder feature names:
+  decoder_input_tokens, decoder_target_tokens, decoder_loss_weights  [batch, length]
+  decoder_segment_ids, decoder_positions                            [batch, length] (packed)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from moescale import sharding as shd
+
+Batch = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """z_loss: weight of log(Z)² on the output softmax (PaLM); grad_accum_steps: microbatches
+  per step (the batch is split on its batch axis, gradients summed, one update)."""
+  z_loss: float = 0.0
+  grad_accum_steps: int = 1
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  rest: Any
+  opt_state: Any
+
+
+def abstract_model(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int):
+  """(graphdef, abstract params, abstract rest): shapes only, nothing allocated."""
+  model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(seed)))
+  return nnx.split(model, nnx.Param, ...)
+
+
+def create_train_state(model_fn, optimizer: optax.GradientTransformation, seed: int,
+                       mesh: Mesh, rules=shd.DEFAULT_RULES):
+  """Initialises params and optimizer state directly sharded: each device computes only its
+  shards inside one jit, so a model larger than one device's memory can still start."""
+  graphdef, abs_params, abs_rest = abstract_model(model_fn, seed)
+  param_sh = shd.state_shardings(abs_params, mesh, rules)
+  rest_sh = shd.state_shardings(abs_rest, mesh, rules)
+  abs_opt = jax.eval_shape(optimizer.init, abs_params)
+  replicated = NamedSharding(mesh, P())
+  opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abs_opt, param_sh,
+                                 transform_non_params=lambda _: replicated)
+  state_sh = TrainState(step=replicated, params=param_sh, rest=rest_sh, opt_state=opt_sh)
+
+  def init():
+    _, params, rest = nnx.split(model_fn(nnx.Rngs(seed)), nnx.Param, ...)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                      opt_state=optimizer.init(params))
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=state_sh)()
+  return graphdef, state, state_sh
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                  z_loss: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sum of weighted token losses incl. z-loss, sum of weights, sum of weighted xent)."""
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  xent = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  total = xent + z_loss * jnp.square(log_z)
+  w = weights.astype(jnp.float32)
+  return jnp.sum(total * w), jnp.sum(w), jnp.sum(xent * w)
+
+
+def _forward(graphdef, params, rest, batch: Batch, deterministic: bool):
+  model = nnx.merge(graphdef, params, rest)
+  out = model(batch['decoder_input_tokens'],
+              segment_ids=batch.get('decoder_segment_ids'),
+              positions=batch.get('decoder_positions'),
+              deterministic=deterministic)
+  return out, nnx.state(model, nnx.Not(nnx.Param))
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, cfg: StepConfig = StepConfig()):
+  """train_step(state, batch) -> (state, metrics); pure, to be jitted with shardings."""
+
+  def micro_loss(params, rest, batch, total_weight):
+    out, new_rest = _forward(graphdef, params, rest, batch, deterministic=False)
+    loss_sum, weight, xent_sum = cross_entropy(
+        out.logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'], cfg.z_loss)
+    n = cfg.grad_accum_steps
+    loss = loss_sum / total_weight + out.aux_loss / n
+    aux = {'xent_sum': xent_sum, 'weight': weight, 'aux_loss': out.aux_loss / n,
+           **{f'aux/{k}': v / n for k, v in out.aux_losses.items()},
+           **{f'routing/{k}': v / n for k, v in out.metrics.items()}}
+    return loss, (aux, new_rest)
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch):
+    total_weight = jnp.maximum(jnp.sum(batch['decoder_loss_weights'].astype(jnp.float32)), 1.0)
+    n = cfg.grad_accum_steps
+    if n == 1:
+      (loss, (aux, rest)), grads = grad_fn(state.params, state.rest, batch, total_weight)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+      def body(carry, mb):
+        grads, loss, aux, rest = carry
+        (l, (a, rest)), g = grad_fn(state.params, rest, mb, total_weight)
+        return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, aux, a),
+                rest), None
+
+      first = jax.tree.map(lambda x: x[0], micro)
+      (loss, (aux, rest)), grads = grad_fn(state.params, state.rest, first, total_weight)
+      rest_mb = jax.tree.map(lambda x: x[1:], micro)
+      (grads, loss, aux, rest), _ = jax.lax.scan(body, (grads, loss, aux, rest), rest_mb)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        'loss': aux['xent_sum'] / total_weight,
+        'total_loss': loss,
+        'learning_rate': schedule(state.step),
+        'grad_norm': optax.global_norm(grads),
+        'param_norm': optax.global_norm(params),
+        'tokens': aux['weight'],
+        **{k: v for k, v in aux.items() if k not in ('xent_sum', 'weight')},
+    }
+    return TrainState(state.step + 1, params, rest, opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  """eval_step(params, rest, batch) -> {'xent_sum', 'weight'} summed over the batch."""
+
+  def eval_step(params, rest, batch: Batch):
+    out, _ = _forward(graphdef, params, rest, batch, deterministic=True)
+    _, weight, xent_sum = cross_entropy(out.logits, batch['decoder_target_tokens'],
+                                        batch['decoder_loss_weights'])
+    return {'xent_sum': xent_sum, 'weight': weight}
+
+  return eval_step
+
+
+def jit_train_step(train_step, state_sh, mesh: Mesh):
+  batch_sh = shd.batch_sharding(mesh, 2)
+  return jax.jit(train_step, in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_step, state_sh, mesh: Mesh):
+  batch_sh = shd.batch_sharding(mesh, 2)
+  return jax.jit(eval_step, in_shardings=(state_sh.params, state_sh.rest, batch_sh),
+                 out_shardings=NamedSharding(mesh, P()))
