@@ -19,6 +19,7 @@ exists for tests only (it runs every expert on every token: E times the work).
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, NamedTuple, Protocol
 
 import jax
@@ -88,8 +89,19 @@ class ReferenceLoop:
     return y.astype(x.dtype)
 
 
+def _lazy(module: str, cls: str) -> Callable[[], DispatchBackend]:
+  # Backends live in sibling modules that import this one; load them on first use.
+  def factory(**kwargs) -> DispatchBackend:
+    return getattr(importlib.import_module(f'moescale.layers.{module}'), cls)(**kwargs)
+  return factory
+
+
 _BACKENDS: dict[str, Callable[[], DispatchBackend]] = {
     'reference': ReferenceLoop,
+    'blocked': _lazy('dispatch_blocked', 'Blocked'),
+    'ragged': _lazy('dispatch_ragged', 'Ragged'),
+    'slots': _lazy('dispatch_capacity', 'Slots'),
+    'onehot': _lazy('dispatch_capacity', 'OneHot'),
 }
 
 
@@ -102,18 +114,30 @@ def available_backends() -> list[str]:
 
 
 def default_backend_name(platform: str | None = None) -> str:
-  """The measured-best backend for a platform (see `moescale bench`)."""
-  del platform
-  return 'reference'
+  """The measured-best backend for a platform (see `python -m moescale.bench`).
+
+  XLA:CPU: 'blocked' (ragged_dot is lowered densely there, E times the work). GPU / TPU:
+  'ragged', native grouped matmul there -- to be confirmed by measurement on GPU.
+  """
+  if platform is None:
+    platform = jax.default_backend()
+  return 'blocked' if platform == 'cpu' else 'ragged'
 
 
-def get_backend(backend: str | DispatchBackend = 'auto') -> DispatchBackend:
-  """A backend by name ('auto' picks by platform) or an instance passed through."""
+def get_backend(backend: str | DispatchBackend = 'auto', **options) -> DispatchBackend:
+  """A backend by name ('auto' picks by platform) or an instance passed through.
+
+  `options` go to the backend's constructor (e.g. `get_backend('blocked', block_size=64)`).
+  """
   if not isinstance(backend, str):
-    return backend
+    from moescale.layers import expert_parallel
+    return expert_parallel.wrap_for_mesh(backend)
   name = default_backend_name(jax.default_backend()) if backend == 'auto' else backend
   try:
-    return _BACKENDS[name]()
+    factory = _BACKENDS[name]
   except KeyError:
     raise ValueError(
         f'unknown dispatch backend {backend!r}; valid: {available_backends()}') from None
+  # Under a mesh with an `expert` axis (the trainer sets one), experts run expert-parallel.
+  from moescale.layers import expert_parallel
+  return expert_parallel.wrap_for_mesh(factory(**options))

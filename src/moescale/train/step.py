@@ -43,9 +43,9 @@ class TrainState:
   opt_state: Any
 
 
-def abstract_model(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int):
+def abstract_model(model_fn: Callable[..., nnx.Module], seed: int):
   """(graphdef, abstract params, abstract rest): shapes only, nothing allocated."""
-  model = nnx.eval_shape(lambda: model_fn(nnx.Rngs(seed)))
+  model = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(seed)))
   return nnx.split(model, nnx.Param, ...)
 
 
@@ -63,7 +63,7 @@ def create_train_state(model_fn, optimizer: optax.GradientTransformation, seed: 
   state_sh = TrainState(step=replicated, params=param_sh, rest=rest_sh, opt_state=opt_sh)
 
   def init():
-    _, params, rest = nnx.split(model_fn(nnx.Rngs(seed)), nnx.Param, ...)
+    _, params, rest = nnx.split(model_fn(rngs=nnx.Rngs(seed)), nnx.Param, ...)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                       opt_state=optimizer.init(params))
 
@@ -133,8 +133,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
         'loss': aux['xent_sum'] / total_weight,
         'total_loss': loss,
         'learning_rate': schedule(state.step),
-        'grad_norm': optax.global_norm(grads),
-        'param_norm': optax.global_norm(params),
+        'grad_norm': optax.tree.norm(grads),
+        'param_norm': optax.tree.norm(params),
         'tokens': aux['weight'],
         **{k: v for k, v in aux.items() if k not in ('xent_sum', 'weight')},
     }

@@ -108,7 +108,7 @@ def evaluate(eval_fn, state, data: DataSource, cfg: TrainConfig, mesh) -> dict[s
   return out
 
 
-def train(model_fn: Callable[[nnx.Rngs], nnx.Module], data: DataSource, cfg: TrainConfig,
+def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfig,
           flops_per_token: float | None = None) -> dict[str, Any]:
   """Trains (or resumes) in cfg.model_dir; returns a summary of the run.
 

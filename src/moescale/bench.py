@@ -1,0 +1,224 @@
+"""Layer micro-benchmark: MoE dispatch backends against a FLOP-matched dense FFN.
+
+    python -m moescale.bench [--quick] [--json] [--backends blocked,slots] [--experts 8,64]
+                             [--tokens 4096] [--repeats 5]
+
+Times forward + backward (`jax.jit` of `value_and_grad` wrt x and the expert parameters) of a
+top-2 MoE at d_model 256, expert_size 512, against a dense FFN with d_ff = top_k *
+expert_size (the same matmul FLOPs per token), in one process. Routing is uniform random
+(distinct experts per token, fixed seed), so the numbers measure dispatch, not router quality.
+Capacity backends get capacity = ceil(1.25 * tokens * top_k / E): they also do 1.25x the work.
+
+Timing: after a compile + warm-up call of everything, `repeats` rounds each time the dense
+layer and every backend once, back to back. `seconds` is a backend's median time; `ratio` is
+the median over rounds of (backend time / dense time in the same round), which holds up far
+better than a ratio of medians on a machine shared with other jobs.
+
+Also times the project's DenseFFN module against a plain two-matmul function (ratio ~1 means
+the module adds nothing). Backends whose estimated cost is prohibitive on this platform
+(ragged_dot lowered densely on XLA:CPU, one-hot masks of gigabytes) print 'skipped'.
+No gin, seqio or TensorFlow is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moescale.layers import dense, dispatch
+
+D_MODEL, EXPERT_SIZE, TOP_K, CAPACITY_FACTOR = 256, 512, 2, 1.25
+FULL = {'experts': (8, 64, 256, 512), 'tokens': (4096, 16384)}
+QUICK = {'experts': (8,), 'tokens': (1024,)}
+BACKENDS = ('blocked', 'slots', 'ragged', 'onehot')
+MAX_COST_RATIO = 12.0       # skip a backend estimated at more than this x the dense layer
+MAX_BUFFER_BYTES = 1 << 30  # or one whose dispatch buffers exceed 1 GiB
+
+
+def random_routing(key, tokens: int, num_experts: int, top_k: int):
+  """Uniform random distinct experts per token [t, k] int32, and weights [t, k] summing to 1."""
+  k_idx, k_w = jax.random.split(key)
+  _, index = jax.lax.top_k(jax.random.uniform(k_idx, (tokens, num_experts)), top_k)
+  weights = jax.random.uniform(k_w, (tokens, top_k), minval=0.1)
+  return index.astype(jnp.int32), weights / weights.sum(-1, keepdims=True)
+
+
+def capacity_for(tokens: int, num_experts: int, top_k: int = TOP_K) -> int:
+  return max(4, math.ceil(CAPACITY_FACTOR * tokens * top_k / num_experts))
+
+
+def skip_reason(backend: str, num_experts: int, tokens: int, platform: str) -> str | None:
+  """Why a backend would be prohibitively slow or large here, or None to run it."""
+  dense_flops = 2 * tokens * D_MODEL * TOP_K * EXPERT_SIZE
+  if backend == 'ragged' and platform == 'cpu':
+    cost = num_experts / TOP_K  # XLA:CPU lowers ragged_dot to a dense matmul per group.
+    if cost > MAX_COST_RATIO:
+      return f'ragged_dot is dense on XLA:CPU: ~{cost:.0f}x the dense FLOPs'
+  if backend == 'onehot':
+    mask = tokens * num_experts * capacity_for(tokens, num_experts)
+    cost = 1 + 2 * mask * D_MODEL / dense_flops
+    if cost > MAX_COST_RATIO or 4 * mask > MAX_BUFFER_BYTES:
+      return f'one-hot masks: ~{cost:.0f}x the dense FLOPs, {4 * mask / 2**30:.1f} GiB each'
+  return None
+
+
+def _dense_step():
+  def loss(x, w_in, w_out, dy):
+    return jnp.vdot(jax.nn.relu(x @ w_in) @ w_out, dy)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+def _moe_step(backend: dispatch.DispatchBackend, capacity: int | None):
+  def loss(x, experts, index, weights, dy):
+    y = backend(x, index, weights, experts, jax.nn.relu, capacity=capacity)
+    return jnp.vdot(y, dy)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+  """Times every thunk once per round, round after round; returns the times per name."""
+  for fn in fns.values():  # compile, then one warm-up call
+    jax.block_until_ready(fn())
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def _records(name, num_experts, tokens, times, baseline):
+  base = times[baseline]
+  out = []
+  for backend, ts in times.items():
+    ratio = statistics.median(t / b for t, b in zip(ts, base))
+    out.append({'name': name, 'backend': backend, 'num_experts': num_experts,
+                'tokens': tokens, 'seconds': statistics.median(ts), 'ratio': ratio})
+  return out
+
+
+def bench_moe(num_experts: int, tokens: int, backends: Sequence[str], repeats: int,
+              platform: str, log=None) -> list[dict]:
+  keys = jax.random.split(jax.random.key(0), 6)
+  d, f = D_MODEL, EXPERT_SIZE
+  x = jax.random.normal(keys[0], (tokens, d))
+  dy = jax.random.normal(keys[1], (tokens, d))
+  w_in = jax.random.normal(keys[2], (d, TOP_K * f)) / d**0.5
+  w_out = jax.random.normal(keys[3], (TOP_K * f, d)) / (TOP_K * f)**0.5
+  experts = dispatch.ExpertWeights(
+      jax.random.normal(keys[4], (num_experts, d, f)) / d**0.5,
+      jax.random.normal(keys[5], (num_experts, f, d)) / f**0.5)
+  index, weights = random_routing(jax.random.key(1), tokens, num_experts, TOP_K)
+  dense_fn = _dense_step()
+  fns = {'dense': lambda: dense_fn(x, w_in, w_out, dy)}
+  skipped = []
+  for spec in backends:
+    name, options = parse_backend(spec)
+    reason = skip_reason(name, num_experts, tokens, platform)
+    if reason:
+      skipped.append({'name': 'moe_top2', 'backend': spec, 'num_experts': num_experts,
+                      'tokens': tokens, 'seconds': None, 'ratio': None})
+      if log:
+        log(f'  skipped {spec} at E={num_experts}, t={tokens}: {reason}')
+      continue
+    capacity = capacity_for(tokens, num_experts) if name in ('slots', 'onehot') else None
+    step = _moe_step(dispatch.get_backend(name, **options), capacity)
+    fns[spec] = (lambda step=step: step(x, experts, index, weights, dy))
+  times = interleaved(fns, repeats)
+  return _records('moe_top2', num_experts, tokens, times, 'dense') + skipped
+
+
+def bench_dense_module(tokens: int, repeats: int) -> list[dict]:
+  """The project's DenseFFN against the same two matmuls written as a plain function."""
+  d_ff = TOP_K * EXPERT_SIZE
+  layer = dense.DenseFFN(D_MODEL, d_ff, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(2), (1, tokens, D_MODEL))
+  dy = jax.random.normal(jax.random.key(3), (1, tokens, D_MODEL))
+
+  def module_loss(params, x, dy):
+    return jnp.vdot(nnx.merge(graphdef, params)(x), dy)
+  module_fn = jax.jit(jax.value_and_grad(module_loss, argnums=(0, 1)))
+  plain_fn = _dense_step()
+  w_in, w_out = layer.w_in[...], layer.w_out[...]
+  times = interleaved({'plain': lambda: plain_fn(x[0], w_in, w_out, dy[0]),
+                       'DenseFFN': lambda: module_fn(params, x, dy)}, repeats)
+  return _records('dense_ffn', None, tokens, times, 'plain')
+
+
+def parse_backend(spec: str) -> tuple[str, dict]:
+  """'blocked' or 'blocked:block_size=64:save_hidden=0' -> (name, {options as ints})."""
+  name, *opts = spec.split(':')
+  options = {}
+  for opt in opts:
+    key, _, value = opt.partition('=')
+    options[key] = int(value)
+  return name, options
+
+
+def format_table(records: Sequence[dict]) -> str:
+  lines = [f'{"benchmark":<10} {"backend":<28} {"experts":>7} {"tokens":>7} '
+           f'{"seconds":>9} {"ratio":>7}']
+  for r in records:
+    experts = '-' if r['num_experts'] is None else r['num_experts']
+    if r['seconds'] is None:
+      sec, ratio = 'skipped', ''
+    else:
+      sec, ratio = f'{r["seconds"]:.4f}', f'{r["ratio"]:.2f}x'
+    lines.append(f'{r["name"]:<10} {r["backend"]:<28} {experts:>7} {r["tokens"]:>7} '
+                 f'{sec:>9} {ratio:>7}')
+  return '\n'.join(lines)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  return tuple(int(v) for v in text.split(','))
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+  parser = argparse.ArgumentParser(prog='moescale bench', description=__doc__.split('\n')[0])
+  parser.add_argument('--quick', action='store_true', help='tiny set: E=8, 1k tokens')
+  parser.add_argument('--json', action='store_true', help='print JSON records, not a table')
+  parser.add_argument('--backends', default=','.join(BACKENDS),
+                      help='comma list; options as blocked:block_size=64:save_hidden=0')
+  parser.add_argument('--experts', type=_ints, help='comma list of num_experts')
+  parser.add_argument('--tokens', type=_ints, help='comma list of token counts')
+  parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default 5)')
+  args = parser.parse_args(argv)
+  grid = QUICK if args.quick else FULL
+  experts = args.experts or grid['experts']
+  tokens_list = args.tokens or grid['tokens']
+  repeats = args.repeats or (3 if args.quick else 5)
+  backends = [b for b in args.backends.split(',') if b]
+  platform = jax.default_backend()
+  log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+  if log:
+    log(f'moescale bench on {platform} ({jax.devices()[0].device_kind}), fwd+bwd, fp32, '
+        f'd_model={D_MODEL} expert_size={EXPERT_SIZE} top_k={TOP_K}, median of {repeats}')
+  records = []
+  for tokens in tokens_list:
+    for num_experts in experts:
+      rows = bench_moe(num_experts, tokens, backends, repeats, platform, log)
+      records += rows
+      if log:
+        log(format_table(rows).split('\n', 1)[1])
+  records += bench_dense_module(max(tokens_list), repeats)
+  if args.json:
+    print(json.dumps(records, indent=1))
+  else:
+    print(format_table(records))
+  return records
+
+
+if __name__ == '__main__':
+  main()

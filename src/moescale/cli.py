@@ -1,0 +1,157 @@
+"""`moescale COMMAND ...`: the command line. Heavy modules are imported inside each command, so
+`moescale --help` and every command that reads no data never import TensorFlow.
+
+    moescale train --gin_file=F [--gin_file=G] [--gin.NAME=VALUE] [--gin_search_paths=a,b]
+    moescale demo                      the tiny run on the embedded corpus (what `make demo` runs)
+    moescale vocab --input F [F ...] --model_prefix P --vocab_size N
+    moescale bench [--quick] [--json]  layer and training-step benchmarks (no gin, no data)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Sequence
+
+_COMMANDS = {}
+
+
+def command(name: str, help: str):
+  def wrap(fn):
+    _COMMANDS[name] = (fn, help)
+    return fn
+  return wrap
+
+
+def _gin_args(argv: Sequence[str]):
+  from moescale import gin_config
+  files, bindings, paths, rest = gin_config.split_gin_flags(argv)
+  return files, bindings, paths, rest
+
+
+@command('train', 'train (or resume) a model from gin files, t5x style')
+def _train(argv: Sequence[str]) -> int:
+  files, bindings, paths, rest = _gin_args(argv)
+  p = argparse.ArgumentParser(prog='moescale train', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--multiprocess', action='store_true',
+                 help='call jax.distributed.initialize() (auto-detects TPU pods / SLURM)')
+  p.add_argument('--coordinator_address', default=None)
+  p.add_argument('--num_processes', type=int, default=None)
+  p.add_argument('--process_id', type=int, default=None)
+  args = p.parse_args(rest)
+  if not files:
+    p.error('at least one --gin_file is required, e.g. --gin_file=runs/tiny.gin')
+  if args.multiprocess or args.coordinator_address:
+    import jax
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  from moescale import gin_config, launch
+  gin_config.parse(files, bindings, paths)
+  summary = launch.run_training()
+  launch.print_summary(summary)
+  return 0
+
+
+@command('demo', 'train the tiny default model on the embedded corpus (make demo)')
+def _demo(argv: Sequence[str]) -> int:
+  p = argparse.ArgumentParser(prog='moescale demo')
+  p.add_argument('--model_dir', default='runs/demo')
+  p.add_argument('--steps', type=int, default=None)
+  args, extra = p.parse_known_args(argv)
+  flags = ['--gin_file=runs/tiny.gin', f"--gin.MODEL_DIR='{args.model_dir}'", *extra]
+  if args.steps is not None:
+    flags.append(f'--gin.TRAIN_STEPS={args.steps}')
+  return _train(flags)
+
+
+@command('count', 'parameters and FLOPs of a gin-configured model, from abstract shapes')
+def _count(argv: Sequence[str]) -> int:
+  files, bindings, paths, rest = _gin_args(argv)
+  p = argparse.ArgumentParser(prog='moescale count')
+  p.add_argument('--json', action='store_true', help='print one JSON object')
+  p.add_argument('--context_length', type=int, default=None,
+                 help='keys per query for attention FLOPs (default: TASK_FEATURE_LENGTHS '
+                      'targets, else MAX_LENGTH)')
+  args = p.parse_args(rest)
+  if not files:
+    p.error('at least one --gin_file is required, e.g. --gin_file=models/decoder.gin')
+  import json
+  import gin
+  from moescale import accounting, gin_config
+  gin_config.parse(files, bindings, paths, finalize=False)
+  lengths = gin_config.query('TASK_FEATURE_LENGTHS') or {}
+  context = args.context_length or lengths.get('targets') or gin_config.query('MAX_LENGTH')
+  if not context:
+    p.error('no context length: pass --context_length or bind TASK_FEATURE_LENGTHS')
+  model_fn = gin_config.query('MODEL')
+  if model_fn is None:
+    p.error('the gin files bind no MODEL (include a models/*.gin file)')
+  c = accounting.count(model_fn, int(context))
+  if args.json:
+    print(json.dumps(c.as_dict(), indent=1))
+    return 0
+  print(f'total params        {c.total_params:>18,}')
+  print(f'active params/token {c.active_params:>18,}')
+  print(f'embedding params    {c.embedding_params:>18,}')
+  print(f'context length      {c.context_length:>18,}')
+  print(f'forward FLOPs/token {c.flops_per_token:>18,.0f}')
+  for conv, v in c.train_flops_per_token.items():
+    print(f'train FLOPs/token   {v:>18,.0f}  ({conv})')
+  for k, v in sorted(c.flops_breakdown.items(), key=lambda kv: -kv[1]):
+    print(f'  {k:<17} {v:>18,.0f}  {100 * v / c.flops_per_token:5.1f}%')
+  del gin
+  return 0
+
+
+@command('vocab', 'train a SentencePiece vocabulary from text files')
+def _vocab(argv: Sequence[str]) -> int:
+  p = argparse.ArgumentParser(prog='moescale vocab')
+  p.add_argument('--input', nargs='+', required=True, help='text files')
+  p.add_argument('--model_prefix', required=True, help='writes PREFIX.model and PREFIX.vocab')
+  p.add_argument('--vocab_size', type=int, default=8000)
+  p.add_argument('--model_type', default='unigram', choices=['unigram', 'bpe', 'char', 'word'])
+  args = p.parse_args(argv)
+  from moescale.data import vocab
+  path = vocab.train_sentencepiece(args.input, args.model_prefix, args.vocab_size,
+                                   model_type=args.model_type)
+  print(path)
+  return 0
+
+
+@command('bench', 'benchmark sparse layers against FLOP-matched dense layers')
+def _bench(argv: Sequence[str]) -> int:
+  from moescale import bench
+  return bench.main(list(argv)) or 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+  logging.getLogger('moescale').setLevel(logging.INFO)
+  if not argv or argv[0] in ('-h', '--help', 'help'):
+    width = max(map(len, _COMMANDS))
+    print('usage: moescale COMMAND [ARGS...]\n\ncommands:')
+    for name, (_, help_) in _COMMANDS.items():
+      print(f'  {name:<{width}}  {help_}')
+    print('\n`moescale COMMAND --help` for a command\'s flags.')
+    return 0
+  name, rest = argv[0], argv[1:]
+  if name not in _COMMANDS:
+    print(f"moescale: unknown command {name!r}; valid: {', '.join(_COMMANDS)}", file=sys.stderr)
+    return 2
+  try:
+    return _COMMANDS[name][0](rest)
+  except (ValueError, FileNotFoundError) as e:
+    # Bad input: one clear line, not a traceback (set MOESCALE_DEBUG=1 for the traceback).
+    if os.environ.get('MOESCALE_DEBUG'):
+      raise
+    print(f'moescale {name}: error: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

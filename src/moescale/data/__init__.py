@@ -1,0 +1,45 @@
+"""Data: embedded corpus, vocabularies, seqio tasks, packed per-host batches.
+
+Modules:
+  corpus    locating / reading text (pure Python: no TensorFlow, no seqio)
+  vocab     bytes / SentencePiece vocabularies, SentencePiece training,
+            bytes per token (imports seqio only inside functions)
+  tasks     seqio Tasks: default corpus, text / JSON-lines, WikiText-103,
+            enwik8 (imports seqio and TensorFlow)
+  pipeline  DataPipeline / get_dataset: packed, sharded, resumable numpy
+            batches; split sizes for logs and bits per byte (imports seqio)
+
+Importing this package is light: the names below are loaded on first use
+(PEP 562), so `import moescale.data.corpus` never imports TensorFlow.
+"""
+
+import importlib
+
+_LAZY = {
+    # corpus
+    'sotu_speech_files': 'corpus', 'sotu_split_files': 'corpus',
+    'kjv_chapters': 'corpus', 'pydoc_topics': 'corpus',
+    # vocab
+    'get_vocabulary': 'vocab', 'train_sentencepiece': 'vocab',
+    'token_byte_lengths': 'vocab', 'bits_per_byte': 'vocab',
+    # tasks
+    'register_default_tasks': 'tasks', 'register_text_task': 'tasks',
+    'register_wikitext103': 'tasks', 'register_enwik8': 'tasks',
+    'get_provider': 'tasks', 'unregister': 'tasks',
+    # pipeline
+    'DataPipeline': 'pipeline', 'get_dataset': 'pipeline',
+    'split_stats': 'pipeline', 'count_tokens': 'pipeline',
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    module = importlib.import_module(f'{__name__}.{_LAZY[name]}')
+    return getattr(module, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

@@ -1,0 +1,134 @@
+"""The gin edge: registers moescale's plain-Python constructors and parses t5x-style flags.
+
+Nothing below this module knows gin exists. Every configurable here is an ordinary class or
+function that works without gin; registering them is the only thing gin adds.
+
+Flags, as in t5x:
+    --gin_file=F            repeatable; looked up in --gin_search_paths, then gin/ of moescale
+    --gin.NAME=VALUE        one binding, VALUE a gin/Python literal: --gin.MODEL_DIR="'runs/x'"
+    --gin_bindings='A=1'    repeatable, any gin binding
+    --gin_search_paths=a,b  extra directories for --gin_file and gin `include`s
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from typing import Sequence
+
+import gin
+
+_REGISTERED = False
+
+
+def shipped_gin_dir() -> pathlib.Path | None:
+  """The repo's gin/ (editable install: src/moescale/../../gin) or $MOESCALE_GIN_DIR."""
+  env = os.environ.get('MOESCALE_GIN_DIR')
+  if env:
+    return pathlib.Path(env)
+  here = pathlib.Path(__file__).resolve().parents[2] / 'gin'
+  return here if here.is_dir() else None
+
+
+def register() -> None:
+  """Registers every gin-bindable constructor (idempotent). Imports no TensorFlow: the seqio
+  data source is registered by name and imported only when a config calls it."""
+  global _REGISTERED
+  if _REGISTERED:
+    return
+  from moescale import layers
+  from moescale import model as model_lib
+  from moescale.train import optim, step, trainer
+  from moescale import launch
+
+  for cls in (layers.DenseFFN, layers.TopKMoE, layers.SigmaMoE, layers.ProductKeyMemory):
+    gin.external_configurable(cls, module='moescale.layers')
+  gin.external_configurable(model_lib.TransformerLM, module='moescale.model')
+  for cls in (optim.OptimizerConfig, step.StepConfig, trainer.MeshConfig, trainer.TrainConfig):
+    gin.external_configurable(cls, module='moescale.train')
+  gin.external_configurable(launch.seqio_data, module='moescale.data')
+  gin.external_configurable(launch.synthetic_data, module='moescale.data')
+  gin.external_configurable(launch.run_training, module='moescale')
+  _REGISTERED = True
+
+
+def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str], list[str]]:
+  """(gin_files, bindings, search_paths, remaining argv) from t5x-style flags."""
+  files, bindings, paths, rest = [], [], [], []
+  args = list(argv)
+  i = 0
+  while i < len(args):
+    a = args[i]
+    def value():
+      nonlocal i
+      if '=' in a:
+        return a.split('=', 1)[1]
+      i += 1
+      if i >= len(args):
+        raise ValueError(f'flag {a} needs a value')
+      return args[i]
+    if a.startswith('--gin_file'):
+      files.append(value())
+    elif a.startswith('--gin_bindings'):
+      bindings.append(value())
+    elif a.startswith('--gin_search_paths'):
+      paths.extend(p for p in value().split(',') if p)
+    elif a.startswith('--gin.'):
+      if '=' not in a:
+        raise ValueError(f'{a}: expected --gin.NAME=VALUE')
+      name, val = a[len('--gin.'):].split('=', 1)
+      bindings.append(f'{name} = {val}')
+    else:
+      rest.append(a)
+    i += 1
+  return files, bindings, paths, rest
+
+
+def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
+          search_paths: Sequence[str] = (), finalize: bool = True) -> None:
+  """Clears gin, registers moescale, and parses files + bindings (finalizing checks
+  %gin.REQUIRED). Unknown files or names raise errors that say what is valid."""
+  register()
+  gin.clear_config()
+  roots = [*search_paths, os.getcwd()]
+  shipped = shipped_gin_dir()
+  if shipped is not None:
+    roots.append(str(shipped))
+  for r in roots:
+    gin.add_config_file_search_path(r)
+  resolved = []
+  for f in gin_files:
+    cands = [f] + [os.path.join(r, f) for r in roots]
+    hit = next((c for c in cands if os.path.isfile(c)), None)
+    if hit is None:
+      raise FileNotFoundError(f'gin file {f!r} not found in {roots}' +
+                              (f'; shipped files: see {shipped}' if shipped else ''))
+    resolved.append(hit)
+  gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=finalize)
+
+
+def query(name: str, default=None):
+  """A macro's value (e.g. 'MODEL_DIR'), or default when unbound. A `@ref` comes back as the
+  configured callable, a `@ref()` evaluated."""
+  try:
+    value = gin.query_parameter(f'%{name}')
+  except ValueError:
+    return default
+  if isinstance(value, gin.config.ConfigurableReference):
+    fn = value.scoped_configurable_fn
+    return fn() if value.evaluate else fn
+  return value
+
+
+class _QuietSearch(logging.Filter):
+  """gin logs every failed search-path probe at ERROR level; they are not errors for us."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = str(record.msg)
+    return not (msg.startswith('Path not found') or msg.startswith('system_path_file_exists'))
+
+
+logging.getLogger().addFilter(_QuietSearch())
+for _h in logging.getLogger().handlers:
+  _h.addFilter(_QuietSearch())

@@ -1,0 +1,329 @@
+"""Product-key memory (Lample et al. 2019), with the Csordás et al. (2023) variant.
+
+A memory of num_keys**2 value rows addressed by product keys: each head's query is split in
+two halves, each half is scored against its own num_keys sub-keys, and slot (i, j) scores
+s1[i] + s2[j]. Slot (i, j) reads value row i * num_keys + j of one table shared by all heads.
+
+Sparse mode (knn < num_keys; Lample et al.'s product search), per head:
+
+    q = BatchNorm(x @ w_query)          [t, heads, k_dim]   (Csordás: q = x, every head)
+    s1 = q[:k/2] . keys1, s2 = q[k/2:] . keys2              [t, heads, num_keys]
+    top-knn of s1 and of s2, then top-knn of their sums     [t, heads, knn] scores, slots
+    w = softmax (per head or jointly over heads*knn) or relu of the selected scores
+    y = sum_h sum_k w[h, k] * values[slot[h, k]]            [t, d_model]
+
+Dense mode (the authors' code when knn >= num_keys; their paper settings all take it): every
+slot is scored, heads summed *before* the activation, no top-k:
+
+    y = act(sum_h s1_h (+) s2_h) @ values,  (a (+) b)[i*num_keys + j] = a[i] + b[j]
+
+No LayerNorm inside: the block's pre-LN normalises x. Scoring runs in float32 (like a router).
+
+Einsum letters: t tokens (batch*length), d d_model, h heads, k half key dim (k_dim/2),
+n num_keys, s selected slots per token (heads*knn), r value rows (num_keys**2).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moescale.layers import common
+
+_SCORE_FNS = ('softmax', 'relu')
+_NORMALIZE = ('auto', 'per_head', 'joint')
+_VALUE_INITS = ('normal', 'csordas')
+_MODES = ('auto', 'sparse', 'dense')
+
+
+@functools.lru_cache(maxsize=None)
+def candidate_pairs(knn: int, num_keys: int | None = None) -> np.ndarray:
+  """[c, 2] int32 positions (i, j) in the two descending half lists that can reach the top-knn.
+
+  Pair (i, j) is dominated by the (i+1)(j+1) - 1 pairs (i' <= i, j' <= j) whose sums are at
+  least as large, so if (i+1)(j+1) > knn, knn pairs at least as good exist and (i, j) is not
+  needed. That leaves c = sum_i floor(knn / i) ~ knn ln knn candidates instead of knn**2
+  (695 instead of 16384 at knn = 128). Positions are clipped to the lists' length
+  min(knn, num_keys).
+  """
+  m = knn if num_keys is None else min(knn, num_keys)
+  pairs = [(i, j) for i in range(m) for j in range(m) if (i + 1) * (j + 1) <= knn]
+  out = np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
+  out.setflags(write=False)
+  return out
+
+
+def product_key_topk(s1: jax.Array, s2: jax.Array, knn: int,
+                     prune: bool = True) -> tuple[jax.Array, jax.Array]:
+  """The top-knn of s1[..., i] + s2[..., j] over all num_keys**2 pairs, via the half spaces.
+
+  Args:
+    s1, s2: [..., num_keys] sub-key scores of the two query halves.
+    knn: how many slots to return, 1 <= knn <= num_keys**2.
+    prune: score only the candidate_pairs(knn) (default); False scores all knn**2 sums of the
+      two top-knn lists (Lample et al.'s form). Both return the same top-knn.
+  Returns:
+    scores [..., knn] descending and slot indices [..., knn] int32 (i * num_keys + j).
+  """
+  n = s1.shape[-1]
+  if s2.shape[-1] != n:
+    raise ValueError(f'half scores differ in num_keys: {s1.shape} vs {s2.shape}')
+  if not 0 < knn <= n * n:
+    raise ValueError(f'knn={knn!r} must be in [1, num_keys**2={n * n}]')
+  m = min(knn, n)
+  v1, i1 = jax.lax.top_k(s1, m)
+  v2, i2 = jax.lax.top_k(s2, m)
+  if prune:
+    pairs = candidate_pairs(knn, n)
+    a, b = pairs[:, 0], pairs[:, 1]
+    cand = v1[..., a] + v2[..., b]
+    cand_idx = i1[..., a] * n + i2[..., b]
+  else:
+    lead = s1.shape[:-1]
+    cand = (v1[..., :, None] + v2[..., None, :]).reshape(*lead, m * m)
+    cand_idx = (i1[..., :, None] * n + i2[..., None, :]).reshape(*lead, m * m)
+  scores, pos = jax.lax.top_k(cand, knn)
+  return scores, jnp.take_along_axis(cand_idx, pos, axis=-1).astype(jnp.int32)
+
+
+def gather_values(values: jax.Array, indices: jax.Array, weights: jax.Array,
+                  dtype=None, chunk_size: int | None = None) -> jax.Array:
+  """y[t] = sum_s weights[t, s] * values[indices[t, s]]: a gather-reduce (EmbeddingBag 'sum').
+
+  Args:
+    values: [r, d] value table; indices: [t, s] int rows; weights: [t, s].
+    dtype: compute dtype (rows are cast after the gather, never the whole table).
+    chunk_size: tokens per chunk, or None for one shot. One shot holds the gathered rows
+      [t, s, d] in memory (and again for the backward pass); chunking with rematerialisation
+      bounds that to [chunk_size, s, d]. The gradient wrt values is a scatter-add either way.
+  Returns:
+    [t, d].
+  """
+  dtype = dtype or values.dtype
+
+  def read(idx, w):
+    rows = jnp.take(values, idx, axis=0, mode='clip').astype(dtype)
+    return jnp.einsum('...sd,...s->...d', rows, w.astype(dtype))
+
+  if chunk_size is None or indices.shape[0] <= chunk_size:
+    return read(indices, weights)
+  return jax.lax.map(jax.checkpoint(lambda a: read(*a)), (indices, weights),
+                     batch_size=chunk_size)
+
+
+def masked_batch_norm(q: jax.Array, mask: jax.Array, eps: float) -> tuple[jax.Array, ...]:
+  """Batch statistics of q [t, ...] over the tokens where mask [t] is True.
+
+  Returns (normalised q, mean, biased var); padding tokens do not move the statistics.
+  """
+  m = mask.reshape(-1, *([1] * (q.ndim - 1))).astype(q.dtype)
+  count = jnp.maximum(m.sum(), 1.0)
+  mean = (q * m).sum(0) / count
+  var = (jnp.square(q - mean) * m).sum(0) / count
+  return (q - mean) * jax.lax.rsqrt(var + eps), mean, var
+
+
+def score_weights(scores: jax.Array, score_fn: str, joint: bool) -> jax.Array:
+  """Selected scores [t, heads, knn] -> weights: relu, or softmax per head / over heads*knn."""
+  if score_fn == 'relu':
+    return jax.nn.relu(scores)
+  if joint:
+    t = scores.shape[0]
+    return jax.nn.softmax(scores.reshape(t, -1), axis=-1).reshape(scores.shape)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+class ProductKeyMemory(nnx.Module):
+  """PKM sublayer: `ProductKeyMemory(d_model, num_keys=..., knn=...)(x, deterministic, seg)`.
+
+  Args:
+    d_model: model width d (also the value width).
+    num_heads: memory heads H (each with its own sub-keys; one value table for all).
+    num_keys: sub-keys per half; the memory has num_keys**2 value rows.
+    knn: slots selected per head (sparse mode), 1 <= knn <= num_keys**2.
+    k_dim: query width per head (even; two halves of k_dim/2). Default d_model; must be
+      d_model without a query projection.
+    score_fn: 'softmax' (Lample et al.) or 'relu' (Csordás et al.'s improvement).
+    query_proj: Lample et al.'s query network d -> H*k_dim (no bias: BatchNorm removes it).
+      False: Csordás et al.'s variant, every head queries with the (pre-LN'd) input itself.
+    query_batchnorm: BatchNorm on the query features (batch statistics over real tokens in
+      training, running averages when deterministic). None: on iff query_proj.
+    normalize: softmax 'per_head' over knn, or 'joint' over heads*knn; 'auto' is per head
+      with a query projection, joint without (as each paper does). Irrelevant for relu.
+    value_init: 'normal' N(0, 1/d_model) (XLM), or 'csordas' N(0, c**2/num_keys**2) with
+      c = sqrt(2/num_layers) (needs num_layers).
+    mode: 'sparse' (product search), 'dense' (score all slots, heads summed), or 'auto':
+      dense iff knn >= num_keys, as in the authors' code.
+    input_dropout, query_dropout: dropout on x and on the query (Lample et al.).
+    dropout: dropout on the value weights (the PKM analogue of hidden-unit dropout).
+    value_dropout: dropout on the output.
+    batchnorm_momentum, batchnorm_eps: running average keeps momentum of the old value
+      (0.9 = PyTorch's momentum 0.1 that XLM uses); eps inside the rsqrt.
+    value_chunk_size: tokens per chunk of the sparse value read (see gather_values).
+    dtype: compute dtype of the value read; param_dtype: storage dtype.
+  """
+
+  def __init__(self, d_model: int, num_heads: int = 4, *, num_keys: int, knn: int,
+               k_dim: int | None = None, score_fn: str = 'softmax', query_proj: bool = True,
+               query_batchnorm: bool | None = None, normalize: str = 'auto',
+               value_init: str = 'normal', num_layers: int | None = None, mode: str = 'auto',
+               input_dropout: float = 0.0, query_dropout: float = 0.0, dropout: float = 0.0,
+               value_dropout: float = 0.0, batchnorm_momentum: float = 0.9,
+               batchnorm_eps: float = 1e-5, value_chunk_size: int | None = None,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    common.check_positive(d_model=d_model, num_heads=num_heads, num_keys=num_keys, knn=knn)
+    k_dim = d_model if k_dim is None else k_dim
+    common.check_positive(k_dim=k_dim)
+    if k_dim % 2:
+      raise ValueError(f'k_dim={k_dim!r} must be even (two query halves of k_dim/2)')
+    if not query_proj and k_dim != d_model:
+      raise ValueError(f'k_dim={k_dim!r} must equal d_model={d_model} without a query '
+                       'projection (the query is the input itself)')
+    if knn > num_keys ** 2:
+      raise ValueError(f'knn={knn!r} must be <= num_keys**2={num_keys ** 2}')
+    for name, value, valid in (('score_fn', score_fn, _SCORE_FNS),
+                               ('normalize', normalize, _NORMALIZE),
+                               ('value_init', value_init, _VALUE_INITS), ('mode', mode, _MODES)):
+      if value not in valid:
+        raise ValueError(f'unknown {name} {value!r}; valid: {list(valid)}')
+    if query_batchnorm is None:
+      query_batchnorm = query_proj
+    if query_batchnorm and not query_proj:
+      raise ValueError('query_batchnorm=True needs query_proj=True (Csordás et al.\'s variant '
+                       'queries with the LayerNormed input, no BatchNorm)')
+    if value_init == 'csordas' and not (num_layers and num_layers > 0):
+      raise ValueError(f"value_init='csordas' needs num_layers > 0, got {num_layers!r}")
+    rates = dict(input_dropout=input_dropout, query_dropout=query_dropout, dropout=dropout,
+                 value_dropout=value_dropout)
+    bad = {k: v for k, v in rates.items() if not 0.0 <= v < 1.0}
+    if bad:
+      raise ValueError(', '.join(f'{k}={v!r} must be in [0, 1)' for k, v in bad.items()))
+    if value_chunk_size is not None:
+      common.check_positive(value_chunk_size=value_chunk_size)
+
+    self.d_model, self.num_heads, self.num_keys, self.knn = d_model, num_heads, num_keys, knn
+    self.k_dim = k_dim
+    self.score_fn = score_fn
+    self.joint = normalize == 'joint' or (normalize == 'auto' and not query_proj)
+    self.mode = mode if mode != 'auto' else ('dense' if knn >= num_keys else 'sparse')
+    self.rates = rates
+    self.batchnorm_momentum, self.batchnorm_eps = batchnorm_momentum, batchnorm_eps
+    self.value_chunk_size = value_chunk_size
+    self.dtype = dtype
+    # Scores are routing decisions: at least float32 (float64 stays float64 for grad checks).
+    self.score_dtype = jnp.promote_types(jnp.float32, dtype)
+
+    h, half = num_heads, k_dim // 2
+    self.w_query = (common.param(rngs, common.fan_in_normal(d_model), (d_model, h, k_dim),
+                                 ('embed', 'heads', 'kv'), param_dtype) if query_proj else None)
+    if query_batchnorm:
+      self.bn_scale = common.param(rngs, nnx.initializers.ones, (h, k_dim), ('heads', 'kv'),
+                                   param_dtype)
+      self.bn_bias = common.param(rngs, nnx.initializers.zeros, (h, k_dim), ('heads', 'kv'),
+                                  param_dtype)
+      stat = lambda v: nnx.BatchStat(v, out_sharding=('heads', 'kv'), eager_sharding=False)
+      stat_dtype = jnp.promote_types(jnp.float32, param_dtype)
+      self.bn_mean = stat(jnp.zeros((h, k_dim), stat_dtype))
+      self.bn_var = stat(jnp.ones((h, k_dim), stat_dtype))
+    else:
+      self.bn_scale = self.bn_bias = self.bn_mean = self.bn_var = None
+    # XLM's sub-key init: U(-1/sqrt(k_dim/2), 1/sqrt(k_dim/2)), independent per head and half.
+    key_init = nnx.initializers.uniform(scale=2.0 / math.sqrt(half))
+    shifted = lambda key, shape, dt: key_init(key, shape, dt) - 1.0 / math.sqrt(half)
+    self.keys1 = common.param(rngs, shifted, (h, num_keys, half), ('heads', 'keys', 'kv'),
+                              param_dtype)
+    self.keys2 = common.param(rngs, shifted, (h, num_keys, half), ('heads', 'keys', 'kv'),
+                              param_dtype)
+    rows = num_keys ** 2
+    std = (math.sqrt(2.0 / num_layers) / math.sqrt(rows) if value_init == 'csordas'
+           else 1.0 / math.sqrt(d_model))
+    self.values = common.param(rngs, common.normal(std), (rows, d_model), ('values', 'embed'),
+                               param_dtype)
+    self.rngs = rngs if any(v > 0 for v in rates.values()) else None
+
+  def _query(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+    """x [t, d] -> q [t, heads, k_dim] in the score dtype."""
+    x = x.astype(self.score_dtype)
+    if self.w_query is None:
+      return jnp.broadcast_to(x[:, None, :], (x.shape[0], self.num_heads, self.d_model))
+    q = jnp.einsum('td,dhk->thk', x, self.w_query[...].astype(self.score_dtype))
+    if self.bn_scale is None:
+      return q
+    if deterministic:
+      q = (q - self.bn_mean[...]) * jax.lax.rsqrt(self.bn_var[...] + self.batchnorm_eps)
+    else:
+      q, mean, var = masked_batch_norm(q, mask, self.batchnorm_eps)
+      # Running variance is unbiased, as PyTorch's BatchNorm1d (which XLM uses) keeps it.
+      n = mask.sum()
+      var = var * n / jnp.maximum(n - 1, 1)
+      mom = self.batchnorm_momentum
+      keep = n > 0  # an all-padding batch leaves the running statistics alone
+      sg = jax.lax.stop_gradient
+      for stat, batch in ((self.bn_mean, mean), (self.bn_var, var)):
+        old = stat[...]
+        stat[...] = jnp.where(keep, mom * old + (1 - mom) * sg(batch), old).astype(old.dtype)
+    return q * self.bn_scale[...].astype(q.dtype) + self.bn_bias[...].astype(q.dtype)
+
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """x: [batch, length, d_model] -> [batch, length, d_model]; padding tokens give 0."""
+    b, l, d = x.shape
+    mask = common.token_mask(segment_ids, (b, l)).reshape(-1)
+    x = common.dropout(x, self.rates['input_dropout'], deterministic, self.rngs)
+    q = self._query(x.reshape(b * l, d), mask, deterministic)
+    q = common.dropout(q, self.rates['query_dropout'], deterministic, self.rngs)
+    half = self.k_dim // 2
+    sd = self.score_dtype
+    s1 = jnp.einsum('thk,hnk->thn', q[..., :half], self.keys1[...].astype(sd))
+    s2 = jnp.einsum('thk,hnk->thn', q[..., half:], self.keys2[...].astype(sd))
+
+    if self.mode == 'dense':
+      # Heads summed before the activation: sum_h (s1_h (+) s2_h) = (sum_h s1_h) (+) (sum_h s2_h).
+      # (Without a query projection the heads share q, so this is one head with keys summed
+      # over heads: redundant parameters, but what the authors' code computes.)
+      z = (s1.sum(1)[:, :, None] + s2.sum(1)[:, None, :]).reshape(b * l, -1)
+      w = jax.nn.softmax(z, axis=-1) if self.score_fn == 'softmax' else jax.nn.relu(z)
+      w = common.dropout(w, self.rates['dropout'], deterministic, self.rngs)
+      w = jnp.where(mask[:, None], w, 0)
+      y = jnp.einsum('tr,rd->td', w.astype(self.dtype), self.values[...].astype(self.dtype))
+      used = jnp.any(w != 0, axis=0)
+    else:
+      scores, idx = product_key_topk(s1, s2, self.knn)      # [t, h, knn]
+      w = score_weights(scores, self.score_fn, self.joint)
+      w = common.dropout(w, self.rates['dropout'], deterministic, self.rngs)
+      w = jnp.where(mask[:, None, None], w, 0).reshape(b * l, -1)
+      idx = idx.reshape(b * l, -1)
+      y = gather_values(self.values[...], idx, w, self.dtype, self.value_chunk_size)
+      hits = jnp.zeros((self.num_keys ** 2,), jnp.int32).at[idx.reshape(-1)].add(
+          (w != 0).reshape(-1).astype(jnp.int32))
+      used = hits > 0
+    common.record_metrics(self, value_usage=jax.lax.stop_gradient(used.mean()))
+    y = common.dropout(y, self.rates['value_dropout'], deterministic, self.rngs)
+    return y.reshape(b, l, d).astype(self.dtype)
+
+  def cost(self) -> common.Cost:
+    """Forward FLOPs per token (2 per MAC; top-k, softmax and BatchNorm not counted) and the
+    parameters a token touches (sparse: at most H*knn value rows; dense: all of them)."""
+    d, h, k, n = self.d_model, self.num_heads, self.k_dim, self.num_keys
+    flops, params = {}, 0
+    if self.w_query is not None:
+      flops['query'] = 2 * d * h * k
+      params += d * h * k
+    if self.bn_scale is not None:
+      params += 2 * h * k
+    flops['keys'] = 2 * h * n * k  # both halves: 2 * h * n * (k/2) MACs each
+    params += h * n * k
+    if self.mode == 'dense':
+      flops['slot_sum'] = n * n
+      flops['values'] = 2 * n * n * d
+      params += n * n * d
+    else:
+      rows = min(h * self.knn, n * n)
+      flops['values'] = 2 * h * self.knn * d
+      params += rows * d
+    return common.Cost(flops=flops, active_params=params)

@@ -1,0 +1,343 @@
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import test_util
+
+from moescale.layers import DenseFFN, common
+from moescale.model import TransformerLM, sparse_layer_numbers
+
+V, D, H = 32, 16, 2
+DENSE = functools.partial(DenseFFN, d_ff=32, activation='gelu', use_bias=True)
+
+
+def _model(positions='sinusoidal', num_layers=2, seed=0, **kw):
+  kw.setdefault('ffn', DENSE)
+  return TransformerLM(V, D, num_layers, H, positions=positions, max_length=32,
+                       rngs=nnx.Rngs(seed), **kw)
+
+
+def _tokens(shape=(2, 8), seed=0):
+  return jax.random.randint(jax.random.key(seed), shape, 1, V)
+
+
+class GatedFFN(nnx.Module):
+  """A second dense-like family (GLU), written here to show the model needs nothing else."""
+
+  def __init__(self, d_model, d_ff, *, rngs):
+    self.w_gate = common.param(rngs, common.fan_in_normal(d_model), (d_model, d_ff),
+                               ('embed', 'mlp'))
+    self.w_in = common.param(rngs, common.fan_in_normal(d_model), (d_model, d_ff),
+                             ('embed', 'mlp'))
+    self.w_out = common.param(rngs, common.fan_in_normal(d_ff), (d_ff, d_model),
+                              ('mlp', 'embed'))
+
+  def __call__(self, x, deterministic=True, segment_ids=None):
+    return (jax.nn.silu(x @ self.w_gate[...]) * (x @ self.w_in[...])) @ self.w_out[...]
+
+
+class RecordingFFN(nnx.Module):
+  """Fake sparse family: records losses that depend on its parameter and input."""
+
+  def __init__(self, d_model, value, *, rngs):
+    self.value = value
+    self.w = nnx.Param(jnp.full((d_model,), value))
+
+  def __call__(self, x, deterministic=True, segment_ids=None):
+    w = self.w[...]
+    common.record_losses(self, load_balance=jnp.sum(w ** 2) + 0.0 * jnp.sum(x),
+                         entropy=jnp.float32(-self.value))
+    common.record_metrics(self, expert_usage=jnp.full((3,), self.value) + 0.0 * jnp.sum(x))
+    return x * w
+
+
+# --- Causality and packing -------------------------------------------------------------------
+
+@pytest.mark.parametrize('positions', ['sinusoidal', 'learned', 'rotary', 'relative'])
+def test_logits_at_t_ignore_later_tokens(positions):
+  model = _model(positions)
+  a = _tokens((1, 8))
+  b = a.at[:, 5:].set((a[:, 5:] + 7) % V)
+  la, lb = model(a).logits, model(b).logits
+  np.testing.assert_allclose(la[:, :5], lb[:, :5], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(la[:, 5:], lb[:, 5:], atol=1e-3)
+
+
+@pytest.mark.parametrize('positions', ['sinusoidal', 'learned', 'rotary', 'relative'])
+def test_packed_segments_are_independent(positions):
+  model = _model(positions)
+  a, b = _tokens((1, 5), 1), _tokens((1, 2), 2)
+  packed = jnp.concatenate([a, b, jnp.zeros((1, 1), jnp.int32)], axis=1)
+  seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 0]])
+  pos = jnp.array([[0, 1, 2, 3, 4, 0, 1, 0]])
+  out = model(packed, segment_ids=seg, positions=pos).logits
+  np.testing.assert_allclose(out[:, :5], model(a).logits, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out[:, 5:7], model(b).logits, rtol=1e-5, atol=1e-5)
+  # Positions derived from segment_ids alone give the same answer.
+  np.testing.assert_allclose(model(packed, segment_ids=seg).logits, out, rtol=1e-6, atol=1e-6)
+
+
+# --- FFN families and layer placement --------------------------------------------------------
+
+def test_swapping_ffn_family_is_only_a_constructor_argument():
+  dense = _model(ffn=DENSE)
+  gated = _model(ffn=functools.partial(GatedFFN, d_ff=24))
+  assert all(isinstance(f, DenseFFN) for _, f in dense.ffn_layers())
+  assert all(isinstance(f, GatedFFN) for _, f in gated.ffn_layers())
+  tokens = _tokens()
+  assert dense(tokens).logits.shape == gated(tokens).logits.shape == (2, 8, V)
+  # Outside the FFN sublayers the parameter trees are identical.
+  strip = lambda m: {p for p, _ in nnx.to_flat_state(nnx.state(m, nnx.Param)) if 'ffn' not in p}
+  assert strip(dense) == strip(gated)
+
+
+def _moe_families():
+  specs = [
+      ('moescale.layers.topk_moe', 'TopKMoE', dict(num_experts=4, expert_size=8, top_k=2)),
+      ('moescale.layers.sigma_moe', 'SigmaMoE', dict(num_experts=4, expert_size=8, top_k=2)),
+      ('moescale.layers.pkm', 'ProductKeyMemory', dict(num_heads=2, num_keys=4, knn=4)),
+  ]
+  params = []
+  for module, name, kw in specs:
+    params.append(pytest.param(module, name, kw, id=name))
+  return params
+
+
+@pytest.mark.parametrize('module,name,kw', _moe_families())
+def test_moe_families_plug_in_every_other_layer(module, name, kw):
+  try:
+    family = getattr(importlib.import_module(module), name)
+  except (ImportError, AttributeError) as e:
+    pytest.skip(f'{name} not available: {e}')
+  model = _model(sparse_ffn=functools.partial(family, **kw))
+  assert [type(f).__name__ for _, f in model.ffn_layers()] == ['DenseFFN', name]
+  tokens = _tokens()
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, tokens):
+    return nnx.merge(graphdef, state)(tokens, deterministic=False)
+
+  out = forward(state, tokens)
+  assert out.logits.shape == (2, 8, V)
+  assert np.all(np.isfinite(out.logits)) and np.isfinite(out.aux_loss)
+  assert set(out.aux_losses) <= {'load_balance', 'router_z', 'entropy'}
+  assert all(k.startswith('layer_02/') for k in out.metrics)
+
+
+def test_every_other_puts_sparse_ffn_on_even_layers():
+  assert sparse_layer_numbers('every_other', 6) == (2, 4, 6)
+  assert sparse_layer_numbers('every_other', 5) == (2, 4)
+  assert sparse_layer_numbers('all', 3) == (1, 2, 3)
+  assert sparse_layer_numbers('none', 3) == ()
+  assert sparse_layer_numbers([3, 1], 3) == (1, 3)
+  sparse = functools.partial(GatedFFN, d_ff=8)
+  for scan in (False, True):
+    model = _model(num_layers=4, sparse_ffn=sparse, scan_layers=scan)
+    kinds = [(n, type(f).__name__) for n, f in model.ffn_layers()]
+    assert kinds == [(1, 'DenseFFN'), (2, 'GatedFFN'), (3, 'DenseFFN'), (4, 'GatedFFN')]
+  assert [type(f).__name__ for _, f in _model(num_layers=3, sparse_ffn=sparse,
+                                              sparse_layers=[3]).ffn_layers()] == [
+                                                  'DenseFFN', 'DenseFFN', 'GatedFFN']
+
+
+def test_clear_errors_for_bad_configuration():
+  with pytest.raises(ValueError, match=r'sparse_layers entry 0 .* from 1 to num_layers=2'):
+    _model(sparse_ffn=DENSE, sparse_layers=[0, 2])
+  with pytest.raises(ValueError, match=r'sparse_layers entry 3 .* from 1 to num_layers=2'):
+    _model(sparse_ffn=DENSE, sparse_layers=[3])
+  with pytest.raises(ValueError, match="sparse_layers='odd'"):
+    _model(sparse_ffn=DENSE, sparse_layers='odd')
+  with pytest.raises(ValueError, match='d_model=16 is not divisible by num_heads=3'):
+    TransformerLM(V, D, 2, 3, ffn=DENSE, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="unknown positions='alibi'"):
+    _model('alibi')
+  with pytest.raises(ValueError, match="memory needs positions='relative'"):
+    model = _model('sinusoidal')
+    model(_tokens(), memory=[jnp.zeros((2, 4, D))] * 2)
+  assert TransformerLM(V, 15, 1, 4, head_dim=4, ffn=DENSE, rngs=nnx.Rngs(0))(
+      _tokens()).logits.shape == (2, 8, V)
+
+
+# --- Auxiliary losses and metrics ------------------------------------------------------------
+
+@pytest.mark.parametrize('scan,remat', [(False, False), (True, True)])
+def test_aux_losses_collected_and_weighted_under_jit(scan, remat):
+  model = _model(num_layers=4, ffn=functools.partial(RecordingFFN, value=1.0),
+                 sparse_ffn=functools.partial(RecordingFFN, value=2.0), scan_layers=scan,
+                 remat=remat, aux_loss_weights={'load_balance': 0.5, 'entropy': 0.25})
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def forward(state, tokens):
+    return nnx.merge(graphdef, state)(tokens)
+
+  out = forward(state, _tokens())
+  # load_balance per layer = D·value²: layers 1,3 value 1, layers 2,4 value 2.
+  lb = 2 * D * 1.0 + 2 * D * 4.0
+  ent = -(1.0 + 2.0 + 1.0 + 2.0)
+  np.testing.assert_allclose(out.aux_losses['load_balance'], lb, rtol=1e-6)
+  np.testing.assert_allclose(out.aux_losses['entropy'], ent, rtol=1e-6)
+  np.testing.assert_allclose(out.aux_loss, 0.5 * lb + 0.25 * ent, rtol=1e-6)
+  assert sorted(out.metrics) == [f'layer_0{i}/expert_usage' for i in (1, 2, 3, 4)]
+  np.testing.assert_allclose(out.metrics['layer_02/expert_usage'], [2.0] * 3)
+  np.testing.assert_allclose(out.metrics['layer_03/expert_usage'], [1.0] * 3)
+
+  # The aux loss is differentiable through capture (and scan/remat): d/dw (0.5·Σ w²) = w.
+  def aux(state):
+    return nnx.merge(graphdef, state)(_tokens()).aux_loss
+
+  grads = jax.grad(aux)(state)
+  flat = {p: v for p, v in nnx.to_flat_state(grads) if p[-1] == 'w'}
+  assert flat, 'no gradient reached the recording FFNs'
+  for path, g in flat.items():
+    w = dict(nnx.to_flat_state(state))[path].get_value()
+    np.testing.assert_allclose(g.get_value(), w, rtol=1e-6)
+
+
+def test_dense_model_records_nothing_and_unknown_losses_raise():
+  out = _model()(_tokens())
+  assert out.aux_losses == {} and out.metrics == {} and float(out.aux_loss) == 0.0
+  model = _model(sparse_ffn=functools.partial(RecordingFFN, value=1.0),
+                 aux_loss_weights={'load_balance': 0.01})
+  with pytest.raises(ValueError, match=r"\['entropy'\] were recorded but have no weight"):
+    model(_tokens())
+
+
+# --- Embeddings, gradients, scan --------------------------------------------------------------
+
+def test_tied_embeddings_share_one_matrix():
+  tied = _model(tie_embeddings=True)
+  untied = _model(tie_embeddings=False)
+  assert tied.unembed is None
+  names = [p for p, _ in nnx.to_flat_state(nnx.state(tied, nnx.Param))]
+  assert sum('embed' in p or 'unembed' in p for p in names) == 1
+  specs = nnx.get_partition_spec(nnx.state(untied))
+  assert tuple(specs['embed'].get_value()) == ('vocab', 'embed')
+  assert tuple(specs['unembed'].get_value()) == ('embed', 'vocab')
+  # Copy the tied model into the untied one with unembed = embed^T: same logits, so the tied
+  # model reads its output projection from the input embedding.
+  nnx.update(untied, nnx.state(tied, nnx.Param))
+  untied.unembed[...] = tied.embed[...].T
+  tokens = _tokens()
+  np.testing.assert_allclose(untied(tokens).logits, tied(tokens).logits, rtol=1e-6, atol=1e-6)
+  # And the one matrix gets gradient from both ends: input lookup and output projection.
+  graphdef, state = nnx.split(tied)
+  g = jax.grad(lambda s: nnx.merge(graphdef, s)(tokens).logits[0, 0, 3])(state)
+  grad_embed = np.asarray(g['embed'].get_value())
+  assert np.abs(grad_embed[3]).sum() > 0 and np.abs(grad_embed[int(tokens[0, 0])]).sum() > 0
+
+
+@pytest.mark.parametrize('positions', ['sinusoidal', 'relative'])
+def test_gradients_finite_and_match_finite_differences(positions):
+  with jax.enable_x64(True):
+    model = TransformerLM(V, 8, 1, 2, ffn=functools.partial(DenseFFN, d_ff=8),
+                          positions=positions, dtype=jnp.float64, param_dtype=jnp.float64,
+                          rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    tokens = _tokens((1, 4))
+
+    def loss(state):
+      logits = nnx.merge(graphdef, state)(tokens).logits
+      return -jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float64))[0, :-1, tokens[0, 1:]])
+
+    grads = jax.grad(loss)(state)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    test_util.check_grads(loss, (state,), order=1, modes=['rev'], atol=1e-4, rtol=1e-3)
+
+
+def test_scan_layers_matches_python_loop():
+  sparse = functools.partial(GatedFFN, d_ff=8)
+  looped = _model(num_layers=4, sparse_ffn=sparse, positions='relative', mem_len=4)
+  scanned = _model(num_layers=4, sparse_ffn=sparse, positions='relative', mem_len=4,
+                   scan_layers=True, seed=1)
+  assert scanned.period == 2 and scanned.num_groups == 2
+  # Stack the looped blocks' parameters into the scanned groups: layer = group·2 + j.
+  for j in range(2):
+    per_group = [nnx.state(looped.blocks[g * 2 + j], nnx.Param) for g in range(2)]
+    nnx.update(scanned.groups.blocks[j], jax.tree.map(lambda *a: jnp.stack(a), *per_group))
+  scanned.embed[...] = looped.embed[...]
+  nnx.update(scanned.final_norm, nnx.state(looped.final_norm))
+  tokens = _tokens()
+  a, b = looped(tokens), scanned(tokens)
+  np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+  a2, b2 = looped(tokens, memory=a.memory), scanned(tokens, memory=b.memory)
+  np.testing.assert_allclose(a2.logits, b2.logits, rtol=1e-5, atol=1e-5)
+  specs = nnx.get_partition_spec(nnx.state(scanned))
+  q = specs['groups']['blocks'][0]['attention']['q_proj'].get_value()
+  assert tuple(q) == ('layers', 'embed', 'heads', 'kv')
+
+
+def test_dropout_only_in_training_and_needs_no_extra_plumbing():
+  for scan in (False, True):
+    model = _model(dropout=0.3, attention_dropout=0.3, scan_layers=scan, num_layers=2)
+    tokens = _tokens()
+    np.testing.assert_array_equal(model(tokens).logits, model(tokens).logits)
+    a = model(tokens, deterministic=False).logits
+    b = model(tokens, deterministic=False).logits
+    assert not np.allclose(a, b) and not np.allclose(a, model(tokens).logits)
+
+
+# --- Transformer-XL memory --------------------------------------------------------------------
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_memory_reproduces_the_concatenated_sequence(scan):
+  # With mem_len >= the previous segment, layer i's memory is exactly what layer i sees of the
+  # earlier tokens in one long causal run (the earlier tokens' states never depend on later
+  # ones), and relative positions make the offsets identical: so the logits agree exactly, for
+  # any number of layers.
+  seg_len = 4
+  model = _model('relative', num_layers=2, mem_len=seg_len, scan_layers=scan)
+  s1, s2, s3 = (_tokens((2, seg_len), i) for i in (1, 2, 3))
+  first = model(s1)
+  assert [m.shape for m in first.memory] == [(2, seg_len, D)] * 2
+  second = model(s2, memory=first.memory)
+  whole = model(jnp.concatenate([s1, s2], axis=1)).logits
+  np.testing.assert_allclose(second.logits, whole[:, seg_len:], rtol=1e-5, atol=1e-5)
+
+  # A longer memory at evaluation (two segments, as Csordás et al. use four at test time).
+  first = model(s1, mem_len=2 * seg_len)
+  second = model(s2, memory=first.memory, mem_len=2 * seg_len)
+  assert second.memory[0].shape == (2, 2 * seg_len, D)
+  third = model(s3, memory=second.memory)
+  whole = model(jnp.concatenate([s1, s2, s3], axis=1)).logits
+  np.testing.assert_allclose(third.logits, whole[:, 2 * seg_len:], rtol=1e-5, atol=1e-5)
+  # The default mem_len keeps only the last segment's worth.
+  assert third.memory[1].shape == (2, seg_len, D)
+
+
+def test_memory_is_a_constant_for_gradients():
+  model = _model('relative', num_layers=2, mem_len=4)
+  graphdef, state = nnx.split(model)
+  s1, s2 = _tokens((1, 4), 1), _tokens((1, 4), 2)
+  memory = model(s1).memory
+
+  def through_memory(state):
+    m = nnx.merge(graphdef, state)
+    return jnp.sum(m(s2, memory=m(s1).memory).logits ** 2)
+
+  def constant_memory(state):
+    return jnp.sum(nnx.merge(graphdef, state)(s2, memory=memory).logits ** 2)
+
+  g1, g2 = jax.grad(through_memory)(state), jax.grad(constant_memory)(state)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), g1, g2)
+  g_mem = jax.grad(lambda mem: jnp.sum(model(s2, memory=mem).logits))(memory)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in g_mem)
+  # ...while the memory does change the output.
+  assert not np.allclose(model(s2, memory=memory).logits, model(s2).logits, atol=1e-4)
+
+
+def test_ffn_and_attention_layers_for_cost_accounting():
+  model = _model(num_layers=3, sparse_ffn=functools.partial(DenseFFN, d_ff=64))
+  costs = [f.cost().total_flops for _, f in model.ffn_layers()]
+  assert costs == [4 * D * 32, 4 * D * 64, 4 * D * 32]
+  attn = [(n, a.cost(context_length=8)) for n, a in model.attention_layers()]
+  assert [n for n, _ in attn] == [1, 2, 3]
+  assert attn[0][1].flops['attn_qkvo'] == 2 * 4 * D * D
+  # cost() works on an abstract model (no parameter values read).
+  abstract = nnx.eval_shape(lambda: _model(num_layers=2, sparse_ffn=DENSE, scan_layers=True))
+  assert [f.cost().total_flops for _, f in abstract.ffn_layers()] == [4 * D * 32] * 2

@@ -1,0 +1,134 @@
+"""Sharded training equals single-device training, for every FFN family and several meshes."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from moescale import sharding as shd
+from moescale.data.synthetic import SyntheticData
+from moescale.layers import DenseFFN, ProductKeyMemory, SigmaMoE, TopKMoE
+from moescale.layers.expert_parallel import ExpertParallel
+from moescale.layers import dispatch as dispatch_lib
+from moescale.model import TransformerLM
+from moescale.train import optim
+from moescale.train import step as step_lib
+
+VOCAB, LENGTH, BATCH = 32, 16, 8
+
+FAMILIES = {
+    'dense': functools.partial(DenseFFN, d_ff=64),
+    'topk_moe': functools.partial(TopKMoE, num_experts=4, expert_size=32, top_k=2,
+                                  capacity_factor=1.0, use_bias=True),
+    'topk_moe_dropless': functools.partial(TopKMoE, num_experts=4, expert_size=32, top_k=2,
+                                           capacity_factor=0.0),
+    'sigma_moe': functools.partial(SigmaMoE, num_experts=4, expert_size=16, top_k=2,
+                                   num_layers=2),
+    'pkm': functools.partial(ProductKeyMemory, num_heads=2, num_keys=8, knn=4,
+                             query_proj=False, score_fn='relu'),
+}
+
+MESHES = {
+    'data8': dict(data=8),
+    'data2_expert4': dict(data=2, expert=4),
+    'data2_tensor2_expert2': dict(data=2, tensor=2, expert=2),
+    'fsdp4_data2': dict(data=2, fsdp=4),
+}
+
+CASES = [(f, m) for f in FAMILIES for m in MESHES
+         if m in ('data2_expert4', 'data2_tensor2_expert2') or f in ('dense', 'topk_moe')]
+
+
+def _model_fn(family):
+  return functools.partial(TransformerLM, vocab_size=VOCAB, d_model=32, num_layers=2,
+                           num_heads=4, ffn=functools.partial(DenseFFN, d_ff=64),
+                           sparse_ffn=FAMILIES[family], sparse_layers='every_other',
+                           aux_loss_weights={'load_balance': 0.01, 'router_z': 0.001,
+                                             'entropy': 0.001})
+
+
+def _run(model_fn, mesh, steps=3):
+  cfg = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, decay='constant')
+  _, abs_params, _ = step_lib.abstract_model(model_fn, 0)
+  tx, schedule = optim.make_optimizer(cfg, steps, abs_params)
+  graphdef, state, state_sh = step_lib.create_train_state(model_fn, tx, 0, mesh)
+  train = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule), state_sh,
+                                  mesh)
+  it = SyntheticData(vocab_size=VOCAB, length=LENGTH).train_iterator(BATCH)
+  losses = []
+  with shd.activation_sharding(mesh), jax.set_mesh(mesh):
+    for _ in range(steps):
+      state, m = train(state, shd.host_local_to_global(next(it), mesh))
+      losses.append(float(m['total_loss']))
+  return losses, state
+
+
+@pytest.mark.parametrize('family,mesh_name', CASES)
+def test_sharded_steps_equal_single_device(family, mesh_name):
+  model_fn = _model_fn(family)
+  ref_losses, ref_state = _run(model_fn, shd.make_mesh(devices=jax.devices()[:1]))
+  mesh = shd.make_mesh(**MESHES[mesh_name])
+  losses, state = _run(model_fn, mesh)
+  np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=2e-5)
+  flat_ref = dict(nnx.to_flat_state(ref_state.params))
+  for path, var in nnx.to_flat_state(state.params):
+    if path[-1] == 'k_bias':
+      # Softmax is invariant to a key bias (q·b is the same for every key of a query): its
+      # gradient is 0 up to rounding, which Adam normalises into arbitrary ±lr steps.
+      continue
+    np.testing.assert_allclose(np.asarray(var[...]), np.asarray(flat_ref[path][...]),
+                               rtol=1e-4, atol=1e-5, err_msg=str(path))
+    # Parameters carry the shardings the rules say (after fitting to divisible dims).
+    names = var.get_metadata()['out_sharding']
+    want = shd._fit_spec(shd.logical_to_spec(names), var[...].shape, mesh)
+    assert var[...].sharding.spec == want, (path, var[...].sharding.spec, want)
+  assert losses[-1] < losses[0]
+
+
+def test_expert_weights_split_over_expert_axis_and_ep_dispatch_used(monkeypatch):
+  mesh = shd.make_mesh(data=2, expert=4)
+  seen = []
+  original = ExpertParallel.__call__
+
+  def spy(self, *args, **kwargs):
+    seen.append(self.name)
+    return original(self, *args, **kwargs)
+
+  monkeypatch.setattr(ExpertParallel, '__call__', spy)
+  _, state = _run(_model_fn('topk_moe'), mesh, steps=1)
+  w_in = state.params['blocks'][1]['ffn']['w_in'][...]
+  assert w_in.sharding.spec[0] == 'expert'
+  # each device holds 1 of the 4 experts
+  assert {s.data.shape[0] for s in w_in.addressable_shards} == {1}
+  assert seen and all(s.startswith('expert_parallel') for s in seen)
+
+
+def test_mesh_shape_errors_name_the_problem():
+  with pytest.raises(ValueError, match='at most one -1'):
+    shd.mesh_shape(data=-1, expert=-1, num_devices=8)
+  with pytest.raises(ValueError, match='do not divide'):
+    shd.mesh_shape(data=-1, expert=3, num_devices=8)
+  with pytest.raises(ValueError, match='16 devices'):
+    shd.mesh_shape(data=4, expert=4, num_devices=8)
+  assert shd.mesh_shape(data=-1, expert=4, num_devices=8) == {
+      'data': 2, 'fsdp': 1, 'expert': 4, 'tensor': 1}
+
+
+def test_logical_rules_map_and_skip_used_axes():
+  assert shd.logical_to_spec(('expert', 'embed', 'mlp')) == jax.P('expert', 'fsdp', 'tensor')
+  # 'batch' takes (data, fsdp, expert); 'embed' then cannot reuse fsdp.
+  assert shd.logical_to_spec(('batch', 'embed')) == jax.P(('data', 'fsdp', 'expert'), None)
+  with pytest.raises(ValueError, match="'nonsense'"):
+    shd.logical_to_spec(('nonsense',))
+
+
+def test_ep_wrapper_used_only_with_an_expert_axis():
+  inner = dispatch_lib.get_backend('reference')
+  from moescale.layers.expert_parallel import wrap_for_mesh
+  assert wrap_for_mesh(inner) is inner
+  with shd.activation_sharding(shd.make_mesh(data=2, expert=4)):
+    assert isinstance(wrap_for_mesh(inner), ExpertParallel)
+  with shd.activation_sharding(shd.make_mesh(data=8)):
+    assert wrap_for_mesh(inner) is inner

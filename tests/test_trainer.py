@@ -1,0 +1,135 @@
+"""The training loop on synthetic data: loss falls, resume equals an uninterrupted run, metrics
+are written, gradient accumulation is exact, bad checkpoints fail clearly and lose nothing."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from moescale.data.synthetic import SyntheticData
+from moescale.layers import DenseFFN, TopKMoE
+from moescale.model import TransformerLM
+from moescale.train import checkpoint, optim, trainer
+from moescale.train import step as step_lib
+
+MODEL = functools.partial(
+    TransformerLM, vocab_size=32, d_model=32, num_layers=2, num_heads=4,
+    ffn=functools.partial(DenseFFN, d_ff=64),
+    sparse_ffn=functools.partial(TopKMoE, num_experts=4, expert_size=32, top_k=2,
+                                 capacity_factor=1.0))
+DATA = SyntheticData(vocab_size=32, length=16)
+
+
+def _cfg(model_dir, steps, **kw):
+  base = dict(model_dir=str(model_dir), train_steps=steps, batch_size=8, log_period=2,
+              mesh=trainer.MeshConfig(data=2, expert=2, fsdp=2), tensorboard=False,
+              progress=False,
+              optimizer=optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=2))
+  base.update(kw)
+  return trainer.TrainConfig(**base)
+
+
+def _params(summary):
+  return {'/'.join(map(str, p)): np.asarray(v[...])
+          for p, v in nnx.to_flat_state(summary['state'].params)}
+
+
+def test_loss_falls_and_metrics_are_logged(tmp_path):
+  s = trainer.train(MODEL, DATA, _cfg(tmp_path, 12, eval_period=6), flops_per_token=1e5)
+  records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  train = [r for r in records if 'loss' in r]
+  assert [r['step'] for r in train] == [2, 4, 6, 8, 10, 12]
+  assert train[-1]['loss'] < train[0]['loss'] - 0.3
+  for key in ('learning_rate', 'tokens_per_second', 'mfu', 'train_flops', 'grad_norm',
+              'aux/load_balance', 'routing/layer_02/expert_usage',
+              'routing/layer_02/fraction_dropped'):
+    assert key in train[-1], key
+  assert len(train[-1]['routing/layer_02/expert_usage']) == 4
+  evals = [r for r in records if 'validation/eval_loss' in r]
+  assert [r['step'] for r in evals] == [6, 12]
+  assert evals[-1]['validation/perplexity'] == pytest.approx(
+      np.exp(evals[-1]['validation/eval_loss']), rel=1e-6)
+  assert s['final_step'] == 12
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  straight = trainer.train(MODEL, DATA, _cfg(tmp_path / 'a', 6))
+  # First run stops at step 3 (as if preempted after its checkpoint), the second resumes.
+  trainer.train(MODEL, DATA, _cfg(tmp_path / 'b', 3))
+  resumed = trainer.train(MODEL, DATA, _cfg(tmp_path / 'b', 6))
+  assert resumed['start_step'] == 3 and resumed['final_step'] == 6
+  a, b = _params(straight), _params(resumed)
+  for k in a:
+    if not k.endswith('k_bias'):  # see test_train_sharded: its gradient is rounding noise
+      np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+  assert straight['loss'] == pytest.approx(resumed['loss'], rel=1e-4)
+
+
+def test_corrupt_checkpoint_fails_clearly_and_deletes_nothing(tmp_path):
+  trainer.train(MODEL, DATA, _cfg(tmp_path, 2))
+  step_dir = tmp_path / 'checkpoints' / '2' / 'state'
+  files = [p for p in step_dir.rglob('*') if p.is_file() and p.stat().st_size > 0]
+  before = sorted(str(p) for p in (tmp_path / 'checkpoints').rglob('*'))
+  for p in files:
+    p.write_bytes(b'garbage')
+  with pytest.raises(checkpoint.CheckpointError, match='step 2'):
+    trainer.train(MODEL, DATA, _cfg(tmp_path, 4))
+  assert sorted(str(p) for p in (tmp_path / 'checkpoints').rglob('*')) == before
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  dense = functools.partial(TransformerLM, vocab_size=32, d_model=32, num_layers=1, num_heads=4,
+                            ffn=functools.partial(DenseFFN, d_ff=64), sparse_ffn=None)
+  batch = next(DATA.train_iterator(8))
+  from moescale import sharding as shd
+  mesh = shd.make_mesh(devices=jax.devices()[:1])
+  out = []
+  for n in (1, 2, 4):
+    tx = optax.sgd(0.1)
+    graphdef, state, _ = step_lib.create_train_state(dense, tx, 0, mesh)
+    fn = jax.jit(step_lib.make_train_step(graphdef, tx, lambda s: 0.1,
+                                          step_lib.StepConfig(grad_accum_steps=n)))
+    state, m = fn(state, {k: jax.numpy.asarray(v) for k, v in batch.items()})
+    out.append((float(m['loss']), _params({'state': state})))
+  for loss, params in out[1:]:
+    assert loss == pytest.approx(out[0][0], rel=1e-5)
+    for k in params:
+      np.testing.assert_allclose(params[k], out[0][1][k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_weight_decay_mask_and_group_learning_rates():
+  _, params, _ = step_lib.abstract_model(MODEL, 0)
+  mask = {'/'.join(map(str, p)): v[...]
+          for p, v in nnx.to_flat_state(optim.decay_mask(params))}
+  assert mask['embed'] and mask['blocks/0/ffn/w_in']
+  assert not any(v for k, v in mask.items() if 'norm' in k or 'bias' in k)
+  cfg = optim.OptimizerConfig(learning_rate=1.0, decay='constant', clip_norm=None,
+                              group_lr={r'blocks/1/ffn': 0.0})
+  tx, _ = optim.make_optimizer(cfg, 10, params)
+  real = nnx.state(MODEL(rngs=nnx.Rngs(0)), nnx.Param)
+  grads = jax.tree.map(lambda x: np.ones_like(x), real)
+  updates, _ = tx.update(grads, tx.init(real), real)
+  flat = {'/'.join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(updates)}
+  assert np.all(flat['blocks/1/ffn/w_in'] == 0) and np.any(flat['blocks/0/ffn/w_in'] != 0)
+
+
+def test_learning_rate_schedules():
+  for decay in ('cosine', 'linear', 'rsqrt', 'constant'):
+    s = optim.learning_rate_schedule(optim.OptimizerConfig(learning_rate=1.0, warmup_steps=10,
+                                                           decay=decay), 100)
+    assert float(s(0)) == 0.0 and float(s(10)) == pytest.approx(1.0)
+    if decay in ('cosine', 'linear'):
+      assert float(s(100)) == pytest.approx(0.0, abs=1e-6)
+  with pytest.raises(ValueError, match="decay='exp'"):
+    optim.OptimizerConfig(decay='exp')
+
+
+def test_bad_batch_for_mesh_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match='batch_size=6'):
+    trainer.train(MODEL, DATA, _cfg(tmp_path, 1, batch_size=6))
+  assert not os.path.exists(tmp_path / 'metrics.jsonl')
