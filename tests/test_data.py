@@ -332,6 +332,29 @@ def test_resume_from_state_continues_exactly(small_task, two_epochs,
                          state=state)
 
 
+def test_trainer_data_source(small_task, two_epochs):
+  from moescale.data import pipeline
+  source = pipeline.SeqioDataSource(small_task[0], {'targets': L})
+  assert source.sequence_length == L and source.vocab_size == 259
+  assert source.eval_splits == ('validation',)
+  # Per-host batch size in, host 1 of 2 gets the second half of each batch.
+  it = source.train_iterator(B // 2, 1, 2, seed=0, position=None)
+  batch = next(it)
+  for k, v in two_epochs[0][0].items():
+    np.testing.assert_array_equal(batch[k], v[B // 2:])
+  assert it.position()['batches_consumed'] == 1
+  default = pipeline.SeqioDataSource('moescale_sotu', {'targets': L})
+  assert default.eval_splits == ('validation', 'moescale_kjv:validation',
+                                 'moescale_pydoc:validation')
+  evals = default.eval_iterators(2, 0, 1)
+  assert set(evals) == set(default.eval_splits)
+  assert not evals['validation'].shuffle
+  assert evals['moescale_pydoc:validation'].num_epochs == 1
+  stats = pipeline.split_stats('moescale_pydoc', 'validation')
+  assert default.bytes_per_token('moescale_pydoc:validation') == (
+      stats['bytes'] / stats['tokens'])
+
+
 # ------------------------------------------------------------ user corpora
 
 
@@ -395,3 +418,28 @@ def test_jsonl_task_reads_the_text_field(tmp_path):
   assert [d.decode() for d in source.documents('validation')] == docs
   with pytest.raises(ValueError, match="no 'train' split"):
     pipeline.get_dataset(name, {'targets': L}, 'train')
+
+
+def test_text_units_and_streamed_splits(tmp_path):
+  from moescale.data import tasks
+  path = tmp_path / 'a.txt'
+  path.write_text('p1 l1\np1 l2\n\n\np2 l1\n', encoding='utf-8')
+  read = lambda unit: list(corpus.read_text_documents(str(path), unit))
+  assert read('paragraph') == ['p1 l1\np1 l2', 'p2 l1']
+  assert read('line') == ['p1 l1', 'p1 l2', 'p2 l1']
+  assert read('file') == ['p1 l1\np1 l2\n\n\np2 l1\n']
+  # A split over max_in_memory_bytes is streamed: files in a seeded order,
+  # documents in file order, nothing lost.
+  files = [_write_paragraphs(tmp_path / f'{i}.txt', [f'f{i} d{j}' for j in range(3)])
+           for i in range(6)]
+  task = tasks.register_text_task(_name('stream'), files,
+                                  max_in_memory_bytes=0)
+  source = task.source
+  assert not source.in_memory('train')
+  ordered = [d.decode() for d in source.documents('train')]
+  assert ordered == [f'f{i} d{j}' for i in range(6) for j in range(3)]
+  shuffled = [d.decode() for d in source.documents('train', True, seed=1)]
+  assert shuffled != ordered and sorted(shuffled) == sorted(ordered)
+  assert shuffled == [d.decode() for d in source.documents('train', True, 1)]
+  for k in range(0, 18, 3):  # each file's documents stay together, in order
+    assert [d[-2:] for d in shuffled[k:k + 3]] == ['d0', 'd1', 'd2']

@@ -11,12 +11,21 @@ from moescale.layers import sigma_moe
 D, E, G, K = 8, 6, 4, 2
 
 
+def _normal(shape, seed=0, scale=1.0):
+  # numpy, not jax.random: each new shape of a jax sampler costs a compile, and tests only
+  # need fixed inputs.
+  return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def _x(shape=(2, 5, D), seed=0, scale=1.0):
-  return scale * jax.random.normal(jax.random.key(seed), shape)
+  return _normal(shape, seed, scale)
 
 
 def _layer(selection='sigmoid', seed=0, **kw):
+  # The routing tests pin the plain reference backend (exact, cheap to compile); the default
+  # backends are checked against it in test_dispatch_backend_matches_reference.
   kw.setdefault('top_k', K)
+  kw.setdefault('dispatch', 'reference')
   return SigmaMoE(D, E, G, selection=selection, rngs=nnx.Rngs(seed, dropout=seed + 1), **kw)
 
 
@@ -29,7 +38,7 @@ def _sharpen_router(layer, scale=4.0):
 def loop_reference(layer, x, selection, keep=None, segment_ids=None):
   """Per-token float64 loop: scores, (masked) top-k, y = sum_e w_e relu(x W1_e) W2_e."""
   w_in, w_out, w_router = (np.asarray(v[...], np.float64)
-                        for v in (layer.w_in, layer.w_out, layer.w_router))
+                           for v in (layer.w_in, layer.w_out, layer.w_router))
   x = np.asarray(x, np.float64)
   b, l, _ = x.shape
   keep = np.ones((b * l, w_router.shape[1]), bool) if keep is None else np.asarray(keep)
@@ -90,7 +99,7 @@ def test_sigmoid_weights_are_raw_scores_not_renormalised():
 
 
 def test_every_real_token_reaches_exactly_k_distinct_experts():
-  logits = jax.random.normal(jax.random.key(1), (50, E))
+  logits = _normal((50, E), seed=1)
   idx, w = sigma_moe.select_experts(logits, 3, 'sigmoid')
   idx = np.asarray(idx)
   assert idx.dtype == np.int32 and (idx < E).all()
@@ -119,8 +128,9 @@ def test_padding_tokens_output_zero_cost_nothing_and_do_not_change_real_tokens()
 
 @pytest.mark.parametrize('selection', ['sigmoid', 'softmax', 'softmax_renorm'])
 def test_select_experts_never_picks_a_masked_expert(selection):
-  logits = jax.random.normal(jax.random.key(2), (64, E))
-  keep = sigma_moe.expert_dropout_mask(jax.random.key(3), logits.shape, 0.6)
+  # 10 tokens, as in the layer calls, so the mask sampler compiles once for the whole file.
+  logits = _normal((10, E), seed=2)
+  keep = sigma_moe.expert_dropout_mask(jax.random.key(3), logits.shape, 0.7)
   idx, w = sigma_moe.select_experts(logits, 3, selection, keep=keep)
   idx, w, keep = np.asarray(idx), np.asarray(w), np.asarray(keep)
   real = idx < E
@@ -221,7 +231,7 @@ def _numpy_neg_entropy(logits, mask):
 
 
 def test_entropy_regularizer_matches_numpy_and_excludes_padding():
-  logits = jax.random.normal(jax.random.key(4), (12, E)) * 3
+  logits = _normal((12, E), seed=4, scale=3.0)
   mask = jnp.arange(12) % 4 != 3
   want = _numpy_neg_entropy(logits, mask)
   np.testing.assert_allclose(sigma_moe.entropy_regularizer(logits, mask), want, rtol=1e-5)
@@ -256,6 +266,7 @@ def test_layer_records_entropy_and_usage_metrics():
   assert 0 < float(metrics['router_entropy']) <= np.log(E) + 1e-6
   # Recording outside a capture is a no-op and leaves no state on the module.
   np.testing.assert_array_equal(layer(x, segment_ids=seg), y)
+  assert not jax.tree.leaves(nnx.state(layer, AuxLoss, RoutingMetric))
 
 
 # -------------------------------------------------------------------------------------- init
@@ -265,7 +276,8 @@ def test_csordas_init_statistics():
   d, e, g, layers = 64, 16, 32, 8
   c = np.sqrt(2 / layers)
   layer = SigmaMoE(d, e, g, 4, num_layers=layers, rngs=nnx.Rngs(0))
-  w_in, w_out, w_router = (np.asarray(v[...]) for v in (layer.w_in, layer.w_out, layer.w_router))
+  w_in, w_out, w_router = (np.asarray(v[...])
+                           for v in (layer.w_in, layer.w_out, layer.w_router))
   assert w_in.shape == (e, d, g) and w_out.shape == (e, g, d) and w_router.shape == (d, e)
   np.testing.assert_allclose(w_in.std(), c / np.sqrt(d), rtol=0.03)
   np.testing.assert_allclose(w_out.std(), c / np.sqrt(e * g), rtol=0.03)  # whole-layer fan-in
@@ -279,7 +291,7 @@ def test_csordas_init_statistics():
 
 
 def test_equalize_column_norms_keeps_the_total_square():
-  w = jax.random.normal(jax.random.key(5), (32, 8)) * jnp.arange(1.0, 9.0)
+  w = _normal((32, 8), seed=5) * jnp.arange(1.0, 9.0)
   out = sigma_moe.equalize_column_norms(w)
   norms = np.linalg.norm(np.asarray(out), axis=0)
   np.testing.assert_allclose(norms, norms[0], rtol=1e-5)
@@ -370,10 +382,28 @@ def test_params_carry_logical_axes_and_cost_counts_k_experts():
   assert cost.active_params == 412 * 16 + 4 * 2 * 412 * 128
 
 
+@pytest.mark.parametrize('backend', ['auto', 'ragged'])  # the platform default; the GPU one
+def test_dispatch_backend_matches_reference(backend):
+  x = _x()
+  seg = jnp.array([[1, 1, 1, 0, 0], [2, 2, 3, 3, 3]])
+
+  def loss(layer):
+    y = layer(x, deterministic=False, segment_ids=seg)
+    return jnp.sum(y * jnp.arange(D, dtype=jnp.float32)), y
+
+  results = []
+  for name in (backend, 'reference'):
+    layer = _layer(expert_dropout=0.3, dispatch=name)
+    results.append(nnx.jit(nnx.grad(loss, has_aux=True))(layer))
+  (g_auto, y_auto), (g_ref, y_ref) = results
+  np.testing.assert_allclose(y_auto, y_ref, rtol=1e-5, atol=1e-6)
+  for name in ('w_in', 'w_out', 'w_router'):
+    np.testing.assert_allclose(g_auto[name][...], g_ref[name][...], rtol=1e-4, atol=1e-6)
+
+
 def test_jit_with_expert_dropout_and_bfloat16_compute():
-  layer = SigmaMoE(D, E, G, K, expert_dropout=0.3, dtype=jnp.bfloat16,
-                   rngs=nnx.Rngs(0, dropout=1))
-  ref = SigmaMoE(D, E, G, K, expert_dropout=0.3, rngs=nnx.Rngs(0, dropout=1))
+  layer = _layer(expert_dropout=0.3, dtype=jnp.bfloat16)
+  ref = _layer(expert_dropout=0.3)
   x = _x()
   y = nnx.jit(lambda m, x: m(x, deterministic=False))(layer, x)
   assert y.dtype == jnp.bfloat16

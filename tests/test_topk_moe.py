@@ -17,19 +17,31 @@ FIRST = [0, 0, 0, 0, 0, 1, 1, 2]
 SECOND = [1, 1, 2, 3, 1, 0, 2, 3]
 
 
+def _np_normal(shape, seed):
+  # numpy, not jax.random: each new jax.random shape costs a threefry compile in eager mode.
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
 def _x(shape=(2, 4, D), seed=0):
-  return jax.random.normal(jax.random.key(seed), shape)
+  return jnp.asarray(_np_normal(shape, seed))
 
 
 def _val(state, name):
   return np.asarray(state[name].get_value()[0])
 
 
+def _moe(top_k=2, **kw):
+  """A tiny TopKMoE on the ReferenceLoop backend (the definition): semantics tests do not
+  depend on a fast backend; `test_default_backend_equals_reference` covers 'auto'."""
+  kw.setdefault('rngs', nnx.Rngs(0))
+  kw.setdefault('dispatch', 'reference')
+  return TopKMoE(D, E, F, top_k, **kw)
+
+
 def _hand_routed(first, second=None, shape=(2, 4), **kw):
   """A layer whose token s (batch-major) is the basis vector e_s and router row s puts logit 3
   on first[s] and 2 on second[s]: the choices are known by construction."""
-  kw.setdefault('top_k', 1 if second is None else 2)
-  layer = TopKMoE(D, E, F, rngs=nnx.Rngs(0), **kw)
+  layer = _moe(kw.pop('top_k', 1 if second is None else 2), **kw)
   w = np.zeros((D, E), np.float32)
   for s, e in enumerate(first):
     w[s, e] = 3.0
@@ -128,8 +140,8 @@ def test_top_k_choices_order_and_gates():
 
 
 def test_sampling_noise_changes_only_later_choices():
-  logits = jax.random.normal(jax.random.key(0), (64, E)) * 0.1
-  noise = jax.random.gumbel(jax.random.key(1), (64, E))
+  logits = jnp.asarray(_np_normal((64, E), 0) * 0.1)
+  noise = jnp.asarray(np.random.default_rng(1).gumbel(size=(64, E)).astype(np.float32))
   idx0, g0 = top_k_choices(logits, 2)
   idx1, g1 = top_k_choices(logits, 2, noise)
   np.testing.assert_array_equal(idx0[:, 0], idx1[:, 0])
@@ -214,21 +226,22 @@ def test_top1_switch_weight_is_raw_prob():
 
 
 def test_padding_takes_no_slot_gives_zero_and_keeps_capacity():
-  seg = jnp.array([[0, 0, 1, 1, 0, 0, 0, 1]])
-  layer, x = _hand_routed([0] * 8, shape=(1, 8), capacity_factor=1.0)
+  seg = jnp.array([[0, 0, 1, 1], [0, 0, 0, 1]])
+  layer, x = _hand_routed([0] * 8, capacity_factor=1.0)
   r = layer.route(x, segment_ids=seg)
   # capacity = ceil(1 * 1 * 8 / 4) = 2 from the whole group (3 real tokens would give 1).
   assert r.capacity == 2
   np.testing.assert_array_equal(r.kept[:, 0], [0, 0, 1, 1, 0, 0, 0, 0])
   np.testing.assert_array_equal(r.expert_index[:, 0], [4, 4, 0, 0, 4, 4, 4, 4])
-  np.testing.assert_array_equal(r.weights[np.asarray(seg[0]) == 0], 0.0)
-  y = np.asarray(layer(x, segment_ids=seg))[0]
-  np.testing.assert_array_equal(y[np.asarray(seg[0]) == 0], 0.0)
+  pad = np.asarray(seg).reshape(-1) == 0
+  np.testing.assert_array_equal(r.weights[pad], 0.0)
+  y = np.asarray(layer(x, segment_ids=seg)).reshape(8, D)
+  np.testing.assert_array_equal(y[pad], 0.0)
   assert np.all(np.abs(y[2]) > 0)
 
 
 def test_padding_excluded_from_losses():
-  layer = TopKMoE(D, E, F, 2, capacity_factor=1.0, rngs=nnx.Rngs(1))
+  layer = _moe(2, capacity_factor=1.0, rngs=nnx.Rngs(1))
   seg = jnp.array([[1, 1, 1, 0], [2, 2, 0, 0]])
   x = _x(seed=2)
   x_other = x.at[0, 3].set(100.0).at[1, 2:].set(-7.0)  # only padding rows changed
@@ -283,7 +296,7 @@ def _small_router(layer, scale=0.05):
 
 
 def test_policy_all_is_deterministic_and_needs_no_rng():
-  layer = TopKMoE(D, E, F, 2, capacity_factor=0.0, rngs=nnx.Rngs(0))
+  layer = _moe(2, capacity_factor=0.0)
   assert layer.rngs is None
   x = _x()
   np.testing.assert_array_equal(layer.route(x, False).expert_index,
@@ -291,8 +304,8 @@ def test_policy_all_is_deterministic_and_needs_no_rng():
 
 
 def test_policy_sampling_matches_hand_gumbel():
-  layer = TopKMoE(D, E, F, 2, capacity_factor=0.0, second_policy='sampling',
-                  rngs=nnx.Rngs(params=0, gating=3))
+  layer = _moe(2, capacity_factor=0.0, second_policy='sampling',
+               rngs=nnx.Rngs(params=0, gating=3))
   _small_router(layer)
   x = _x()
   r = layer.route(x, deterministic=False)
@@ -308,7 +321,7 @@ def test_policy_sampling_matches_hand_gumbel():
 def test_policy_random_matches_hand_computation(normalize_before_dropping):
   kw = dict(capacity_factor=0.0, second_policy='random',
             normalize_before_dropping=normalize_before_dropping)
-  layer = TopKMoE(D, E, F, 2, rngs=nnx.Rngs(params=0, gating=5), **kw)
+  layer = _moe(2, rngs=nnx.Rngs(params=0, gating=5), **kw)
   _small_router(layer, 0.3)
   x = _x(seed=1)
   r = layer.route(x, deterministic=False)
@@ -327,15 +340,15 @@ def test_policy_random_matches_hand_computation(normalize_before_dropping):
 
 def test_noise_prefers_gating_stream_over_dropout():
   x = _x()
-  make = lambda drop: TopKMoE(D, E, F, 2, second_policy='random', capacity_factor=0.0,
-                              rngs=nnx.Rngs(params=0, gating=3, dropout=drop))
+  make = lambda drop: _moe(2, second_policy='random', capacity_factor=0.0,
+                           rngs=nnx.Rngs(params=0, gating=3, dropout=drop))
   np.testing.assert_array_equal(make(1).route(x, False).kept, make(2).route(x, False).kept)
-  only_dropout = TopKMoE(D, E, F, 2, second_policy='random', rngs=nnx.Rngs(params=0, dropout=1))
+  only_dropout = _moe(2, second_policy='random', rngs=nnx.Rngs(params=0, dropout=1))
   assert only_dropout.route(x, False).kept.shape == (8, 2)
 
 
 def test_router_jitter_training_only():
-  layer = TopKMoE(D, E, F, 2, router_jitter=0.1, rngs=nnx.Rngs(params=0, gating=4))
+  layer = _moe(2, router_jitter=0.1, rngs=nnx.Rngs(params=0, gating=4))
   x = _x()
   clean = np.asarray(x).reshape(-1, D) @ np.asarray(layer.w_router[...])
   np.testing.assert_allclose(layer.route(x, True).logits, clean, rtol=1e-5, atol=1e-6)
@@ -348,9 +361,9 @@ def test_router_jitter_training_only():
 
 
 def test_dropless_equals_per_token_loop():
-  layer = TopKMoE(D, E, F, 2, capacity_factor=0.0, use_bias=True, rngs=nnx.Rngs(3))
-  layer.b_in[...] = jax.random.normal(jax.random.key(7), (E, F)) * 0.1
-  layer.b_out[...] = jax.random.normal(jax.random.key(8), (E, D)) * 0.1
+  layer = _moe(2, capacity_factor=0.0, use_bias=True, rngs=nnx.Rngs(3))
+  layer.b_in[...] = jnp.asarray(_np_normal((E, F), 7) * 0.1)
+  layer.b_out[...] = jnp.asarray(_np_normal((E, D), 8) * 0.1)
   seg = jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]])
   x = _x(seed=4)
   y = np.asarray(layer(x, segment_ids=seg)).reshape(-1, D)
@@ -368,7 +381,7 @@ def test_dropless_equals_per_token_loop():
 
 def test_layer_equals_reference_backend_with_capacity():
   backend = RecordingBackend()
-  layer = TopKMoE(D, E, F, 2, capacity_factor=0.5, dispatch=backend, rngs=nnx.Rngs(5))
+  layer = _moe(2, capacity_factor=0.5, dispatch=backend, rngs=nnx.Rngs(5))
   x = _x(seed=5)
   r = layer.route(x)
   assert r.capacity == 2 and not np.all(r.kept)  # ceil(0.5*2*8/4) = 2: some drop
@@ -378,20 +391,44 @@ def test_layer_equals_reference_backend_with_capacity():
       dispatch.ExpertWeights(layer.w_in[...], layer.w_out[...]), common.activation_fn('gelu'))
   np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want, rtol=1e-6, atol=1e-6)
   assert backend.capacities == [2]
-  auto = TopKMoE(D, E, F, 2, capacity_factor=0.5, dispatch='auto', rngs=nnx.Rngs(5))
-  np.testing.assert_allclose(auto(x), y, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('capacity_factor', [0.0, 0.5])
+def test_default_backend_equals_reference(capacity_factor):
+  kw = dict(capacity_factor=capacity_factor, use_bias=True)
+  auto = TopKMoE(D, E, F, 2, dispatch='auto', rngs=nnx.Rngs(5), **kw)
+  ref = _moe(2, rngs=nnx.Rngs(5), **kw)
+  ref.b_out[...] = auto.b_out[...] = jnp.asarray(_np_normal((E, D), 9))
+  x, seg = _x(seed=5), jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]])
+  np.testing.assert_allclose(auto(x, segment_ids=seg), ref(x, segment_ids=seg),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_capacity_hint_covers_all_groups():
+  # 'slots' keeps at most `capacity` assignments per expert over the whole call: the hint must
+  # be capacity per group times the number of groups, or it would drop what routing kept.
+  kw = dict(capacity_factor=1.0, group_size=4)
+  slots = TopKMoE(D, E, F, 2, dispatch='slots', rngs=nnx.Rngs(5), **kw)
+  ref = _moe(2, rngs=nnx.Rngs(5), **kw)
+  x = _x(seed=5)
+  r = ref.route(x)
+  per_expert = np.bincount(np.asarray(r.expert_index).ravel(), minlength=E + 1)[:E]
+  assert r.capacity == 2 and per_expert.max() > r.capacity
+  np.testing.assert_allclose(slots(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_one_expert_top1_equals_dense():
-  dense = DenseFFN(D, F, activation='gelu', use_bias=True, rngs=nnx.Rngs(0))
-  dense.b_in[...] = jnp.arange(F) / F
-  dense.b_out[...] = -jnp.arange(D) / D
-  moe = TopKMoE(D, 1, F, 1, capacity_factor=0.0, activation='gelu', use_bias=True,
-                rngs=nnx.Rngs(1))
-  moe.w_in[...] = dense.w_in[...][None]
-  moe.w_out[...] = dense.w_out[...][None]
-  moe.b_in[...] = dense.b_in[...][None]
-  moe.b_out[...] = dense.b_out[...][None]
+  # Built abstractly and given the same weights: skips four random-init compiles.
+  dense = nnx.eval_shape(lambda: DenseFFN(D, F, activation='gelu', use_bias=True,
+                                          rngs=nnx.Rngs(0)))
+  moe = nnx.eval_shape(lambda: TopKMoE(D, 1, F, 1, capacity_factor=0.0, activation='gelu',
+                                       use_bias=True, dispatch='reference', rngs=nnx.Rngs(0)))
+  w_in, w_out = _np_normal((D, F), 1) / D ** 0.5, _np_normal((F, D), 2) / F ** 0.5
+  b_in, b_out = np.arange(F, dtype=np.float32) / F, -np.arange(D, dtype=np.float32) / D
+  for name, value in dict(w_in=w_in, w_out=w_out, b_in=b_in, b_out=b_out).items():
+    getattr(dense, name).set_value(jnp.asarray(value))
+    getattr(moe, name).set_value(jnp.asarray(value[None]))
+  moe.w_router.set_value(jnp.asarray(_np_normal((D, 1), 3)))  # any router: softmax over 1 = 1
   x = _x()
   run = nnx.jit(lambda layer, x: layer(x))  # One compile each instead of many eager ones.
   np.testing.assert_allclose(run(moe, x), run(dense, x), rtol=1e-5, atol=1e-6)
@@ -413,8 +450,7 @@ def _exact_loop(x, expert_index, weights, experts, activation, capacity=None):
 def test_gradients_match_finite_differences():
   # Built in float32 (init already compiled by other tests), checked in float64: dtype is only
   # the compute dtype, and the router computes in float64 when its input is float64.
-  layer = TopKMoE(D, E, F, 2, capacity_factor=0.0, dtype=jnp.float64, dispatch=_exact_loop,
-                  rngs=nnx.Rngs(0))
+  layer = _moe(2, capacity_factor=0.0, dtype=jnp.float64, dispatch=_exact_loop)
   graphdef, state = nnx.split(layer)
   x, c = _x(seed=1), _x(seed=2)
   with jax.enable_x64(True):
@@ -437,8 +473,7 @@ def test_gradients_match_finite_differences():
 
 
 def test_gradients_finite_in_training_with_drops():
-  layer = TopKMoE(D, E, F, 2, capacity_factor=0.5, second_policy='random', router_jitter=0.01,
-                  rngs=nnx.Rngs(0))
+  layer = _moe(2, capacity_factor=0.5, second_policy='random', router_jitter=0.01)
   x = _x()
 
   def loss(layer):
@@ -456,7 +491,7 @@ def _val_j(state, name):
 
 
 def test_jit_advances_noise_between_calls():
-  layer = TopKMoE(D, E, F, 2, second_policy='random', capacity_factor=0.0, rngs=nnx.Rngs(0))
+  layer = _moe(2, second_policy='random', capacity_factor=0.0)
   _small_router(layer)
   f = nnx.jit(lambda m, x: m.route(x, deterministic=False).kept)
   x = _x()
@@ -465,19 +500,19 @@ def test_jit_advances_noise_between_calls():
 
 def test_rejects_bad_arguments():
   with pytest.raises(ValueError, match='top_k=5'):
-    TopKMoE(D, E, F, 5, rngs=nnx.Rngs(0))
+    _moe(5)
   with pytest.raises(ValueError, match="second_policy 'gumbel'"):
-    TopKMoE(D, E, F, 2, second_policy='gumbel', rngs=nnx.Rngs(0))
+    _moe(2, second_policy='gumbel')
   for bad in (0, -2, 2.5):
     with pytest.raises(ValueError, match='group_size'):
-      TopKMoE(D, E, F, 2, group_size=bad, rngs=nnx.Rngs(0))
+      _moe(2, group_size=bad)
   with pytest.raises(ValueError, match='normalize_before_dropping'):
-    TopKMoE(D, E, F, 2, normalize_before_dropping=True, renormalize=False, rngs=nnx.Rngs(0))
+    _moe(2, normalize_before_dropping=True, renormalize=False)
   with pytest.raises(ValueError, match="unknown dispatch backend 'nope'"):
-    TopKMoE(D, E, F, 2, dispatch='nope', rngs=nnx.Rngs(0))
+    _moe(2, dispatch='nope')
   with pytest.raises(ValueError, match='num_experts=0'):
     TopKMoE(D, 0, F, 1, rngs=nnx.Rngs(0))
-  layer = TopKMoE(D, E, F, 2, group_size=3, rngs=nnx.Rngs(0))
+  layer = _moe(2, group_size=3)
   with pytest.raises(ValueError, match='group_size=3'):
     layer(_x())  # 8 tokens
   with pytest.raises(ValueError, match='d_model=6'):
@@ -485,7 +520,7 @@ def test_rejects_bad_arguments():
 
 
 def test_params_carry_logical_axes_and_init():
-  layer = TopKMoE(D, E, F, 2, use_bias=True, rngs=nnx.Rngs(0))
+  layer = _moe(2, use_bias=True)
   specs = nnx.get_partition_spec(nnx.state(layer))
   assert tuple(specs['w_router'].get_value()) == ('embed', 'expert')
   assert tuple(specs['w_in'].get_value()) == ('expert', 'embed', 'mlp')

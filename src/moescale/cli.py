@@ -5,6 +5,7 @@
     moescale demo                      the tiny run on the embedded corpus (what `make demo` runs)
     moescale vocab --input F [F ...] --model_prefix P --vocab_size N
     moescale bench [--quick] [--json]  layer and training-step benchmarks (no gin, no data)
+    moescale pairs check|make|list     matched experiment pairs (see `moescale pairs --help`)
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _train(argv: Sequence[str]) -> int:
                                num_processes=args.num_processes, process_id=args.process_id)
   from moescale import gin_config, launch
   gin_config.parse(files, bindings, paths)
-  summary = launch.run_training()
+  summary = gin_config.configured('run_training')()
   launch.print_summary(summary)
   return 0
 
@@ -104,6 +105,12 @@ def _count(argv: Sequence[str]) -> int:
     print(f'  {k:<17} {v:>18,.0f}  {100 * v / c.flops_per_token:5.1f}%')
   del gin
   return 0
+
+
+@command('pairs', 'check experiment pairs (matched FLOPs or parameters), derive partners')
+def _pairs(argv: Sequence[str]) -> int:
+  from moescale import pairs
+  return pairs.main(list(argv)) or 0
 
 
 @command('vocab', 'train a SentencePiece vocabulary from text files')

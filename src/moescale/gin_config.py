@@ -20,6 +20,7 @@ from typing import Sequence
 import gin
 
 _REGISTERED = False
+_CONFIGURED: dict = {}
 
 
 def shipped_gin_dir() -> pathlib.Path | None:
@@ -49,8 +50,17 @@ def register() -> None:
     gin.external_configurable(cls, module='moescale.train')
   gin.external_configurable(launch.seqio_data, module='moescale.data')
   gin.external_configurable(launch.synthetic_data, module='moescale.data')
-  gin.external_configurable(launch.run_training, module='moescale')
+  _CONFIGURED['run_training'] = gin.external_configurable(launch.run_training,
+                                                          module='moescale')
+  from moescale import pairs  # pair files (gin/pairs/) bind only `Pair`
+  gin.external_configurable(pairs.Pair, module='moescale.pairs')
   _REGISTERED = True
+
+
+def configured(name: str):
+  """The gin-wrapped version of a registered function (bindings applied when called)."""
+  register()
+  return _CONFIGURED[name]
 
 
 def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str], list[str]]:

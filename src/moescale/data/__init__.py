@@ -28,6 +28,7 @@ _LAZY = {
     'get_provider': 'tasks', 'unregister': 'tasks',
     # pipeline
     'DataPipeline': 'pipeline', 'get_dataset': 'pipeline',
+    'SeqioDataSource': 'pipeline',
     'split_stats': 'pipeline', 'count_tokens': 'pipeline',
 }
 

@@ -25,11 +25,16 @@ keeps its slice (simple and exact; the price is host CPU, not accelerator
 time). Resuming rebuilds the epoch's pipeline and skips the consumed batches
 (`Dataset.skip`), i.e. re-reads at most one epoch of data; a mixture is one
 stream, so resuming it replays everything consumed so far.
+
+`SeqioDataSource` adapts this to moescale.train.trainer (per-host batch sizes,
+`position()`, eval iterators, bytes per token for bits per byte).
 """
 
 from __future__ import annotations
 
+import atexit
 from typing import Any, Iterator, Mapping
+import weakref
 
 import numpy as np
 
@@ -40,6 +45,17 @@ from moescale.data._tf import tf
 import seqio  # pylint: disable=g-bad-import-order  (after _tf: it configures TF)
 
 Batch = dict[str, np.ndarray]
+
+# Pipelines with a live tf.data iterator. TF warns ("Error occurred when
+# finalizing GeneratorDataset iterator") when a Python-generator-backed
+# iterator outlives the interpreter, so they are closed at exit.
+_OPEN: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_pipelines():
+  for pipeline in list(_OPEN):
+    pipeline.close()
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -175,6 +191,7 @@ class DataPipeline(Iterator[Batch]):
       if self._iterator is None:
         self._iterator = self.host_dataset(
             self._epoch, self._batches_in_epoch).as_numpy_iterator()
+        _OPEN.add(self)
       try:
         batch = next(self._iterator)
       except StopIteration:
@@ -190,6 +207,15 @@ class DataPipeline(Iterator[Batch]):
       self._batches_in_epoch += 1
       self._batches_consumed += 1
       return batch
+
+  def position(self) -> dict[str, int]:
+    """Same as `state()` (the name moescale.train.trainer uses)."""
+    return self.state()
+
+  def close(self) -> None:
+    """Releases the tf.data iterator (the position is kept)."""
+    self._iterator = None
+    _OPEN.discard(self)
 
   def _finished(self) -> bool:
     if not self._is_task:
@@ -255,6 +281,80 @@ def get_dataset(mixture_or_task_name: str,
                       batch_size, seed=seed, shuffle=shuffle,
                       num_epochs=num_epochs, shard_id=shard_id,
                       num_shards=num_shards, vocabulary=vocabulary, **kwargs)
+
+
+class SeqioDataSource:
+  """The trainer's data source (see moescale.train.trainer.DataSource).
+
+  Args:
+    mixture_or_task_name: task or mixture to train on.
+    task_feature_lengths: {'targets': sequence length}.
+    vocabulary: 'bytes', a SentencePiece .model path (checked against the
+      task's; also used to register the default tasks).
+    eval_splits: what to evaluate, each 'split' (of the training task) or
+      'task:split' (another task, e.g. 'moescale_kjv:validation'). None: the
+      training task's 'validation' split (else its non-train splits), and for
+      the default in-domain corpus also the out-of-domain ones.
+    pack: pack chunks into rows.
+
+  Batch sizes given to the iterators are per host, as the trainer passes them;
+  the global batch is batch_size * num_shards.
+  """
+
+  def __init__(self, mixture_or_task_name: str,
+               task_feature_lengths: Mapping[str, int],
+               vocabulary: Any = vocab_lib.BYTES,
+               eval_splits: tuple[str, ...] | None = None, pack: bool = True):
+    self.name = mixture_or_task_name
+    self.task_feature_lengths = dict(task_feature_lengths)
+    self.vocabulary_spec = vocabulary
+    self.pack = pack
+    provider = tasks_lib.get_provider(mixture_or_task_name, vocabulary)
+    self.vocabulary = provider.output_features['targets'].vocabulary
+    self.vocab_size = self.vocabulary.vocab_size
+    self.sequence_length = self.task_feature_lengths['targets']
+    self.eval_splits = tuple(eval_splits) if eval_splits is not None else (
+        self._default_eval_splits(provider))
+
+  def _default_eval_splits(self, provider) -> tuple[str, ...]:
+    splits = [s for s in provider.splits if s != 'train']
+    own = ('validation',) if 'validation' in splits else tuple(splits)
+    sotu = tasks_lib.DEFAULT_PREFIX + 'sotu'
+    if self.name.startswith(sotu):
+      suffix = self.name[len(sotu):]
+      own += tuple(f'{tasks_lib.DEFAULT_PREFIX}{c}{suffix}:validation'
+                   for c in tasks_lib.DEFAULT_CORPORA if c != 'sotu')
+    return own
+
+  def _resolve(self, split: str) -> tuple[str, str]:
+    return tuple(split.split(':', 1)) if ':' in split else (self.name, split)
+
+  def train_iterator(self, batch_size: int, shard_id: int = 0,
+                     num_shards: int = 1, seed: int = 0,
+                     position: Mapping[str, int] | None = None
+                     ) -> DataPipeline:
+    return DataPipeline(self.name, self.task_feature_lengths, 'train',
+                        batch_size * num_shards, seed=seed, shuffle=True,
+                        shard_id=shard_id, num_shards=num_shards,
+                        vocabulary=self.vocabulary_spec, pack=self.pack,
+                        state=position)
+
+  def eval_iterators(self, batch_size: int, shard_id: int = 0,
+                     num_shards: int = 1) -> dict[str, DataPipeline]:
+    out = {}
+    for split in self.eval_splits:
+      name, task_split = self._resolve(split)
+      out[split] = DataPipeline(
+          name, self.task_feature_lengths, task_split, batch_size * num_shards,
+          shuffle=False, num_epochs=1, shard_id=shard_id,
+          num_shards=num_shards, vocabulary=self.vocabulary_spec,
+          pack=self.pack)
+    return out
+
+  def bytes_per_token(self, split: str) -> float | None:
+    """UTF-8 bytes per predicted token of an eval split (for bits per byte)."""
+    stats = split_stats(*self._resolve(split))
+    return stats['bytes'] / stats['tokens'] if stats['tokens'] else None
 
 
 # ------------------------------------------------------------------ sizes

@@ -119,26 +119,48 @@ def slot_layout(s: SortedAssignments, shape: tuple[int, int], capacity: int) -> 
   return layout_from_destinations(s.order, dest, shape, num_rows)
 
 
-def blocked_layout(s: SortedAssignments, shape: tuple[int, int],
-                   block_size: int) -> tuple[RowLayout, Array, Array]:
-  """Sorted rows with each expert's group padded to a multiple of block_size.
+class BlockPlan(NamedTuple):
+  """The blocks of a blocked layout, in expert order (all int32; blocks past `count` unused).
 
-  Returns (layout, block_expert [max_blocks], num_blocks scalar). max_blocks, the static
-  bound, is ceil(t*k / B) + E: each expert wastes less than one block.
+  expert: [max_blocks]   offset: [max_blocks] first row   size_class: [max_blocks], the
+  block has (size_class + 1) * granule rows   count: [] blocks in use.
   """
+  expert: Array
+  offset: Array
+  size_class: Array
+  count: Array
+
+
+def blocked_layout(s: SortedAssignments, shape: tuple[int, int], block_size: int,
+                   granule: int) -> tuple[RowLayout, BlockPlan]:
+  """Sorted rows, each expert's group padded to a multiple of `granule`, cut into blocks.
+
+  An expert with g rows gets floor(g / block_size) full blocks and one remainder block of
+  roundup(g mod block_size, granule) rows, so padding wastes less than `granule` rows per
+  expert while most rows run in big blocks. granule == block_size is plain padding to a block
+  multiple. Static bounds: t*k + E*granule rows, ceil(t*k / block_size) + E blocks.
+  """
+  if block_size % granule:
+    raise ValueError(f'block_size={block_size} must be a multiple of granule={granule}')
   t, k = shape
+  n = t * k
   num_experts = s.group_sizes.shape[0]
-  max_blocks = -(-(t * k) // block_size) + num_experts
-  blocks = (s.group_sizes + block_size - 1) // block_size            # [E]
-  block_end = jnp.cumsum(blocks).astype(jnp.int32)                   # [E]
-  row_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), block_end]) * block_size
-  num_rows = max_blocks * block_size
-  dest = jnp.where(s.sorted_expert < num_experts, row_start[s.sorted_expert] + s.rank, num_rows)
+  max_blocks = -(-n // block_size) + num_experts
+  num_rows = n + num_experts * granule
+  padded = (s.group_sizes + granule - 1) // granule * granule             # [E]
+  row_start = jnp.cumsum(padded).astype(jnp.int32) - padded                # [E]
+  dest = jnp.where(s.sorted_expert < num_experts,
+                   jnp.take(row_start, s.sorted_expert, mode='clip') + s.rank, num_rows)
   layout = layout_from_destinations(s.order, dest, shape, num_rows)
-  block_expert = jnp.searchsorted(block_end, jnp.arange(max_blocks, dtype=jnp.int32),
-                                  side='right')
-  block_expert = jnp.minimum(block_expert, num_experts - 1).astype(jnp.int32)
-  return layout, block_expert, block_end[-1]
+  blocks = (padded + block_size - 1) // block_size                         # [E]
+  block_end = jnp.cumsum(blocks).astype(jnp.int32)
+  b = jnp.arange(max_blocks, dtype=jnp.int32)
+  expert = jnp.minimum(jnp.searchsorted(block_end, b, side='right'), num_experts - 1)
+  i = b - (block_end[expert] - blocks[expert])                             # block within expert
+  size = jnp.clip(padded[expert] - i * block_size, granule, block_size)
+  plan = BlockPlan(expert.astype(jnp.int32), (row_start[expert] + i * block_size).astype(jnp.int32),
+                   (size // granule - 1).astype(jnp.int32), block_end[-1])
+  return layout, plan
 
 
 def _take(a: Array, idx: Array) -> Array:

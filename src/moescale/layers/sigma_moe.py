@@ -286,7 +286,9 @@ class SigmaMoE(nnx.Module):
     experts = dispatch_lib.ExpertWeights(self.w_in[...].astype(self.dtype),
                                          self.w_out[...].astype(self.dtype))
     backend = dispatch_lib.get_backend(self.dispatch)
-    y = backend(x_flat, expert_index, weights, experts, self.act, capacity=None)
+    # Dropless: nothing was dropped for capacity. The hint is the true bound, t assignments per
+    # expert (a token picks an expert at most once), so slot-based backends drop nothing either.
+    y = backend(x_flat, expert_index, weights, experts, self.act, capacity=batch * length)
     return y.reshape(batch, length, d)
 
   def cost(self) -> common.Cost:

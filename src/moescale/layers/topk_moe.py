@@ -74,6 +74,8 @@ SECOND_POLICIES = ('all', 'sampling', 'random')
 
 
 # ----------------------------------------------------------------------------------- routing
+# The plain functions are jitted: called eagerly (a notebook, a test) each compiles as one
+# program instead of one per op; under the model's jit they are simply inlined.
 
 
 @jax.jit

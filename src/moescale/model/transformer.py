@@ -12,6 +12,12 @@ forward) is what lets the same code run under `nnx.remat` and `nnx.scan`: the re
 each block as ordinary outputs. Consequently do not wrap the model itself in `nnx.capture`:
 everything recorded is already in `LMOutput`.
 
+Calling under transforms: the default (looped, no remat) model works anywhere, including a
+plain `jax.jit` / `jax.grad` closure, as long as its sublayers are stateless in that call.
+`remat=True` and `scan_layers=True` use NNX transforms, which (as for any NNX module) need the
+model passed through `nnx.jit` / `nnx.grad`, or `nnx.split` outside and `nnx.merge` inside
+a `jax.jit` function; a raw closure over such a model raises flax's TraceContextError.
+
 Layers: block i (1-based, as fairseq counts) carries `sparse_ffn` when i is in
 `sparse_layers` ('every_other' = 2, 4, 6, ...), `ffn` otherwise. With `scan_layers=True`
 the smallest repeating run of blocks (2 for every_other, 1 for all/none) is stacked with a
@@ -335,6 +341,11 @@ class TransformerLM(nnx.Module):
     """block, x, memory -> (x, losses, metrics, new memory); remat-wrapped if asked."""
 
     def step(block: Block, x: jax.Array, memory: jax.Array | None):
+      # nnx.capture marks every module it runs with an attribute. Marking a shallow copy
+      # (new module objects, the same Variables) instead of `block` keeps a stateless call
+      # free of mutation, so the model also works inside a plain jax.jit / jax.grad closure;
+      # stateful sublayers (dropout counters, batch statistics) still update the originals.
+      block = nnx.merge(*nnx.split(block))
       captured = nnx.capture(block, common.AuxLoss, common.RoutingMetric)
       y, losses, metrics = captured(x, segment_ids=segment_ids, positions=positions,
                                     memory=memory, deterministic=deterministic)
