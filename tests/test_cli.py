@@ -92,7 +92,9 @@ def _gin_sets():
   sets = []
   for path in sorted(GIN.rglob('*.gin')):
     rel = str(path.relative_to(GIN))
-    if rel.startswith(('ffn/', 'sizes/')):
+    if rel == 'runs/pretrain.gin':
+      sets.append(['models/decoder.gin', 'ffn/dense.gin', rel])
+    elif rel.startswith(('ffn/', 'sizes/')):
       sets.append(['models/decoder.gin', rel] if rel.startswith('ffn/')
                   else ['models/decoder.gin', 'ffn/dense.gin', rel])
     else:

@@ -32,12 +32,30 @@ def shipped_gin_dir() -> pathlib.Path | None:
   return here if here.is_dir() else None
 
 
+def _safe_file_readers() -> None:
+  """gin's package-path reader treats 'runs/x.gin' as package `runs`; when the working
+  directory has a plain `runs/` folder (a namespace package, e.g. the demo's MODEL_DIR) it
+  crashes with a TypeError instead of saying 'not found'. Make that probe fail softly."""
+  from gin import resource_reader
+
+  def exists(path: str) -> bool:
+    try:
+      return resource_reader.system_path_file_exists(path)
+    except TypeError:
+      return False
+
+  gin.config._FILE_READERS[:] = [  # pylint: disable=protected-access
+      (reader, exists if probe is resource_reader.system_path_file_exists else probe)
+      for reader, probe in gin.config._FILE_READERS]  # pylint: disable=protected-access
+
+
 def register() -> None:
   """Registers every gin-bindable constructor (idempotent). Imports no TensorFlow: the seqio
   data source is registered by name and imported only when a config calls it."""
   global _REGISTERED
   if _REGISTERED:
     return
+  _safe_file_readers()
   from moescale import layers
   from moescale import model as model_lib
   from moescale.train import optim, step, trainer
