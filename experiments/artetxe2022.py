@@ -11,8 +11,9 @@ the experts until each MoE costs what its twin does.
 
 Paper-scale runs need data this project does not ship: register a seqio task for the
 training mix (ARTETXE_TASK) and pass its vocabulary (the GPT-2 BPE of 50261 ids) with
---vocabulary. Batch sizes and learning rates are the fairseq GPT-3 recipe values
-(0.5M-2M tokens, 6e-4 to 1e-4); papers.md does not list them, verify before a real run.
+--vocabulary. Batch sizes and learning rates are the fairseq GPT-3 recipe values (batches
+of 0.5M-2M tokens, learning rates 6e-4 to 1e-4); papers.md does not list them: verify them
+before a real run.
 """
 
 from __future__ import annotations
@@ -29,25 +30,26 @@ SEQ_LEN = 2048
 TOKENS = 300e9
 ARTETXE_TASK = 'artetxe2022_pretrain'
 
-# name -> shape; 'moe' names the MoE that has this shape (papers.md's table).
+# name -> shape; 'moe' names the MoE that has this shape (papers.md's table), whose experts
+# have expert_size units (= d_ff: the shape twins).
 SIZES = {
-    '125m': dict(num_layers=12, d_model=768, num_heads=12, d_ff=3072, moe='15b',
-                 batch_tokens=0.5e6, lr=6e-4),
-    '355m': dict(num_layers=24, d_model=1024, num_heads=16, d_ff=4096, moe='52b',
-                 batch_tokens=0.5e6, lr=3e-4),
-    '1.3b': dict(num_layers=24, d_model=2048, num_heads=32, d_ff=8192, moe='207b',
-                 batch_tokens=1e6, lr=2e-4),
+    '125m': dict(num_layers=12, d_model=768, num_heads=12, d_ff=3072, expert_size=3072,
+                 moe='15b', batch_tokens=2**19, lr=6e-4),
+    '355m': dict(num_layers=24, d_model=1024, num_heads=16, d_ff=4096, expert_size=4096,
+                 moe='52b', batch_tokens=2**19, lr=3e-4),
+    '1.3b': dict(num_layers=24, d_model=2048, num_heads=32, d_ff=8192, expert_size=8192,
+                 moe='207b', batch_tokens=2**20, lr=2e-4),
     '2.7b': dict(num_layers=32, d_model=2560, num_heads=32, d_ff=10240, moe=None,
-                 batch_tokens=1e6, lr=1.6e-4),
-    '6.7b': dict(num_layers=32, d_model=4096, num_heads=32, d_ff=16384, moe='1.1t',
-                 batch_tokens=2e6, lr=1.2e-4),
+                 batch_tokens=2**20, lr=1.6e-4),
+    '6.7b': dict(num_layers=32, d_model=4096, num_heads=32, d_ff=16384, expert_size=16384,
+                 moe='1.1t', batch_tokens=2**21, lr=1.2e-4),
     '13b': dict(num_layers=40, d_model=5120, num_heads=40, d_ff=20480, moe=None,
-                batch_tokens=2e6, lr=1e-4),
+                batch_tokens=2**21, lr=1e-4),
 }
 
 # CPU-sized twins of gin/models/small/artetxe_{dense,moe}.gin, on the embedded corpus.
 SMALL_SIZES = {
-    'small': dict(num_layers=4, d_model=128, num_heads=4, d_ff=512, moe='small',
+    'small': dict(num_layers=4, d_model=128, num_heads=4, d_ff=512, expert_size=512, moe='small',
                   num_experts=8, vocab_size=264, max_length=128),
 }
 
@@ -102,7 +104,7 @@ def make_study(match: str | None = None, small: bool = False, vocabulary=REQUIRE
       return dict(train_steps=train_steps or 30, batch_size=16, log_period=5, eval_steps=4,
                   optimizer=dict(learning_rate=3e-3, warmup_steps=5, b1=0.9, b2=0.98,
                                  weight_decay=0.01, decay='linear'))
-    batch = int(size['batch_tokens'] // SEQ_LEN)
+    batch = size['batch_tokens'] // SEQ_LEN          # 256, 512 or 1024 sequences
     steps = train_steps or math.ceil(TOKENS / (batch * SEQ_LEN))
     warmup = math.ceil(375e6 / (batch * SEQ_LEN))   # 375M tokens of warmup (GPT-3)
     return dict(train_steps=steps, batch_size=batch, log_period=100,
@@ -126,11 +128,13 @@ def main(argv=None) -> int:
   p.add_argument('--only', nargs='*', default=None, help='size names to expand')
   p.add_argument('--vocabulary', default=None, help='vocabulary of the training task')
   p.add_argument('--task', default=ARTETXE_TASK, help='seqio task or mixture to train on')
+  p.add_argument('--families', nargs='*', default=None, help='family names to keep')
   p.add_argument('--train_steps', type=int, default=None, help='override the step count')
   args = p.parse_args(argv)
   study = make_study(args.match, args.small, args.vocabulary or REQUIRED, args.task,
                      args.train_steps)
-  experiments = study.expand(args.only)
+  experiments = [e for e in study.expand(args.only)
+                 if not args.families or e.meta['family'] in args.families]
   print(table(experiments, convention='artetxe'))
   if args.dry_run:
     runs = study.write(args.root, experiments)

@@ -24,7 +24,7 @@ import sys
 from moescale.study import (REQUIRED, Component, DataSpec, Family, Matching, ModelSpec,
                             ScalingStudy, table)
 
-# papers.md's table; PKM sizes: see gin/models/csordas2023/<setting>/base.gin.
+# papers.md's table; PKM sizes: see gin/models/csordas2023/<setting>/setting.gin.
 SIZES = {
     'wt103_small': dict(vocab_size=8000, d_model=412, num_layers=16, num_heads=10, head_dim=41,
                         d_ff=2053, dropout=0.1, segment=256, n_e=16, g=128, k=4, delta=0.0,
@@ -42,7 +42,7 @@ SIZES = {
                    pkm_keys=46, pkm_matched_keys=62, task='enwik8', batch=32, warmup=0),
 }
 
-# The CPU-sized twin of gin/models/small/csordas_base.gin, on the embedded corpus.
+# The CPU-sized twin of gin/models/csordas2023/base.gin's defaults, on the embedded corpus.
 SMALL_SIZES = {
     'small': dict(vocab_size=264, d_model=128, num_layers=4, num_heads=4, head_dim=32,
                   d_ff=513, dropout=0.1, segment=64, n_e=8, g=64, k=2, delta=0.0, gamma=1e-3,
@@ -159,10 +159,12 @@ def main(argv=None) -> int:
   p.add_argument('--only', nargs='*', default=None, help='setting names to expand')
   p.add_argument('--vocabulary', default=None,
                  help='SentencePiece 8k .model for WikiText-103')
+  p.add_argument('--families', nargs='*', default=None, help='family names to keep')
   p.add_argument('--train_steps', type=int, default=None, help='override the step count')
   args = p.parse_args(argv)
   study = make_study(args.match, args.small, args.vocabulary or REQUIRED, args.train_steps)
-  experiments = study.expand(args.only)
+  experiments = [e for e in study.expand(args.only)
+                 if not args.families or e.meta['family'] in args.families]
   print(table(experiments))
   if args.dry_run:
     runs = study.write(args.root, experiments)

@@ -21,6 +21,11 @@ def _model(positions='sinusoidal', num_layers=2, seed=0, **kw):
                        rngs=nnx.Rngs(seed), **kw)
 
 
+def _abstract(**kw):
+  """The model's structure without computing any initial values (fast)."""
+  return nnx.eval_shape(lambda: _model(**kw))
+
+
 def _tokens(shape=(2, 8), seed=0):
   return jax.random.randint(jax.random.key(seed), shape, 1, V)
 
@@ -97,14 +102,14 @@ def test_swapping_ffn_family_is_only_a_constructor_argument():
 
 def _moe_families():
   specs = [
-      ('moescale.layers.topk_moe', 'TopKMoE', dict(num_experts=4, expert_size=8, top_k=2)),
-      ('moescale.layers.sigma_moe', 'SigmaMoE', dict(num_experts=4, expert_size=8, top_k=2)),
+      # The plain reference dispatch: this test is about plugging in, not about backends.
+      ('moescale.layers.topk_moe', 'TopKMoE',
+       dict(num_experts=4, expert_size=8, top_k=2, dispatch='reference')),
+      ('moescale.layers.sigma_moe', 'SigmaMoE',
+       dict(num_experts=4, expert_size=8, top_k=2, dispatch='reference')),
       ('moescale.layers.pkm', 'ProductKeyMemory', dict(num_heads=2, num_keys=4, knn=4)),
   ]
-  params = []
-  for module, name, kw in specs:
-    params.append(pytest.param(module, name, kw, id=name))
-  return params
+  return [pytest.param(module, name, kw, id=name) for module, name, kw in specs]
 
 
 @pytest.mark.parametrize('module,name,kw', _moe_families())
@@ -137,30 +142,38 @@ def test_every_other_puts_sparse_ffn_on_even_layers():
   assert sparse_layer_numbers([3, 1], 3) == (1, 3)
   sparse = functools.partial(GatedFFN, d_ff=8)
   for scan in (False, True):
-    model = _model(num_layers=4, sparse_ffn=sparse, scan_layers=scan)
+    model = _abstract(num_layers=4, sparse_ffn=sparse, scan_layers=scan)
     kinds = [(n, type(f).__name__) for n, f in model.ffn_layers()]
     assert kinds == [(1, 'DenseFFN'), (2, 'GatedFFN'), (3, 'DenseFFN'), (4, 'GatedFFN')]
-  assert [type(f).__name__ for _, f in _model(num_layers=3, sparse_ffn=sparse,
-                                              sparse_layers=[3]).ffn_layers()] == [
-                                                  'DenseFFN', 'DenseFFN', 'GatedFFN']
+  model = _abstract(num_layers=3, sparse_ffn=sparse, sparse_layers=[3])
+  assert [type(f).__name__ for _, f in model.ffn_layers()] == ['DenseFFN', 'DenseFFN',
+                                                               'GatedFFN']
+  # The FFN sits where the block's parameters say it does, not only in ffn_layers().
+  assert model.blocks[2].ffn.w_gate.shape == (D, 8) and not hasattr(model.blocks[1].ffn,
+                                                                    'w_gate')
 
 
 def test_clear_errors_for_bad_configuration():
   with pytest.raises(ValueError, match=r'sparse_layers entry 0 .* from 1 to num_layers=2'):
-    _model(sparse_ffn=DENSE, sparse_layers=[0, 2])
+    _abstract(sparse_ffn=DENSE, sparse_layers=[0, 2])
   with pytest.raises(ValueError, match=r'sparse_layers entry 3 .* from 1 to num_layers=2'):
-    _model(sparse_ffn=DENSE, sparse_layers=[3])
+    _abstract(sparse_ffn=DENSE, sparse_layers=[3])
   with pytest.raises(ValueError, match="sparse_layers='odd'"):
-    _model(sparse_ffn=DENSE, sparse_layers='odd')
+    _abstract(sparse_ffn=DENSE, sparse_layers='odd')
   with pytest.raises(ValueError, match='d_model=16 is not divisible by num_heads=3'):
-    TransformerLM(V, D, 2, 3, ffn=DENSE, rngs=nnx.Rngs(0))
+    nnx.eval_shape(lambda: TransformerLM(V, D, 2, 3, ffn=DENSE, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="unknown positions='alibi'"):
-    _model('alibi')
+    _abstract(positions='alibi')
+  with pytest.raises(ValueError, match="mem_len=4 needs positions='relative'"):
+    _abstract(mem_len=4)
   with pytest.raises(ValueError, match="memory needs positions='relative'"):
-    model = _model('sinusoidal')
-    model(_tokens(), memory=[jnp.zeros((2, 4, D))] * 2)
-  assert TransformerLM(V, 15, 1, 4, head_dim=4, ffn=DENSE, rngs=nnx.Rngs(0))(
-      _tokens()).logits.shape == (2, 8, V)
+    _model('sinusoidal')(_tokens(), memory=[jnp.zeros((2, 4, D))] * 2)
+  with pytest.raises(ValueError, match=r'memory has 1 entries; need one per layer \(2\)'):
+    _model('relative')(_tokens(), memory=[jnp.zeros((2, 4, D))])
+  # An explicit head_dim lifts the divisibility requirement.
+  model = nnx.eval_shape(lambda: TransformerLM(V, 15, 1, 4, head_dim=4, ffn=DENSE,
+                                               rngs=nnx.Rngs(0)))
+  assert model.blocks[0].attention.q_proj.shape == (15, 4, 4)
 
 
 # --- Auxiliary losses and metrics ------------------------------------------------------------
@@ -172,11 +185,14 @@ def test_aux_losses_collected_and_weighted_under_jit(scan, remat):
                  remat=remat, aux_loss_weights={'load_balance': 0.5, 'entropy': 0.25})
   graphdef, state = nnx.split(model)
 
-  @jax.jit
-  def forward(state, tokens):
-    return nnx.merge(graphdef, state)(tokens)
+  def aux(state):
+    return nnx.merge(graphdef, state)(_tokens()).aux_loss
 
-  out = forward(state, _tokens())
+  @jax.jit
+  def forward_and_grad(state, tokens):
+    return nnx.merge(graphdef, state)(tokens), jax.grad(aux)(state)
+
+  out, grads = forward_and_grad(state, _tokens())
   # load_balance per layer = D·value²: layers 1,3 value 1, layers 2,4 value 2.
   lb = 2 * D * 1.0 + 2 * D * 4.0
   ent = -(1.0 + 2.0 + 1.0 + 2.0)
@@ -188,10 +204,6 @@ def test_aux_losses_collected_and_weighted_under_jit(scan, remat):
   np.testing.assert_allclose(out.metrics['layer_03/expert_usage'], [1.0] * 3)
 
   # The aux loss is differentiable through capture (and scan/remat): d/dw (0.5·Σ w²) = w.
-  def aux(state):
-    return nnx.merge(graphdef, state)(_tokens()).aux_loss
-
-  grads = jax.grad(aux)(state)
   flat = {p: v for p, v in nnx.to_flat_state(grads) if p[-1] == 'w'}
   assert flat, 'no gradient reached the recording FFNs'
   for path, g in flat.items():
@@ -245,8 +257,10 @@ def test_gradients_finite_and_match_finite_differences(positions):
       logits = nnx.merge(graphdef, state)(tokens).logits
       return -jnp.mean(jax.nn.log_softmax(logits.astype(jnp.float64))[0, :-1, tokens[0, 1:]])
 
-    grads = jax.grad(loss)(state)
+    loss = jax.jit(loss)
+    grads = jax.jit(jax.grad(loss))(state)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+    assert sum(float(jnp.abs(g).sum()) > 0 for g in jax.tree.leaves(grads)) > 10
     test_util.check_grads(loss, (state,), order=1, modes=['rev'], atol=1e-4, rtol=1e-3)
 
 
@@ -256,10 +270,15 @@ def test_scan_layers_matches_python_loop():
   scanned = _model(num_layers=4, sparse_ffn=sparse, positions='relative', mem_len=4,
                    scan_layers=True, seed=1)
   assert scanned.period == 2 and scanned.num_groups == 2
+  specs = nnx.get_partition_spec(nnx.state(scanned))
+  q = specs['groups']['blocks'][0]['attention']['q_proj'].get_value()
+  assert tuple(q) == ('layers', 'embed', 'heads', 'kv')
   # Stack the looped blocks' parameters into the scanned groups: layer = group·2 + j.
   for j in range(2):
-    per_group = [nnx.state(looped.blocks[g * 2 + j], nnx.Param) for g in range(2)]
-    nnx.update(scanned.groups.blocks[j], jax.tree.map(lambda *a: jnp.stack(a), *per_group))
+    per_group = [dict(nnx.to_flat_state(nnx.state(looped.blocks[g * 2 + j], nnx.Param)))
+                 for g in range(2)]
+    for path, var in nnx.to_flat_state(nnx.state(scanned.groups.blocks[j], nnx.Param)):
+      var[...] = jnp.stack([p[path][...] for p in per_group])  # values only, keep metadata
   scanned.embed[...] = looped.embed[...]
   nnx.update(scanned.final_norm, nnx.state(looped.final_norm))
   tokens = _tokens()
@@ -267,19 +286,22 @@ def test_scan_layers_matches_python_loop():
   np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
   a2, b2 = looped(tokens, memory=a.memory), scanned(tokens, memory=b.memory)
   np.testing.assert_allclose(a2.logits, b2.logits, rtol=1e-5, atol=1e-5)
-  specs = nnx.get_partition_spec(nnx.state(scanned))
-  q = specs['groups']['blocks'][0]['attention']['q_proj'].get_value()
-  assert tuple(q) == ('layers', 'embed', 'heads', 'kv')
 
 
-def test_dropout_only_in_training_and_needs_no_extra_plumbing():
-  for scan in (False, True):
-    model = _model(dropout=0.3, attention_dropout=0.3, scan_layers=scan, num_layers=2)
-    tokens = _tokens()
-    np.testing.assert_array_equal(model(tokens).logits, model(tokens).logits)
-    a = model(tokens, deterministic=False).logits
-    b = model(tokens, deterministic=False).logits
-    assert not np.allclose(a, b) and not np.allclose(a, model(tokens).logits)
+@pytest.mark.parametrize('scan', [False, True])
+def test_dropout_only_in_training_and_needs_no_extra_plumbing(scan):
+  model = _model(dropout=0.3, attention_dropout=0.3, scan_layers=scan)
+  tokens = _tokens()
+
+  @nnx.jit(static_argnames='deterministic')
+  def forward(model, tokens, deterministic):
+    return model(tokens, deterministic=deterministic).logits
+
+  eval_a, eval_b = forward(model, tokens, True), forward(model, tokens, True)
+  np.testing.assert_array_equal(eval_a, eval_b)
+  # The rng counters advance between calls (state carried out of jit and scan).
+  a, b = forward(model, tokens, False), forward(model, tokens, False)
+  assert not np.allclose(a, b) and not np.allclose(a, eval_a)
 
 
 # --- Transformer-XL memory --------------------------------------------------------------------
@@ -298,6 +320,8 @@ def test_memory_reproduces_the_concatenated_sequence(scan):
   second = model(s2, memory=first.memory)
   whole = model(jnp.concatenate([s1, s2], axis=1)).logits
   np.testing.assert_allclose(second.logits, whole[:, seg_len:], rtol=1e-5, atol=1e-5)
+  if scan:
+    return  # (every eager scan call compiles anew; the rest is the same code path)
 
   # A longer memory at evaluation (two segments, as Csordás et al. use four at test time).
   first = model(s1, mem_len=2 * seg_len)
@@ -323,9 +347,16 @@ def test_memory_is_a_constant_for_gradients():
   def constant_memory(state):
     return jnp.sum(nnx.merge(graphdef, state)(s2, memory=memory).logits ** 2)
 
-  g1, g2 = jax.grad(through_memory)(state), jax.grad(constant_memory)(state)
+  def wrt_memory(memory):
+    return jnp.sum(nnx.merge(graphdef, state)(s2, memory=memory).logits)
+
+  @jax.jit
+  def all_grads(state, memory):
+    return (jax.grad(through_memory)(state), jax.grad(constant_memory)(state),
+            jax.grad(wrt_memory)(memory))
+
+  g1, g2, g_mem = all_grads(state, memory)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), g1, g2)
-  g_mem = jax.grad(lambda mem: jnp.sum(model(s2, memory=mem).logits))(memory)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in g_mem)
   # ...while the memory does change the output.
   assert not np.allclose(model(s2, memory=memory).logits, model(s2).logits, atol=1e-4)

@@ -133,3 +133,20 @@ def test_bad_batch_for_mesh_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match='batch_size=6'):
     trainer.train(MODEL, DATA, _cfg(tmp_path, 1, batch_size=6))
   assert not os.path.exists(tmp_path / 'metrics.jsonl')
+
+
+def test_dropout_trains_and_its_rng_stream_advances():
+  """Regression: jax.grad over a merged model raised TraceContextError at the first dropout."""
+  model = functools.partial(
+      TransformerLM, vocab_size=32, d_model=32, num_layers=1, num_heads=4, dropout=0.1,
+      attention_dropout=0.1, ffn=functools.partial(DenseFFN, d_ff=64, dropout=0.1),
+      sparse_ffn=None)
+  from moescale import sharding as shd
+  mesh = shd.make_mesh(devices=jax.devices()[:1])
+  tx = optax.sgd(0.0)  # no update: any change between steps comes from fresh dropout masks
+  graphdef, state, _ = step_lib.create_train_state(model, tx, 0, mesh)
+  fn = jax.jit(step_lib.make_train_step(graphdef, tx, lambda s: 0.0))
+  batch = {k: jax.numpy.asarray(v) for k, v in next(DATA.train_iterator(4)).items()}
+  state, m1 = fn(state, batch)
+  state, m2 = fn(state, batch)
+  assert np.isfinite(float(m1['loss'])) and float(m1['loss']) != float(m2['loss'])

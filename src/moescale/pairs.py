@@ -225,30 +225,41 @@ def solve_integer(evaluate: Callable[[int], float], target: float, start: int,
 
   Assumes evaluate is monotone and roughly affine (parameters and FLOPs are affine in d_ff,
   expert_size and top_k): a secant step from two evaluations, then a walk to the best
-  neighbour. Returns (x, evaluate(x)).
+  neighbour. A value for which evaluate raises ValueError (an impossible model, e.g. top_k
+  above num_experts) is skipped. Returns (x, evaluate(x)).
   """
   if multiple_of < 1 or minimum < 1:
     raise ValueError(f'multiple_of={multiple_of} and minimum={minimum} must be >= 1')
-  cache: dict[int, float] = {}
+  cache: dict[int, float | None] = {}
 
-  def f(x: int) -> float:
+  def f(x: int) -> float | None:
     if x not in cache:
-      cache[x] = float(evaluate(x))
+      try:
+        cache[x] = float(evaluate(x))
+      except ValueError:
+        cache[x] = None
     return cache[x]
 
   def snap(x: float) -> int:
     return max(minimum, multiple_of * max(1, round(x / multiple_of)))
 
   x0 = snap(start)
-  x1 = snap(x0 * 2) if x0 * 2 > x0 + multiple_of else x0 + multiple_of
+  if f(x0) is None:
+    evaluate(x0)  # raise the model's own error: the starting point must be valid
+  x1 = next((x for x in (snap(2 * x0), x0 + multiple_of, x0 - multiple_of)
+             if x != x0 and x >= minimum and f(x) is not None), None)
+  if x1 is None:
+    raise ValueError(f'no valid value next to {x0} to vary')
   slope = (f(x1) - f(x0)) / (x1 - x0)
   if slope == 0:
     raise ValueError('the matched quantity does not change with the varied value; vary '
                      'something the model uses')
-  x = snap(x0 + (target - f(x0)) / slope)
-  best = x
+  best = snap(x0 + (target - f(x0)) / slope)
+  if f(best) is None:
+    best = x0 if abs(f(x0) - target) <= abs(f(x1) - target) else x1
   for _ in range(max_steps):
-    cands = [c for c in (best - multiple_of, best, best + multiple_of) if c >= minimum]
+    cands = [c for c in (best - multiple_of, best, best + multiple_of)
+             if c >= minimum and f(c) is not None]
     nxt = min(cands, key=lambda c: (abs(f(c) - target), c))
     if nxt == best:
       break

@@ -61,8 +61,24 @@ def _pre_activation(xb, experts, e):
   return h
 
 
-def _sizes(granule: int, block_size: int) -> list[int]:
-  return list(range(granule, block_size + 1, granule))
+def _pad_rows(a: Array | None, rows: int) -> Array | None:
+  return None if a is None else jnp.pad(a, ((0, rows - a.shape[0]), (0, 0)))
+
+
+def _switch_loop(plan, granule, block_size, branch, apply, init):
+  """for b < plan.count: carry = apply(carry, b, switch(size_class[b], branch(size))).
+
+  The switch only *computes* a block (results padded to block_size rows, one shape for all
+  branches); the in-place buffer updates happen outside it, because XLA:CPU copies every
+  loop-carried buffer that flows through a conditional, once per iteration.
+  """
+  branches = [branch(size) for size in range(granule, block_size + 1, granule)]
+
+  def body(b, carry):
+    result = lax.switch(plan.size_class[b], branches, plan.offset[b], plan.expert[b])
+    return apply(carry, b, result)
+
+  return lax.fori_loop(0, plan.count, body, init)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -75,28 +91,33 @@ def blocked_ffn(rows: Array, experts: dispatch.ExpertWeights, plan: dispatch_ops
 
 
 def _forward(rows, experts, plan, activation, granule, block_size, save_hidden):
-  f = experts.w_in.shape[2]
-  out = jnp.zeros(rows.shape, rows.dtype)
-  hidden = jnp.zeros((rows.shape[0], f), rows.dtype) if save_hidden else None
+  num_rows, f = rows.shape[0], experts.w_in.shape[2]
+  # block_size rows of slack: a block's padded write may run past the last used row.
+  slack = num_rows + block_size
+  out = jnp.zeros((slack, rows.shape[1]), rows.dtype)
+  hidden = jnp.zeros((slack, f), rows.dtype) if save_hidden else None
 
   def branch(size):
-    def run(out, hidden, off, e):
+    def run(off, e):
       pre = _pre_activation(lax.dynamic_slice_in_dim(rows, off, size), experts, e)
       o = activation(pre) @ _expert(experts.w_out, e)
       if experts.b_out is not None:
         o = o + _expert(experts.b_out, e)
-      out = lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), off, 0)
-      if hidden is not None:
-        hidden = lax.dynamic_update_slice_in_dim(hidden, pre.astype(hidden.dtype), off, 0)
-      return out, hidden
+      return _pad_rows(o, block_size), _pad_rows(pre if save_hidden else None, block_size)
     return run
 
-  branches = [branch(size) for size in _sizes(granule, block_size)]
+  def apply(carry, b, result):
+    # Blocks run in increasing row order, so rows a padded write spills into belong to a
+    # later block (or the slack) and are overwritten with their own values in turn.
+    out, hidden = carry
+    off = plan.offset[b]
+    out = lax.dynamic_update_slice_in_dim(out, result[0].astype(out.dtype), off, 0)
+    if hidden is not None:
+      hidden = lax.dynamic_update_slice_in_dim(hidden, result[1].astype(hidden.dtype), off, 0)
+    return out, hidden
 
-  def body(b, carry):
-    return lax.switch(plan.size_class[b], branches, *carry, plan.offset[b], plan.expert[b])
-
-  return lax.fori_loop(0, plan.count, body, (out, hidden))
+  out, hidden = _switch_loop(plan, granule, block_size, branch, apply, (out, hidden))
+  return out[:num_rows], hidden
 
 
 def _blocked_fwd(rows, experts, plan, activation, granule, block_size, save_hidden):
@@ -107,11 +128,13 @@ def _blocked_fwd(rows, experts, plan, activation, granule, block_size, save_hidd
 def _blocked_bwd(activation, granule, block_size, save_hidden, res, dout):
   rows, experts, plan, hidden = res
   del save_hidden  # `hidden` is None unless the forward saved it.
+  num_rows = rows.shape[0]
   zeros32 = lambda a: None if a is None else jnp.zeros(a.shape, jnp.float32)
   grads0 = dispatch.ExpertWeights(*(zeros32(a) for a in experts))
+  drows0 = jnp.zeros((num_rows + block_size, rows.shape[1]), rows.dtype)
 
   def branch(size):
-    def run(drows, g, off, e):
+    def run(off, e):
       xb = lax.dynamic_slice_in_dim(rows, off, size)
       do = lax.dynamic_slice_in_dim(dout, off, size)
       pre = (_pre_activation(xb, experts, e) if hidden is None
@@ -119,24 +142,24 @@ def _blocked_bwd(activation, granule, block_size, save_hidden, res, dout):
       h, act_vjp = jax.vjp(activation, pre)
       w_in, w_out = _expert(experts.w_in, e), _expert(experts.w_out, e)
       dpre, = act_vjp(do @ w_out.T)
-      drows = lax.dynamic_update_slice_in_dim(drows, (dpre @ w_in.T).astype(drows.dtype), off, 0)
-      g = dispatch.ExpertWeights(
-          _add_to_expert(g.w_in, e, xb.T @ dpre),
-          _add_to_expert(g.w_out, e, h.T @ do),
-          _add_to_expert(g.b_in, e, None if g.b_in is None else dpre.sum(0)),
-          _add_to_expert(g.b_out, e, None if g.b_out is None else do.sum(0)))
-      return drows, g
+      return (_pad_rows(dpre @ w_in.T, block_size), xb.T @ dpre, h.T @ do,
+              None if experts.b_in is None else dpre.sum(0),
+              None if experts.b_out is None else do.sum(0))
     return run
 
-  branches = [branch(size) for size in _sizes(granule, block_size)]
+  def apply(carry, b, result):
+    drows, g = carry
+    e = plan.expert[b]
+    dx, dw_in, dw_out, db_in, db_out = result
+    drows = lax.dynamic_update_slice_in_dim(drows, dx.astype(drows.dtype), plan.offset[b], 0)
+    g = dispatch.ExpertWeights(_add_to_expert(g.w_in, e, dw_in), _add_to_expert(g.w_out, e, dw_out),
+                               _add_to_expert(g.b_in, e, db_in), _add_to_expert(g.b_out, e, db_out))
+    return drows, g
 
-  def body(b, carry):
-    return lax.switch(plan.size_class[b], branches, *carry, plan.offset[b], plan.expert[b])
-
-  drows, grads = lax.fori_loop(0, plan.count, body, (jnp.zeros_like(rows), grads0))
+  drows, grads = _switch_loop(plan, granule, block_size, branch, apply, (drows0, grads0))
   grads = dispatch.ExpertWeights(
       *(None if g is None else g.astype(a.dtype) for g, a in zip(grads, experts)))
-  return drows, grads, None
+  return drows[:num_rows], grads, None
 
 
 blocked_ffn.defvjp(_blocked_fwd, _blocked_bwd)

@@ -373,7 +373,8 @@ class TransformerLM(nnx.Module):
     stacked_memory = (None if memory is None else
                       jnp.stack(memory).reshape((g, p) + memory[0].shape))
 
-    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    @nnx.scan(in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0),
+              transform_metadata={nnx.PARTITION_NAME: 'layers'})
     def body(group, x, group_memory):
       outs = []
       for j, block in enumerate(group.blocks):

@@ -96,8 +96,11 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, cfg: StepConfig = StepConfig()):
   """train_step(state, batch) -> (state, metrics); pure, to be jitted with shardings."""
 
-  def micro_loss(params, rest, batch, total_weight):
-    out, new_rest = _forward(graphdef, params, rest, batch, deterministic=False)
+  def micro_loss(model, batch, total_weight):
+    out = model(batch['decoder_input_tokens'],
+                segment_ids=batch.get('decoder_segment_ids'),
+                positions=batch.get('decoder_positions'),
+                deterministic=False)
     loss_sum, weight, xent_sum = cross_entropy(
         out.logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'], cfg.z_loss)
     n = cfg.grad_accum_steps
@@ -105,26 +108,34 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     aux = {'xent_sum': xent_sum, 'weight': weight, 'aux_loss': out.aux_loss / n,
            **{f'aux/{k}': v / n for k, v in out.aux_losses.items()},
            **{f'routing/{k}': v / n for k, v in out.metrics.items()}}
-    return loss, (aux, new_rest)
+    return loss, aux
 
-  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+  # nnx.value_and_grad (not jax's) so that stateful Variables the forward pass mutates (dropout
+  # RNG counters, BatchNorm statistics) are lifted across the grad trace; jax.grad over a
+  # merged model raises TraceContextError on the first dropout call (flax 0.12).
+  grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+
+  def grads_of(params, rest, batch, total_weight):
+    model = nnx.merge(graphdef, params, rest)
+    (loss, aux), grads = grad_fn(model, batch, total_weight)
+    return loss, aux, grads, nnx.state(model, nnx.Not(nnx.Param))
 
   def train_step(state: TrainState, batch: Batch):
     total_weight = jnp.maximum(jnp.sum(batch['decoder_loss_weights'].astype(jnp.float32)), 1.0)
     n = cfg.grad_accum_steps
     if n == 1:
-      (loss, (aux, rest)), grads = grad_fn(state.params, state.rest, batch, total_weight)
+      loss, aux, grads, rest = grads_of(state.params, state.rest, batch, total_weight)
     else:
       micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
       def body(carry, mb):
         grads, loss, aux, rest = carry
-        (l, (a, rest)), g = grad_fn(state.params, rest, mb, total_weight)
+        l, a, g, rest = grads_of(state.params, rest, mb, total_weight)
         return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, aux, a),
                 rest), None
 
       first = jax.tree.map(lambda x: x[0], micro)
-      (loss, (aux, rest)), grads = grad_fn(state.params, state.rest, first, total_weight)
+      loss, aux, grads, rest = grads_of(state.params, state.rest, first, total_weight)
       rest_mb = jax.tree.map(lambda x: x[1:], micro)
       (grads, loss, aux, rest), _ = jax.lax.scan(body, (grads, loss, aux, rest), rest_mb)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -1,0 +1,216 @@
+"""Python-defined experiments (moescale.study, experiments/*.py): they build the same models as
+their gin twins, expand into the expected run directories, and write configs that parse back
+to the same runs."""
+
+import functools
+import importlib.util
+import json
+import pathlib
+
+import gin
+import jax
+import pytest
+from flax import nnx
+
+from moescale import accounting, gin_config, study
+from moescale.study import (REQUIRED, Component, DataSpec, Family, Matching, ModelSpec,
+                            ScalingStudy)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'experiments' / f'{name}.py')
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+ARTETXE = _load('artetxe2022')
+CSORDAS = _load('csordas2023')
+
+
+def _gin_twin(paper, small, name):
+  size, family = name.split('/')
+  if paper == 'csordas':
+    return (f'models/small/csordas_{family}.gin' if small
+            else f'models/csordas2023/{size}/{family}.gin')
+  if small:
+    return f'models/small/artetxe_{family}.gin'
+  if family == 'dense':
+    return f"models/artetxe2022/dense_{size.replace('.', '_')}.gin"
+  return f"models/artetxe2022/moe_{ARTETXE.SIZES[size]['moe'].replace('.', '_')}.gin"
+
+
+def _twins():
+  out = []
+  for paper, mod in (('artetxe', ARTETXE), ('csordas', CSORDAS)):
+    for small in (True, False):
+      for e in mod.make_study(small=small).expand():
+        out.append(pytest.param(e, _gin_twin(paper, small, e.name),
+                                id=f'{paper}:{e.name}'))
+  return out
+
+
+def _abstract(model_fn):
+  # Stacked layers: the same modules and shapes, built in a fraction of the time.
+  return accounting.abstract_model(functools.partial(model_fn, scan_layers=True))
+
+
+def _same_model(a, b):
+  """Same graph (module types and every static hyperparameter), same parameter shapes."""
+  assert nnx.graphdef(a) == nnx.graphdef(b)
+  shapes = lambda m: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(m, nnx.Param))
+  assert shapes(a) == shapes(b)
+
+
+@pytest.mark.parametrize('experiment,gin_file', _twins())
+def test_python_experiment_and_gin_twin_build_identical_models(experiment, gin_file):
+  gin_config.parse([gin_file], [], finalize=False)
+  from_gin = gin_config.query('MODEL')
+  _same_model(_abstract(from_gin), _abstract(experiment.model_fn()))
+  lengths = experiment.lengths()
+  a, b = accounting.count(from_gin, *lengths), accounting.count(experiment.model_fn(), *lengths)
+  assert (a.total_params, a.active_params, a.flops_breakdown) == (
+      b.total_params, b.active_params, b.flops_breakdown)
+
+
+def test_twin_check_detects_a_changed_hyperparameter():
+  e = {x.name: x for x in ARTETXE.make_study(small=True).expand()}['small/moe']
+  gin_config.parse(['models/small/artetxe_moe.gin'], [], finalize=False)
+  g = _abstract(gin_config.query('MODEL'))
+  moe = e.model['sparse_ffn']
+  for changed in (e.model.replace(dropout=0.2),
+                  e.model.replace(sparse_ffn=moe.replace(second_policy='random'))):
+    with pytest.raises(AssertionError):
+      _same_model(g, _abstract(changed.constructor()))
+
+
+def _tiny_study(matching=Matching(), data=None):
+  def dense(size):
+    return ModelSpec(vocab_size=64, d_model=32, num_layers=size['layers'], num_heads=2,
+                     max_length=32, ffn=Component('DenseFFN', d_ff=size['d_ff']))
+
+  def sigma(size):
+    return dense(size).replace(sparse_layers='all', sparse_ffn=Component(
+        'SigmaMoE', num_experts=4, expert_size=16, top_k=2))
+
+  def moe(size):
+    if size['layers'] < 2:
+      return None  # a family may skip a size
+    return dense(size).replace(sparse_ffn=Component('TopKMoE', num_experts=4,
+                                                    expert_size=size['expert_size']))
+
+  return ScalingStudy(
+      'tiny', {'s': dict(layers=1, d_ff=64, expert_size=64),
+               'm': dict(layers=2, d_ff=64, expert_size=64)},
+      [Family('dense', dense, knob='d_ff'), Family('sigma', sigma),
+       Family('moe', moe, knob='expert_size')],
+      data=data or DataSpec('synthetic', vocab_size=64, length=32),
+      train=lambda name, size: dict(train_steps=2, batch_size=8, seed=len(name)),
+      matching=matching)
+
+
+def test_grid_expansion_writes_the_expected_directories(tmp_path):
+  st = _tiny_study()
+  runs = st.write(str(tmp_path))
+  assert [e.name for e, _ in runs] == ['s/dense', 's/sigma', 'm/dense', 'm/sigma', 'm/moe']
+  for e, d in runs:
+    assert pathlib.Path(d) == tmp_path / e.name
+    assert (tmp_path / e.name / 'config.gin').is_file()
+    cfg = json.loads((tmp_path / e.name / 'config.json').read_text())
+    assert cfg['name'] == e.name and cfg['meta']['family'] == e.name.split('/')[1]
+    assert cfg['counts']['total_params'] == accounting.count(e.model_fn(), 32).total_params
+    assert cfg['train']['seed'] == 1 and cfg['data']['function'] == 'synthetic_data'
+  listing = json.loads((tmp_path / 'study.json').read_text())
+  assert [r['name'] for r in listing['runs']] == [e.name for e, _ in runs]
+
+
+def test_matching_solves_each_knob_against_the_reference():
+  st = _tiny_study(Matching('total_params', reference='sigma'))
+  exps = {e.name: e for e in st.expand()}
+  for size in ('s', 'm'):
+    ref = exps[f'{size}/sigma'].counts.total_params
+    got = exps[f'{size}/dense']
+    assert got.meta['matched']['knob'] == 'd_ff'
+    assert got.counts.total_params == pytest.approx(ref, rel=0.005)
+    assert got.model['ffn'].kwargs['d_ff'] == got.meta['matched']['value']
+  with pytest.raises(ValueError, match='reference'):
+    _tiny_study(Matching('total_params', reference='nope'))
+
+
+def test_papers_matching_reproduces_the_shipped_derivations():
+  exps = {e.name: e for e in ARTETXE.make_study('train_flops', small=True).expand()}
+  # gin/pairs/compute_matched/small_artetxe_dense_vs_moe.gin binds EXPERT_SIZE = 254.
+  assert exps['small/moe'].meta['matched']['value'] == 254
+  exps = {e.name: e for e in CSORDAS.make_study('total_params').expand(['wt103_small'])}
+  assert exps['wt103_small/dense'].meta['matched']['value'] == 2053     # papers.md
+  assert exps['wt103_small/pkm_relu_matched'].meta['matched']['value'] == 62
+
+
+def test_written_config_gin_parses_back_to_the_same_run(tmp_path):
+  e = {x.name: x for x in CSORDAS.make_study(small=True).expand()}['small/sigma_moe']
+  model_dir = e.write(str(tmp_path / 'run'))
+  gin_config.parse([str(tmp_path / 'run' / 'config.gin')])  # finalized: nothing REQUIRED
+  _same_model(_abstract(gin_config.query('MODEL')), _abstract(e.model_fn()))
+  config = gin.query_parameter('run_training.config').scoped_configurable_fn()
+  assert config == e.train_config(model_dir)
+  assert config.optimizer.clip_norm == 0.25 and config.optimizer.b2 == 0.999
+  assert gin.query_parameter('seqio_data.task_feature_lengths') == {'targets': 64}
+
+
+def test_paper_scale_config_marks_missing_data_as_required(tmp_path):
+  e = {x.name: x for x in ARTETXE.make_study().expand(['125m'])}['125m/moe']
+  e.write(str(tmp_path / 'run'))
+  text = (tmp_path / 'run' / 'config.gin').read_text()
+  assert 'seqio_data.vocabulary = %gin.REQUIRED' in text
+  with pytest.raises(ValueError, match='vocabulary'):
+    gin_config.parse([str(tmp_path / 'run' / 'config.gin')])
+  with pytest.raises(ValueError, match='vocabulary'):
+    e.data.build()
+  gin_config.parse([str(tmp_path / 'run' / 'config.gin')], finalize=False)
+  _same_model(_abstract(gin_config.query('MODEL')), _abstract(e.model_fn()))
+
+
+def test_run_launches_each_experiment_with_its_config(tmp_path, monkeypatch):
+  calls = []
+
+  def fake_train(model_fn, data, cfg, flops_per_token=None):
+    calls.append((model_fn, data, cfg, flops_per_token))
+    return {'final_step': cfg.train_steps}
+
+  from moescale.train import trainer
+  monkeypatch.setattr(trainer, 'train', fake_train)
+  st = _tiny_study()
+  exps = st.expand(['m'])
+  out = st.run(str(tmp_path), exps)
+  assert out == [{'final_step': 2}] * 3
+  for e, (model_fn, data, cfg, flops) in zip(exps, calls):
+    assert cfg.model_dir == str(tmp_path / e.name) and cfg.batch_size == 8
+    assert type(data).__name__ == 'SyntheticData' and data.length == 32
+    assert flops == e.counts.flops_per_token
+    _same_model(_abstract(model_fn), _abstract(e.model_fn()))
+    assert (tmp_path / e.name / 'config.json').is_file()
+
+
+def test_experiment_scripts_dry_run_write_directories(tmp_path, capsys):
+  assert ARTETXE.main(['--dry_run', '--root', str(tmp_path / 'a')]) == 0
+  out = capsys.readouterr().out
+  assert '6.7b/moe' in out and '1.1T' in out and 'wrote 10 run directories' in out
+  assert (tmp_path / 'a' / '6.7b' / 'moe' / 'config.gin').is_file()
+  assert not (tmp_path / 'a' / '2.7b' / 'moe').exists()  # the paper has no 2.7B MoE
+  assert CSORDAS.main(['--dry_run', '--small', '--root', str(tmp_path / 'c')]) == 0
+  assert 'wrote 7 run directories' in capsys.readouterr().out
+  assert len(list((tmp_path / 'c' / 'small').iterdir())) == 7
+
+
+def test_spec_errors_name_the_bad_value():
+  with pytest.raises(ValueError, match="'DenseFFM'"):
+    Component('DenseFFM', d_ff=3)
+  with pytest.raises(ValueError, match='Component'):
+    ModelSpec(vocab_size=3, ffn={'d_ff': 3})
+  with pytest.raises(ValueError, match="'tfds'"):
+    DataSpec('tfds')
+  with pytest.raises(ValueError, match='cannot be written to gin'):
+    study._gin_value(object())
+  assert study._gin_value((1,)) == '(1,)' and study._gin_value(REQUIRED) == '%gin.REQUIRED'
