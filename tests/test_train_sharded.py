@@ -65,10 +65,17 @@ def _run(model_fn, mesh, steps=3):
   return losses, state
 
 
+@functools.lru_cache(maxsize=None)
+def _single_device(family):
+  # One reference run per family, shared by its mesh cases (pytest-xdist --dist loadfile keeps
+  # a file on one worker, so the cache is hit).
+  return _run(_model_fn(family), shd.make_mesh(devices=jax.devices()[:1]))
+
+
 @pytest.mark.parametrize('family,mesh_name', CASES)
 def test_sharded_steps_equal_single_device(family, mesh_name):
   model_fn = _model_fn(family)
-  ref_losses, ref_state = _run(model_fn, shd.make_mesh(devices=jax.devices()[:1]))
+  ref_losses, ref_state = _single_device(family)
   mesh = shd.make_mesh(**MESHES[mesh_name])
   losses, state = _run(model_fn, mesh)
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=2e-5)
@@ -78,8 +85,10 @@ def test_sharded_steps_equal_single_device(family, mesh_name):
       # Softmax is invariant to a key bias (q·b is the same for every key of a query): its
       # gradient is 0 up to rounding, which Adam normalises into arbitrary ±lr steps.
       continue
+    # Adam divides by sqrt(v): a gradient entry near 0 that differs in its last bits between
+    # reduction orders moves by up to ~lr; 1e-4 is 1% of one step at lr 1e-2.
     np.testing.assert_allclose(np.asarray(var[...]), np.asarray(flat_ref[path][...]),
-                               rtol=1e-4, atol=1e-5, err_msg=str(path))
+                               rtol=1e-3, atol=1e-4, err_msg=str(path))
     # Parameters carry the shardings the rules say (after fitting to divisible dims).
     names = var.get_metadata()['out_sharding']
     want = shd._fit_spec(shd.logical_to_spec(names), var[...].shape, mesh)

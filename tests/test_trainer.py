@@ -104,7 +104,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_weight_decay_mask_and_group_learning_rates():
   _, params, _ = step_lib.abstract_model(MODEL, 0)
-  mask = {'/'.join(map(str, p)): v[...]
+  mask = {'/'.join(map(str, p)): v.get_value()
           for p, v in nnx.to_flat_state(optim.decay_mask(params))}
   assert mask['embed'] and mask['blocks/0/ffn/w_in']
   assert not any(v for k, v in mask.items() if 'norm' in k or 'bias' in k)

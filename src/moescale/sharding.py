@@ -57,6 +57,7 @@ DEFAULT_RULES: Rules = (
     ('values', 'tensor'),
     ('length', None),
     ('norm', None),
+    ('layers', None),      # the stacked-layers axis of scanned blocks: never split
 )
 
 

@@ -26,6 +26,7 @@ Einsum letters: r rows of a block, e expert, d d_model, f expert_size.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -38,9 +39,19 @@ Array = jax.Array
 
 
 def choose_block_size(num_assignments: int, num_experts: int) -> tuple[int, int]:
-  """(block_size, granule) for a problem size; measured on XLA:CPU with `moescale.bench`."""
-  del num_assignments, num_experts
-  return 256, 16
+  """(block_size, granule) for a problem size, measured on XLA:CPU with `moescale.bench`.
+
+  Measured (16k tokens, top-2, fwd+bwd, CPU time vs the FLOP-matched dense layer): padding
+  to plain blocks of 64 gave 1.5x / 2.2x at 64 / 512 experts, 128 rows 1.4x / 2.7x; blocks of
+  256 with a granule of 16 gave 1.15x / 1.8x. Granule 8 and blocks of 128 or 512 were within
+  noise of that. Blocks shrink only for tiny groups, where they cut the switch's branches
+  (compile time) and change nothing else: one block per expert either way.
+  """
+  mean = max(1, num_assignments // max(1, num_experts))
+  block = 16
+  while block < min(256, 4 * mean):
+    block *= 2
+  return block, 16
 
 
 def _expert(a: Array | None, e: Array):
@@ -170,7 +181,8 @@ class Blocked:
 
   block_size / granule: None picks them with `choose_block_size`. save_hidden: keep the
   [rows, expert_size] pre-activations for the backward instead of recomputing them per block
-  (saves one matmul of seven; the memory a dense layer keeps anyway).
+  (6 matmuls per block instead of 7, for the memory a dense layer's backward keeps anyway;
+  measured ~5-10% faster on XLA:CPU). False is the pure recompute form.
   """
   name = 'blocked'
 
@@ -185,12 +197,15 @@ class Blocked:
     self.save_hidden = bool(save_hidden)
 
   def sizes(self, num_assignments: int, num_experts: int) -> tuple[int, int]:
+    """(block_size, granule): the constructor's where given, else `choose_block_size`'s,
+    adjusted so that block_size stays a multiple of granule."""
     block, granule = choose_block_size(num_assignments, num_experts)
-    block = self.block_size or block
-    granule = self.granule or min(granule, block)
-    if block % granule:
-      granule = block
-    return block, granule
+    if self.block_size:
+      block, granule = self.block_size, self.granule or math.gcd(self.block_size, granule)
+    elif self.granule:
+      block, granule = -(-max(block, self.granule) // self.granule) * self.granule, self.granule
+    # A block larger than all the rows (tiny or per-device problems) only adds switch branches.
+    return min(block, -(-num_assignments // granule) * granule), granule
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
     del capacity  # Dropless: the loop bound comes from the actual group sizes.

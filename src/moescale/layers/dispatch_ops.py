@@ -1,6 +1,6 @@
 """The math every dispatch backend shares: sort by expert, lay rows out, permute, combine.
 
-Einsum letters: t tokens, j choice (0..k-1), n = t*k flat assignments (pair p = t*k + j),
+Einsum letters: t tokens, j choice (0..k-1), n = t*k flat assignments (pair p = token * k + j),
 e expert, r row of the permuted buffer, d d_model.
 
 A backend first decides where each assignment's row lives in a permuted buffer of `num_rows`
@@ -36,13 +36,12 @@ def sort_assignments(expert_index: Array, num_experts: int) -> tuple[Array, Arra
     num_experts: E.
 
   Returns:
-    order: [t*k] int32, flat pair indices (t*k + j) sorted by expert, ties in token order.
+    order: [t*k] int32, flat pair indices (token * k + j) sorted by expert, ties in token
+      order.
     group_sizes: [E] int32, kept pairs per expert.
   """
-  flat = _clean(expert_index, num_experts)
-  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  starts = _group_starts(flat[order], num_experts)
-  return order, jnp.diff(starts)
+  s = sort_and_rank(expert_index, num_experts)
+  return s.order, s.group_sizes
 
 
 def _clean(expert_index: Array, num_experts: int) -> Array:
@@ -61,7 +60,7 @@ class RowLayout(NamedTuple):
   """Where each assignment lives in a permuted row buffer (all int32, a pytree).
 
   row_of:      [t, k]      row of assignment (t, j); num_rows if dropped (reads zeros).
-  pair_of_row: [num_rows]  flat pair t*k + j held by each row; t*k for a padding row.
+  pair_of_row: [num_rows]  flat pair token*k + j held by each row; t*k for a padding row.
   """
   row_of: Array
   pair_of_row: Array
@@ -84,6 +83,7 @@ class SortedAssignments(NamedTuple):
 
 
 def sort_and_rank(expert_index: Array, num_experts: int) -> SortedAssignments:
+  """`sort_assignments` plus each sorted pair's expert and rank within its group."""
   flat = _clean(expert_index, num_experts)
   order = jnp.argsort(flat, stable=True).astype(jnp.int32)
   sorted_expert = flat[order]
@@ -138,7 +138,7 @@ def blocked_layout(s: SortedAssignments, shape: tuple[int, int], block_size: int
   An expert with g rows gets floor(g / block_size) full blocks and one remainder block of
   roundup(g mod block_size, granule) rows, so padding wastes less than `granule` rows per
   expert while most rows run in big blocks. granule == block_size is plain padding to a block
-  multiple. Static bounds: t*k + E*granule rows, ceil(t*k / block_size) + E blocks.
+  multiple. Static bounds: max(t*k + E*granule, block_size) rows, ceil(t*k / block_size) + E blocks.
   """
   if block_size % granule:
     raise ValueError(f'block_size={block_size} must be a multiple of granule={granule}')
@@ -146,7 +146,8 @@ def blocked_layout(s: SortedAssignments, shape: tuple[int, int], block_size: int
   n = t * k
   num_experts = s.group_sizes.shape[0]
   max_blocks = -(-n // block_size) + num_experts
-  num_rows = n + num_experts * granule
+  # At least block_size rows: every switch branch slices a static block_size-or-smaller window.
+  num_rows = max(n + num_experts * granule, block_size)
   padded = (s.group_sizes + granule - 1) // granule * granule             # [E]
   row_start = jnp.cumsum(padded).astype(jnp.int32) - padded                # [E]
   dest = jnp.where(s.sorted_expert < num_experts,

@@ -187,7 +187,12 @@ class TransformerLM(nnx.Module):
       here raises a ValueError at trace time rather than being silently ignored; give it
       weight 0.0 to log it without training on it.
     remat: rematerialise each block in the backward pass (nnx.remat).
-    scan_layers: stack the repeating run of blocks and run it with nnx.scan.
+    scan_layers: stack the repeating run of blocks and run it with nnx.scan. Use it for
+      training under jit: compile time stays flat in depth (XLA:CPU, fwd+bwd of a tiny
+      model, CPU seconds: 5 at 2 layers and 8 at 16, against 5 -> 49 looped). Off by default
+      because the looped model is the friendlier one outside jit: each eager call of a
+      scanned model re-traces and compiles its scan, and its parameters carry a leading
+      'layers' axis (logical name 'layers', which sharding rules should map to None).
     dtype: compute dtype; param_dtype: storage dtype. Logits are returned in float32 (or
       float64 when dtype is).
   """

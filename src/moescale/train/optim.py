@@ -12,6 +12,7 @@ import re
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -61,7 +62,8 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
   elif cfg.decay == 'rsqrt':
     # peak at the end of warmup, then peak * sqrt(warm / step): the Transformer schedule.
     offset = max(warm, 1)
-    after = lambda step: peak * (offset / (step + offset)) ** 0.5
+    # join_schedules also evaluates this at negative steps (then discards it): clamp.
+    after = lambda step: peak * jnp.sqrt(offset / jnp.maximum(step + offset, offset))
   else:
     after = optax.constant_schedule(peak)
   if warm == 0:

@@ -128,16 +128,19 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     else:
       micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
+      # params ride in the carry (unchanged) so the model is merged from values of the scan
+      # body's own trace; a closed-over outer value makes nnx refuse to extract the graph.
       def body(carry, mb):
-        grads, loss, aux, rest = carry
-        l, a, g, rest = grads_of(state.params, rest, mb, total_weight)
-        return (jax.tree.map(jnp.add, grads, g), loss + l, jax.tree.map(jnp.add, aux, a),
-                rest), None
+        params, grads, loss, aux, rest = carry
+        l, a, g, rest = grads_of(params, rest, mb, total_weight)
+        return (params, jax.tree.map(jnp.add, grads, g), loss + l,
+                jax.tree.map(jnp.add, aux, a), rest), None
 
       first = jax.tree.map(lambda x: x[0], micro)
       loss, aux, grads, rest = grads_of(state.params, state.rest, first, total_weight)
       rest_mb = jax.tree.map(lambda x: x[1:], micro)
-      (grads, loss, aux, rest), _ = jax.lax.scan(body, (grads, loss, aux, rest), rest_mb)
+      (_, grads, loss, aux, rest), _ = jax.lax.scan(
+          body, (state.params, grads, loss, aux, rest), rest_mb)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

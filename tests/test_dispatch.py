@@ -1,0 +1,266 @@
+"""Every dispatch backend against ReferenceLoop (forward and all gradients), plus the layouts,
+the backend registry and the benchmark's helpers. Tiny shapes: compile time dominates."""
+
+import functools
+import json
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moescale import bench
+from moescale.layers import dispatch, dispatch_ops
+from moescale.layers.dispatch_blocked import Blocked, choose_block_size
+
+E, D, F = 5, 6, 10
+EMPTY = 3  # no token is routed here in _problem: an expert with an empty group
+
+
+def _problem(t=13, k=2, bias=True, seed=0, drop=0.2):
+  """Random routing with dropped entries (sentinel E, nonzero weight: must still be skipped)
+  and one empty expert."""
+  ks = jax.random.split(jax.random.key(seed), 9)
+  x = jax.random.normal(ks[0], (t, D))
+  index = jax.random.randint(ks[1], (t, k), 0, E - 1)
+  index = jnp.where(index >= EMPTY, index + 1, index)                     # skip EMPTY
+  index = jnp.where(jax.random.uniform(ks[2], (t, k)) < drop, E, index).astype(jnp.int32)
+  weights = jax.random.uniform(ks[3], (t, k), minval=0.1)
+  experts = dispatch.ExpertWeights(
+      jax.random.normal(ks[4], (E, D, F)) / D**0.5,
+      jax.random.normal(ks[5], (E, F, D)) / F**0.5,
+      jax.random.normal(ks[6], (E, F)) if bias else None,
+      jax.random.normal(ks[7], (E, D)) if bias else None)
+  cotangent = jax.random.normal(ks[8], (t, D))
+  return x, index, weights, experts, cotangent
+
+
+def _value_and_grads(backend, x, index, weights, experts, cotangent, capacity=None):
+  def loss(x, weights, experts):
+    y = backend(x, index, weights, experts, jax.nn.gelu, capacity=capacity)
+    return jnp.vdot(y, cotangent), y
+  # One jit per case: far faster to compile than op-by-op eager dispatch of the whole graph.
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+  (_, y), grads = fn(x, weights, experts)
+  return y, grads
+
+
+BACKENDS = {
+    'blocked': lambda: Blocked(block_size=4, granule=2),          # remainder blocks of 2 and 4
+    'blocked_plain': lambda: Blocked(block_size=4, granule=4),    # plain padding to blocks
+    'blocked_recompute': lambda: Blocked(block_size=8, granule=2, save_hidden=False),
+    'blocked_default': lambda: dispatch.get_backend('blocked'),
+    'ragged': lambda: dispatch.get_backend('ragged'),
+    'slots': lambda: dispatch.get_backend('slots'),
+    'onehot': lambda: dispatch.get_backend('onehot'),
+}
+# k = 1, 2, 4 for every backend, biases on and off for each; blocked variants (plain padding,
+# recompute, default sizes) one or two cases each.
+CASES = ([('blocked', k, b) for k, b in ((1, False), (2, True), (4, False), (4, True))]
+         + [('blocked_plain', 2, True), ('blocked_recompute', 4, True),
+            ('blocked_recompute', 1, False), ('blocked_default', 2, False)]
+         + [(n, k, b) for n in ('ragged', 'slots', 'onehot')
+            for k, b in ((1, True), (2, False), (4, True))])
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(k, bias):
+  return _value_and_grads(dispatch.ReferenceLoop(), *_problem(k=k, bias=bias, seed=k))
+
+
+@pytest.mark.parametrize('name,k,bias', CASES)
+def test_backend_matches_reference_forward_and_gradients(name, k, bias):
+  x, index, weights, experts, cot = _problem(k=k, bias=bias, seed=k)
+  capacity = index.size  # never binding: these backends must then be exact
+  want_y, want_g = _reference(k, bias)
+  got_y, got_g = _value_and_grads(BACKENDS[name](), x, index, weights, experts, cot, capacity)
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(got_g) == jax.tree.structure(want_g)
+  for got, want in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # The empty expert and dropped assignments get exactly zero gradient.
+  np.testing.assert_array_equal(got_g[2].w_in[EMPTY], 0.0)
+  np.testing.assert_array_equal(jnp.where(index == E, got_g[1], 0.0), 0.0)
+
+
+def test_blocked_handles_duplicates_out_of_range_ids_and_all_dropped():
+  x, index, weights, experts, cot = _problem(t=9, k=3)
+  index = index.at[0].set(jnp.array([1, 1, 2])).at[1].set(jnp.array([-1, E + 3, 0]))
+  backend = jax.jit(lambda index: Blocked(block_size=4, granule=2)(
+      x, index, weights, experts, jax.nn.gelu))
+  want = jax.jit(lambda index: dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.gelu))
+  np.testing.assert_allclose(backend(index), want(index), atol=1e-5)
+  np.testing.assert_array_equal(backend(jnp.full_like(index, E)), 0.0)
+
+
+@pytest.mark.parametrize('block_size,granule', [(None, None), (64, 16)])
+def test_blocked_blocks_larger_than_all_rows(block_size, granule):
+  # One expert, 12 rows: default and explicit blocks exceed the rows (as on one device of an
+  # expert-parallel mesh); the static slices must still fit.
+  ks = jax.random.split(jax.random.key(3), 4)
+  x = jax.random.normal(ks[0], (6, D))
+  index = jnp.array([[0, 1]] * 6, jnp.int32)  # 1 = the sentinel for one expert
+  experts = dispatch.ExpertWeights(jax.random.normal(ks[1], (1, D, F)),
+                                   jax.random.normal(ks[2], (1, F, D)))
+  weights = jax.random.uniform(ks[3], (6, 2))
+  got = jax.jit(lambda x: Blocked(block_size=block_size, granule=granule)(
+      x, index, weights, experts, jax.nn.relu))(x)
+  want = dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.relu)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_bf16_keeps_dtype_and_tracks_fp32():
+  x, index, weights, experts, _ = _problem(bias=False)
+  backend = jax.jit(lambda x, experts: Blocked(block_size=4, granule=2)(
+      x, index, weights, experts, jax.nn.gelu))
+  y16 = backend(x.astype(jnp.bfloat16), jax.tree.map(lambda a: a.astype(jnp.bfloat16), experts))
+  assert y16.dtype == jnp.bfloat16
+  y32 = dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.gelu)
+  np.testing.assert_allclose(y16.astype(jnp.float32), y32, atol=0.1, rtol=0.05)
+
+
+def _shapes_in(jaxpr):
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      yield tuple(getattr(var.aval, 'shape', ()))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from _shapes_in(sub)
+
+
+def _per_iteration_weight_copies(fn, *args):
+  """Shapes [n, d, f] / [n, f, d] with n not in (1, E) anywhere in fn's jaxpr (e.g. a scan's stacked
+  residuals: one expert weight slice saved per loop iteration)."""
+  shapes = set(_shapes_in(jax.make_jaxpr(fn)(*args).jaxpr))
+  return {s for s in shapes if len(s) == 3 and s[1:] in ((D, F), (F, D)) and s[0] not in (1, E)}
+
+
+def test_blocked_backward_keeps_no_per_iteration_weight_copies():
+  x, index, weights, experts, cot = _problem(t=40, k=2, bias=False)
+  backend = Blocked(block_size=4, granule=4)
+  grad = jax.grad(lambda x, e: jnp.vdot(backend(x, index, weights, e, jax.nn.relu), cot),
+                  argnums=(0, 1))
+  assert not _per_iteration_weight_copies(grad, x, experts)
+
+  # The detector works: plain autodiff of a scan over blocks does stack the weight slices.
+  layout, plan = jax.jit(lambda index: dispatch_ops.blocked_layout(
+      dispatch_ops.sort_and_rank(index, E), index.shape, 4, 4))(index)
+
+  def naive(x, e):
+    rows = dispatch_ops.permute(x, layout)
+    def body(out, b):
+      off, ex = plan.offset[b], plan.expert[b]
+      xb = jax.lax.dynamic_slice_in_dim(rows, off, 4)
+      o = jax.nn.relu(xb @ e.w_in[ex]) @ e.w_out[ex]
+      return jax.lax.dynamic_update_slice_in_dim(out, o, off, 0), None
+    out, _ = jax.lax.scan(body, jnp.zeros_like(rows), jnp.arange(plan.expert.shape[0]))
+    return jnp.vdot(dispatch_ops.combine(out, weights, layout), cot)
+  assert _per_iteration_weight_copies(jax.grad(naive, argnums=(0, 1)), x, experts)
+
+
+def test_sort_assignments_is_stable_with_dropped_last():
+  index = jnp.array([[2, 0], [0, 3], [2, 1], [3, 0]], jnp.int32)  # E=3: 3 means dropped
+  order, sizes = dispatch_ops.sort_assignments(index, 3)
+  np.testing.assert_array_equal(order, [1, 2, 7, 5, 0, 4, 3, 6])
+  np.testing.assert_array_equal(sizes, [3, 1, 2])
+
+
+def test_blocked_layout_blocks_are_single_expert_and_padding_below_granule():
+  _, index, *_ = _problem(t=50, k=2, seed=7)
+  block, granule = 8, 2
+  s = jax.jit(dispatch_ops.sort_and_rank, static_argnums=1)(index, E)
+  layout, plan = jax.jit(dispatch_ops.blocked_layout, static_argnums=(1, 2, 3))(
+      s, index.shape, block, granule)
+  flat = np.asarray(index).reshape(-1)
+  pair_of_row = np.asarray(layout.pair_of_row)
+  n = flat.size
+  # A bijection between kept assignments and used rows; dropped ones map out of range.
+  row_of = np.asarray(layout.row_of).reshape(-1)
+  kept = flat < E
+  np.testing.assert_array_equal(pair_of_row[row_of[kept]], np.nonzero(kept)[0])
+  assert (row_of[~kept] == layout.num_rows).all()
+  covered = 0
+  for b in range(int(plan.count)):
+    off, size = int(plan.offset[b]), (int(plan.size_class[b]) + 1) * granule
+    pairs = pair_of_row[off:off + size]
+    assert (flat[pairs[pairs < n]] == int(plan.expert[b])).all()
+    covered += size
+  assert covered == sum(-(-int(g) // granule) * granule for g in s.group_sizes)
+  assert covered - kept.sum() < E * granule
+  assert int(plan.count) <= plan.expert.shape[0] == -(-n // block) + E
+  assert layout.num_rows >= max(covered, block)
+
+
+def test_slots_drop_assignments_beyond_capacity():
+  x, index, weights, experts, _ = _problem(t=20, k=2, drop=0.0)
+  capacity = 3
+  # Expected: the stable sort keeps, per expert, the first `capacity` pairs in token order.
+  flat = np.asarray(index).reshape(-1).copy()
+  for e in range(E):
+    flat[np.nonzero(flat == e)[0][capacity:]] = E
+  want = jax.jit(lambda index: dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.gelu))(
+      jnp.asarray(flat).reshape(index.shape))
+  for name in ('slots', 'onehot'):
+    backend = dispatch.get_backend(name)
+    got = jax.jit(lambda x: backend(x, index, weights, experts, jax.nn.gelu, capacity=capacity))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['slots', 'onehot'])
+def test_capacity_backends_require_capacity(name):
+  x, index, weights, experts, _ = _problem()
+  with pytest.raises(ValueError, match='needs capacity'):
+    dispatch.get_backend(name)(x, index, weights, experts, jax.nn.relu)
+
+
+def test_registry_and_platform_defaults():
+  assert dispatch.default_backend_name('cpu') == 'blocked'
+  assert dispatch.default_backend_name('gpu') == dispatch.default_backend_name('tpu') == 'ragged'
+  assert dispatch.get_backend('auto').name == dispatch.default_backend_name(jax.default_backend())
+  assert {'reference', 'blocked', 'ragged', 'slots', 'onehot', 'auto'} <= set(
+      dispatch.available_backends())
+  assert dispatch.get_backend('blocked', block_size=8).block_size == 8
+  mine = dispatch.ReferenceLoop()
+  assert dispatch.get_backend(mine) is mine
+  with pytest.raises(ValueError, match="unknown dispatch backend 'nope'.*blocked"):
+    dispatch.get_backend('nope')
+
+
+def test_blocked_rejects_bad_sizes_and_picks_big_blocks():
+  with pytest.raises(ValueError, match='block_size=0'):
+    Blocked(block_size=0)
+  with pytest.raises(ValueError, match='multiple of granule=4'):
+    Blocked(block_size=6, granule=4)
+  assert choose_block_size(32768, 512) == (256, 16)
+  block, granule = choose_block_size(40, 5)
+  assert block % granule == 0 and block <= 64
+  assert Blocked().sizes(32, 1) == (32, 16)                 # capped at the rows there are
+  assert Blocked(block_size=24).sizes(1000, 5) == (24, 8)   # granule divides the block
+
+
+def test_bench_helpers():
+  index, weights = bench.random_routing(jax.random.key(0), 64, 8, 2)
+  assert index.shape == (64, 2) and (index[:, 0] != index[:, 1]).all()
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+  assert bench.skip_reason('ragged', 512, 16384, 'cpu') and not bench.skip_reason(
+      'ragged', 512, 16384, 'gpu')
+  assert bench.skip_reason('onehot', 8, 16384, 'cpu') and not bench.skip_reason(
+      'blocked', 512, 16384, 'cpu')
+  assert bench.parse_backend('blocked:block_size=64:save_hidden=0') == (
+      'blocked', {'block_size': 64, 'save_hidden': 0})
+  table = bench.format_table([{'name': 'moe_top2', 'backend': 'ragged', 'num_experts': 512,
+                               'tokens': 16384, 'seconds': None, 'ratio': None}])
+  assert 'skipped' in table
+
+
+def test_bench_main_json_records(capsys):
+  records = bench.main(['--json', '--tokens', '32', '--experts', '4', '--backends', 'blocked',
+                        '--repeats', '1'])
+  printed = json.loads(capsys.readouterr().out)
+  assert printed == records
+  assert {(r['name'], r['backend']) for r in records} == {
+      ('moe_top2', 'dense'), ('moe_top2', 'blocked'), ('dense_ffn', 'plain'),
+      ('dense_ffn', 'DenseFFN')}
+  for r in records:
+    assert set(r) == {'name', 'backend', 'num_experts', 'tokens', 'seconds', 'ratio'}
+    assert r['seconds'] > 0 and r['ratio'] > 0
