@@ -131,7 +131,8 @@ def _vocab(argv: Sequence[str]) -> int:
 @command('bench', 'benchmark sparse layers against FLOP-matched dense layers')
 def _bench(argv: Sequence[str]) -> int:
   from moescale import bench
-  return bench.main(list(argv)) or 0
+  bench.main(list(argv))  # returns its records (for Python callers), not an exit status
+  return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -74,16 +74,20 @@ class DenseFFN(nnx.Module):
     dense FFN treats every token alike, and padding rows are ignored by the loss."""
     del segment_ids
     x = x.astype(self.dtype)
-    h = jnp.einsum('bld,df->blf', x, self.w_in[...].astype(self.dtype))
+    shape = x.shape
+    # Plain 2-D matmuls on [batch·length, d]: XLA:CPU runs 3-D einsums ~15% slower here.
+    x2 = x.reshape(-1, self.d_model)
+    h = x2 @ self.w_in[...].astype(self.dtype)
     if self.b_in is not None:
       h = h + self.b_in[...].astype(self.dtype)
     h = self.act(h)
     h = common.dropout(h, self.dropout_rate, deterministic, self.rngs)
     if self.topk_activation is not None:
       h = topk_activation_mask(h, self.topk_activation)
-    y = jnp.einsum('blf,fd->bld', h, self.w_out[...].astype(self.dtype))
+    y = h @ self.w_out[...].astype(self.dtype)
     if self.b_out is not None:
       y = y + self.b_out[...].astype(self.dtype)
+    y = y.reshape(shape)
     return y
 
   def cost(self) -> common.Cost:
