@@ -112,3 +112,15 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(files):
     pytest.skip('binds no MODEL (pair files are checked by the pairs tests)')
   model = accounting.abstract_model(model_fn)
   assert accounting.count(model, 64).total_params > 0
+
+
+def test_bench_quick_runs_from_the_command_line_without_tensorflow():
+  code = ("import sys, json, io, contextlib; from moescale.cli import main; f = io.StringIO()\n"
+          "with contextlib.redirect_stdout(f): rc = main(['bench', '--quick', '--json'])\n"
+          "assert rc == 0, rc; assert 'tensorflow' not in sys.modules and 'gin' not in "
+          "sys.modules; print(f.getvalue())")
+  out = _run(sys.executable, '-c', code).stdout
+  records = json.loads(out[out.index('['):])
+  names = {(r['name'], r['backend']) for r in records}
+  assert ('moe_top2', 'blocked') in names and ('dense_ffn', 'DenseFFN') in names
+  assert all(r['ratio'] is None or r['ratio'] > 0 for r in records)
