@@ -23,7 +23,7 @@ import math
 import sys
 
 from moescale.study import (REQUIRED, Component, DataSpec, Family, Matching, ModelSpec,
-                            ScalingStudy, table)
+                            ScalingStudy, run_from_args)
 
 VOCAB_SIZE = 50261          # unpadded: the V of their compute formula (see base.gin)
 SEQ_LEN = 2048
@@ -133,16 +133,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   study = make_study(args.match, args.small, args.vocabulary or REQUIRED, args.task,
                      args.train_steps)
-  experiments = [e for e in study.expand(args.only)
-                 if not args.families or e.meta['family'] in args.families]
-  print(table(experiments, convention='artetxe'))
-  if args.dry_run:
-    runs = study.write(args.root, experiments)
-    print(f'wrote {len(runs)} run directories under {args.root}')
-    return 0
-  for summary in study.run(args.root, experiments):
-    print({k: v for k, v in summary.items() if k not in ('state', 'mesh')})
-  return 0
+  return run_from_args(study, args.root, args.only, args.families, args.dry_run, convention='artetxe')
 
 
 if __name__ == '__main__':

@@ -22,7 +22,7 @@ import argparse
 import sys
 
 from moescale.study import (REQUIRED, Component, DataSpec, Family, Matching, ModelSpec,
-                            ScalingStudy, table)
+                            ScalingStudy, run_from_args)
 
 # papers.md's table; PKM sizes: see gin/models/csordas2023/<setting>/setting.gin.
 SIZES = {
@@ -163,16 +163,7 @@ def main(argv=None) -> int:
   p.add_argument('--train_steps', type=int, default=None, help='override the step count')
   args = p.parse_args(argv)
   study = make_study(args.match, args.small, args.vocabulary or REQUIRED, args.train_steps)
-  experiments = [e for e in study.expand(args.only)
-                 if not args.families or e.meta['family'] in args.families]
-  print(table(experiments))
-  if args.dry_run:
-    runs = study.write(args.root, experiments)
-    print(f'wrote {len(runs)} run directories under {args.root}')
-    return 0
-  for summary in study.run(args.root, experiments):
-    print({k: v for k, v in summary.items() if k not in ('state', 'mesh')})
-  return 0
+  return run_from_args(study, args.root, args.only, args.families, args.dry_run)
 
 
 if __name__ == '__main__':

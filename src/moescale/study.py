@@ -413,6 +413,23 @@ class ScalingStudy:
     return [e.launch(d) for e, d in runs]
 
 
+def run_from_args(study: 'ScalingStudy', root: str, only=None, families=None,
+                  dry_run: bool = False, convention: str = 'standard') -> int:
+  """What an experiment script does with its parsed flags: expand (optionally keeping some
+  sizes / families), print the count table, then write the run directories (dry run) or
+  train them one after another."""
+  experiments = [e for e in study.expand(only)
+                 if not families or e.meta['family'] in families]
+  print(table(experiments, convention=convention))
+  if dry_run:
+    runs = study.write(root, experiments)
+    print(f'wrote {len(runs)} run directories under {root}')
+    return 0
+  for summary in study.run(root, experiments):
+    print({k: v for k, v in summary.items() if k not in ('state', 'mesh')})
+  return 0
+
+
 def _quantity(c: accounting.ModelCount, quantity: str, convention: str) -> float:
   if quantity == 'train_flops':
     return c.train_flops_per_token[convention]

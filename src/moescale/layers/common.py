@@ -141,6 +141,13 @@ def check_positive(**values: int | float) -> None:
     raise ValueError(', '.join(f'{k}={v!r} must be > 0' for k, v in bad.items()))
 
 
+def check_routing(num_experts: int, top_k: int, **sizes: int) -> None:
+  """Shared by the MoE families: positive sizes, and top_k no larger than num_experts."""
+  check_positive(num_experts=num_experts, top_k=top_k, **sizes)
+  if top_k > num_experts:
+    raise ValueError(f'top_k={top_k!r} must be <= num_experts={num_experts}')
+
+
 def token_mask(segment_ids: Array | None, shape: Sequence[int]) -> Array:
   """[batch, length] bool: True for real tokens (segment id != 0, as seqio packs)."""
   if segment_ids is None:

@@ -225,10 +225,7 @@ class SigmaMoE(nnx.Module):
                activation: str = 'relu',
                dispatch: str | dispatch_lib.DispatchBackend = 'auto',
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    common.check_positive(d_model=d_model, num_experts=num_experts, expert_size=expert_size,
-                          top_k=top_k)
-    if top_k > num_experts:
-      raise ValueError(f'top_k={top_k!r} must be <= num_experts={num_experts}')
+    common.check_routing(num_experts, top_k, d_model=d_model, expert_size=expert_size)
     if not 0.0 <= expert_dropout <= 1.0:
       raise ValueError(f'expert_dropout={expert_dropout!r} must be in [0, 1]')
     if num_layers is not None:

@@ -283,10 +283,7 @@ class TopKMoE(nnx.Module):
                init_scale: float = 1.0, router_init_scale: float = 1.0,
                dispatch: str | dispatch_lib.DispatchBackend = 'auto',
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    common.check_positive(d_model=d_model, num_experts=num_experts, expert_size=expert_size,
-                          top_k=top_k)
-    if top_k > num_experts:
-      raise ValueError(f'top_k={top_k!r} must be <= num_experts={num_experts}')
+    common.check_routing(num_experts, top_k, d_model=d_model, expert_size=expert_size)
     if second_policy not in SECOND_POLICIES:
       raise ValueError(f'unknown second_policy {second_policy!r}; valid: {list(SECOND_POLICIES)}')
     if group_size is not None and not (isinstance(group_size, int) and group_size > 0):
