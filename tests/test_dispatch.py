@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from moescale import bench
+from moescale.bench import moe as bench_moe
+from moescale.bench import timing
 from moescale.layers import dispatch, dispatch_ops
 from moescale.layers.dispatch_blocked import Blocked, choose_block_size
 
@@ -239,22 +241,24 @@ def test_blocked_rejects_bad_sizes_and_picks_big_blocks():
 
 
 def test_bench_helpers():
-  index, weights = bench.random_routing(jax.random.key(0), 64, 8, 2)
+  index, weights = bench_moe.random_routing(jax.random.key(0), 64, 8, 2)
   assert index.shape == (64, 2) and (index[:, 0] != index[:, 1]).all()
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
-  assert bench.skip_reason('ragged', 512, 16384, 'cpu') and not bench.skip_reason(
+  assert bench_moe.skip_reason('ragged', 512, 16384, 'cpu') and not bench_moe.skip_reason(
       'ragged', 512, 16384, 'gpu')
-  assert bench.skip_reason('onehot', 8, 16384, 'cpu') and not bench.skip_reason(
+  assert bench_moe.skip_reason('onehot', 8, 16384, 'cpu') and not bench_moe.skip_reason(
       'blocked', 512, 16384, 'cpu')
-  assert bench.parse_backend('blocked:block_size=64:save_hidden=0') == (
+  assert bench_moe.parse_backend('blocked:block_size=64:save_hidden=0') == (
       'blocked', {'block_size': 64, 'save_hidden': 0})
-  table = bench.format_table([{'name': 'moe_top2', 'backend': 'ragged', 'num_experts': 512,
-                               'tokens': 16384, 'seconds': None, 'ratio': None}])
-  assert 'skipped' in table
+  table = timing.format_table([timing.skipped('moe_top2', 'ragged', 512, 16384, 'dense',
+                                              'ragged_dot is dense')])
+  assert 'skipped' in table and 'ragged_dot is dense' in table
+  with pytest.raises(ValueError, match='unknown record keys'):
+    timing.record('x', 'y', None, 1, 1.0, 1.0, 'y', speed=2)
 
 
 def test_bench_main_json_records(capsys):
-  records = bench.main(['--json', '--tokens', '32', '--experts', '4', '--backends', 'blocked',
+  records = bench.main(['--json', '--sections', 'moe', '--tokens', '32', '--experts', '4', '--backends', 'blocked',
                         '--repeats', '1'])
   printed = json.loads(capsys.readouterr().out)
   assert printed == records
@@ -262,5 +266,6 @@ def test_bench_main_json_records(capsys):
       ('moe_top2', 'dense'), ('moe_top2', 'blocked'), ('dense_ffn', 'plain'),
       ('dense_ffn', 'DenseFFN')}
   for r in records:
-    assert set(r) == {'name', 'backend', 'num_experts', 'tokens', 'seconds', 'ratio'}
+    assert set(r) == set(timing.RECORD_KEYS)
+    assert r['baseline'] == ('dense' if r['name'] == 'moe_top2' else 'plain')
     assert r['seconds'] > 0 and r['ratio'] > 0

@@ -33,7 +33,8 @@ def _tokens(shape=(2, 8), seed=0):
 class GatedFFN(nnx.Module):
   """A second dense-like family (GLU), written here to show the model needs nothing else."""
 
-  def __init__(self, d_model, d_ff, *, rngs):
+  def __init__(self, d_model, d_ff, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+    del dtype, param_dtype  # a minimal family may ignore the model's precision
     self.w_gate = common.param(rngs, common.fan_in_normal(d_model), (d_model, d_ff),
                                ('embed', 'mlp'))
     self.w_in = common.param(rngs, common.fan_in_normal(d_model), (d_model, d_ff),
@@ -48,7 +49,7 @@ class GatedFFN(nnx.Module):
 class RecordingFFN(nnx.Module):
   """Fake sparse family: records losses that depend on its parameter and input."""
 
-  def __init__(self, d_model, value, *, rngs):
+  def __init__(self, d_model, value, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs):
     self.value = value
     self.w = nnx.Param(jnp.full((d_model,), value))
 

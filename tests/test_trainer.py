@@ -150,3 +150,48 @@ def test_dropout_trains_and_its_rng_stream_advances():
   state, m1 = fn(state, batch)
   state, m2 = fn(state, batch)
   assert np.isfinite(float(m1['loss'])) and float(m1['loss']) != float(m2['loss'])
+
+
+def _dot_dtypes(fn, *args):
+  """{output last dim: set of dtypes} of every dot_general in fn's jaxpr (nested ones too)."""
+  found = {}
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == 'dot_general':
+        aval = eqn.outvars[0].aval
+        found.setdefault(aval.shape[-1], set()).add(str(aval.dtype))
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_mixed_precision_bf16_compute_fp32_master_weights_and_routers(tmp_path):
+  from moescale.layers import SigmaMoE
+  # One model with both router kinds: σ-MoE (6 experts, 40 wide) in layer 1, top-2 MoE
+  # (10 experts, 24 wide) in layer 2. Each matmul is told apart by its output width.
+  model_fn = functools.partial(
+      MODEL, ffn=functools.partial(SigmaMoE, num_experts=6, expert_size=40, top_k=2,
+                                   num_layers=2),
+      sparse_ffn=functools.partial(TopKMoE, num_experts=10, expert_size=24, top_k=2,
+                                   capacity_factor=1.0))
+  graphdef, params, rest = step_lib.abstract_model(
+      functools.partial(model_fn, dtype=jax.numpy.bfloat16), 0)
+  tokens = np.zeros((2, 16), np.int32)
+  dots = _dot_dtypes(lambda p, r: nnx.merge(graphdef, p, r)(tokens).logits, params, rest)
+  assert dots[6] == {'float32'} and dots[10] == {'float32'}, dots  # routers stay float32
+  assert dots[40] == {'bfloat16'} and dots[24] == {'bfloat16'}, dots  # experts compute bf16
+  # Training in bf16 keeps fp32 master weights and stays close to the fp32 run.
+  runs = {}
+  for dtype in ('float32', 'bfloat16'):
+    fn = functools.partial(model_fn, dtype=getattr(jax.numpy, dtype))
+    runs[dtype] = trainer.train(fn, DATA, _cfg(tmp_path / dtype, 4, eval_steps=1,
+                                               mesh=trainer.MeshConfig()))
+  params16 = _params(runs['bfloat16'])
+  assert all(v.dtype == np.float32 for v in params16.values())
+  assert np.isfinite(runs['bfloat16']['loss'])
+  assert abs(runs['bfloat16']['loss'] - runs['float32']['loss']) < 0.05
+  assert abs(runs['bfloat16']['validation/eval_loss']
+             - runs['float32']['validation/eval_loss']) < 0.05

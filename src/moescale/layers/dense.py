@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moescale import sharding as shd
 from moescale.layers import common
 
 
@@ -80,7 +81,8 @@ class DenseFFN(nnx.Module):
     h = x2 @ self.w_in[...].astype(self.dtype)
     if self.b_in is not None:
       h = h + self.b_in[...].astype(self.dtype)
-    h = self.act(h)
+    # The hidden units follow w_in's 'mlp' split (tensor parallelism): no gather before w_out.
+    h = shd.constrain(self.act(h), ('act_batch', 'act_mlp'))
     h = common.dropout(h, self.dropout_rate, deterministic, self.rngs)
     if self.topk_activation is not None:
       h = topk_activation_mask(h, self.topk_activation)

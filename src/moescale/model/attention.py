@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moescale import sharding as shd
 from moescale.layers import common
 from moescale.model import positions as positions_lib
 
@@ -109,7 +110,9 @@ class Attention(nnx.Module):
   def _project(self, x: jax.Array, w: nnx.Param, b: nnx.Param | None) -> jax.Array:
     """x: [b, t, d] -> [b, t, h, k]."""
     y = jnp.einsum('btd,dhk->bthk', x, w[...].astype(self.dtype))
-    return y if b is None else y + b[...].astype(self.dtype)
+    y = y if b is None else y + b[...].astype(self.dtype)
+    # Heads split over 'tensor' (Megatron): the projections' weights are split the same way.
+    return shd.constrain(y, ('act_batch', 'act_length', 'act_heads', 'act_kv'))
 
   def _output(self, heads: jax.Array) -> jax.Array:
     """heads: [b, q, h, k] -> [b, q, d]."""

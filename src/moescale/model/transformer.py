@@ -5,8 +5,9 @@
     logits = LN(x) @ embed^T  (or a separate output projection)          [batch, length, vocab]
 
 The model never names an FFN family: `ffn` and `sparse_ffn` are constructors called as
-`ffn(d_model=d_model, rngs=rngs)` (e.g. `functools.partial(DenseFFN, d_ff=3072)`), and the
-sublayers' auxiliary losses and routing metrics are collected by running each block under
+`ffn(d_model=d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)` (e.g.
+`functools.partial(DenseFFN, d_ff=3072)`: the model's precision reaches every sublayer), and
+the sublayers' auxiliary losses and routing metrics are collected by running each block under
 `nnx.capture(block, AuxLoss, RoutingMetric)`. Capturing per block (not around the whole
 forward) is what lets the same code run under `nnx.remat` and `nnx.scan`: the records leave
 each block as ordinary outputs. Consequently do not wrap the model itself in `nnx.capture`:
@@ -41,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moescale import sharding as shd
 from moescale.layers import common
 from moescale.model import attention as attention_lib
 from moescale.model import positions as positions_lib
@@ -48,6 +50,10 @@ from moescale.model import positions as positions_lib
 POSITIONS = ('sinusoidal', 'learned', 'rotary', 'relative')
 DEFAULT_AUX_LOSS_WEIGHTS = {'load_balance': 0.01, 'router_z': 0.0, 'entropy': 0.0}
 FFNConstructor = Callable[..., nnx.Module]
+# The residual stream [batch, length, d_model]: split over the data axes only. Pinning it at
+# every block boundary (t5x / MaxText do the same) keeps GSPMD from carrying a tensor- or
+# FSDP-split layout of one layer's output into the next layer's LayerNorm.
+ACT_RESIDUAL = ('act_batch', 'act_length', 'act_embed')
 
 
 @flax.struct.dataclass
@@ -101,7 +107,9 @@ class Block(nnx.Module):
       self.attention = attention_lib.Attention(d_model, num_heads, head_dim,
                                                rotary=positions == 'rotary', **attn)
     self.ffn_norm = LayerNorm(d_model, **norm)
-    self.ffn = ffn(d_model=d_model, rngs=rngs)
+    # The model's precision governs every sublayer: one `dtype` switches the whole LM to bf16
+    # compute (routers and scoring stay float32 inside the families).
+    self.ffn = ffn(d_model=d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.dropout_rate = dropout
     self.rngs = rngs if dropout > 0 else None
 
@@ -116,8 +124,10 @@ class Block(nnx.Module):
       a = self.attention(h, segment_ids=segment_ids, positions=positions,
                          memory=self.attention_norm(memory), deterministic=deterministic)
     x = x + common.dropout(a, self.dropout_rate, deterministic, self.rngs).astype(x.dtype)
+    x = shd.constrain(x, ACT_RESIDUAL)
     y = self.ffn(self.ffn_norm(x), deterministic=deterministic, segment_ids=segment_ids)
-    return x + common.dropout(y, self.dropout_rate, deterministic, self.rngs).astype(x.dtype)
+    x = x + common.dropout(y, self.dropout_rate, deterministic, self.rngs).astype(x.dtype)
+    return shd.constrain(x, ACT_RESIDUAL)
 
 
 class _BlockGroup(nnx.Module):
@@ -172,7 +182,8 @@ class TransformerLM(nnx.Module):
   Args:
     vocab_size, d_model, num_layers, num_heads: the usual shape; head_dim defaults to
       d_model // num_heads.
-    ffn: constructor of the FFN sublayer, called as `ffn(d_model=d_model, rngs=rngs)`.
+    ffn: constructor of the FFN sublayer, called as
+      `ffn(d_model=d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)`.
     sparse_ffn: constructor used on `sparse_layers` instead of `ffn`, or None (all `ffn`).
     sparse_layers: 'every_other' (2, 4, ...), 'all', 'none', or 1-based layer numbers.
     positions: 'sinusoidal' (fairseq), 'learned', 'rotary', 'relative' (Transformer-XL).
@@ -326,6 +337,7 @@ class TransformerLM(nnx.Module):
         raise ValueError(f'length {length} exceeds max_length={self.position_table.max_length}')
       x = x + self.position_table(positions).astype(self.dtype)
     x = common.dropout(x, self.dropout_rate, deterministic, self.rngs)
+    x = shd.constrain(x, ACT_RESIDUAL)
 
     run = self._run_scanned if self.scan_layers else self._run_looped
     x, records, new_memory = run(x, segment_ids, positions, memory, mem_len, deterministic)
@@ -335,6 +347,7 @@ class TransformerLM(nnx.Module):
       logits = jnp.einsum('bld,vd->blv', x, self.embed[...].astype(self.dtype))
     else:
       logits = jnp.einsum('bld,dv->blv', x, self.unembed[...].astype(self.dtype))
+    logits = shd.constrain(logits, ('act_batch', 'act_length', 'act_vocab'))
     aux_losses, aux_loss, metrics = self._collect(records)
     # float32 at least (bfloat16 logits lose the loss), float64 kept for gradient checks.
     logits = logits.astype(jnp.promote_types(self.dtype, jnp.float32))

@@ -1,7 +1,4 @@
-"""Layer micro-benchmark: MoE dispatch backends against a FLOP-matched dense FFN.
-
-    python -m moescale.bench [--quick] [--json] [--backends blocked,slots] [--experts 8,64]
-                             [--tokens 4096] [--repeats 5]
+"""Top-2 MoE dispatch backends against a FLOP-matched dense FFN; DenseFFN against plain JAX.
 
 Times forward + backward (`jax.jit` of `value_and_grad` wrt x and the expert parameters) of a
 top-2 MoE at d_model 256, expert_size 512, against a dense FFN with d_ff = top_k *
@@ -9,10 +6,8 @@ expert_size (the same matmul FLOPs per token), in one process. Routing is unifor
 (distinct experts per token, fixed seed), so the numbers measure dispatch, not router quality.
 Capacity backends get capacity = ceil(1.25 * tokens * top_k / E): they also do 1.25x the work.
 
-Timing: after a compile + warm-up call of everything, `repeats` rounds each time the dense
-layer and every backend once, back to back. `seconds` is a backend's median time; `ratio` is
-the median over rounds of (backend time / dense time in the same round), which holds up far
-better than a ratio of medians on a machine shared with other jobs.
+Timing is `timing.interleaved`: each round times the dense layer and every backend once, back
+to back; `ratio` is the median over rounds of (backend time / dense time in that round).
 
 Also times the project's DenseFFN module against a plain two-matmul function (ratio ~1 means
 the module adds nothing). Backends whose estimated cost is prohibitive on this platform
@@ -22,18 +17,14 @@ No gin, seqio or TensorFlow is imported.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import statistics
-import sys
-import time
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moescale.bench import timing
 from moescale.layers import dense, dispatch
 
 D_MODEL, EXPERT_SIZE, TOP_K, CAPACITY_FACTOR = 256, 512, 2, 1.25
@@ -84,30 +75,6 @@ def _moe_step(backend: dispatch.DispatchBackend, capacity: int | None):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-  """Times every thunk once per round, round after round; returns the times per name."""
-  for fn in fns.values():  # compile, then one warm-up call
-    jax.block_until_ready(fn())
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return times
-
-
-def _records(name, num_experts, tokens, times, baseline):
-  base = times[baseline]
-  out = []
-  for backend, ts in times.items():
-    ratio = statistics.median(t / b for t, b in zip(ts, base))
-    out.append({'name': name, 'backend': backend, 'num_experts': num_experts,
-                'tokens': tokens, 'seconds': statistics.median(ts), 'ratio': ratio})
-  return out
-
-
 def bench_moe(num_experts: int, tokens: int, backends: Sequence[str], repeats: int,
               platform: str, log=None) -> list[dict]:
   keys = jax.random.split(jax.random.key(0), 6)
@@ -127,16 +94,15 @@ def bench_moe(num_experts: int, tokens: int, backends: Sequence[str], repeats: i
     name, options = parse_backend(spec)
     reason = skip_reason(name, num_experts, tokens, platform)
     if reason:
-      skipped.append({'name': 'moe_top2', 'backend': spec, 'num_experts': num_experts,
-                      'tokens': tokens, 'seconds': None, 'ratio': None})
+      skipped.append(timing.skipped('moe_top2', spec, num_experts, tokens, 'dense', reason))
       if log:
         log(f'  skipped {spec} at E={num_experts}, t={tokens}: {reason}')
       continue
     capacity = capacity_for(tokens, num_experts) if name in ('slots', 'onehot') else None
     step = _moe_step(dispatch.get_backend(name, **options), capacity)
     fns[spec] = (lambda step=step: step(x, experts, index, weights, dy))
-  times = interleaved(fns, repeats)
-  return _records('moe_top2', num_experts, tokens, times, 'dense') + skipped
+  times = timing.interleaved(fns, repeats)
+  return timing.ratio_records('moe_top2', num_experts, tokens, times, 'dense') + skipped
 
 
 def bench_dense_module(tokens: int, repeats: int) -> list[dict]:
@@ -152,9 +118,9 @@ def bench_dense_module(tokens: int, repeats: int) -> list[dict]:
   module_fn = jax.jit(jax.value_and_grad(module_loss, argnums=(0, 1)))
   plain_fn = _dense_step()
   w_in, w_out = layer.w_in[...], layer.w_out[...]
-  times = interleaved({'plain': lambda: plain_fn(x[0], w_in, w_out, dy[0]),
+  times = timing.interleaved({'plain': lambda: plain_fn(x[0], w_in, w_out, dy[0]),
                        'DenseFFN': lambda: module_fn(params, x, dy)}, repeats)
-  return _records('dense_ffn', None, tokens, times, 'plain')
+  return timing.ratio_records('dense_ffn', None, tokens, times, 'plain')
 
 
 def parse_backend(spec: str) -> tuple[str, dict]:
@@ -167,58 +133,21 @@ def parse_backend(spec: str) -> tuple[str, dict]:
   return name, options
 
 
-def format_table(records: Sequence[dict]) -> str:
-  lines = [f'{"benchmark":<10} {"backend":<28} {"experts":>7} {"tokens":>7} '
-           f'{"seconds":>9} {"ratio":>7}']
-  for r in records:
-    experts = '-' if r['num_experts'] is None else r['num_experts']
-    if r['seconds'] is None:
-      sec, ratio = 'skipped', ''
-    else:
-      sec, ratio = f'{r["seconds"]:.4f}', f'{r["ratio"]:.2f}x'
-    lines.append(f'{r["name"]:<10} {r["backend"]:<28} {experts:>7} {r["tokens"]:>7} '
-                 f'{sec:>9} {ratio:>7}')
-  return '\n'.join(lines)
-
-
-def _ints(text: str) -> tuple[int, ...]:
-  return tuple(int(v) for v in text.split(','))
-
-
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-  parser = argparse.ArgumentParser(prog='moescale bench', description=__doc__.split('\n')[0])
-  parser.add_argument('--quick', action='store_true', help='tiny set: E=8, 1k tokens')
-  parser.add_argument('--json', action='store_true', help='print JSON records, not a table')
-  parser.add_argument('--backends', default=','.join(BACKENDS),
-                      help='comma list; options as blocked:block_size=64:save_hidden=0')
-  parser.add_argument('--experts', type=_ints, help='comma list of num_experts')
-  parser.add_argument('--tokens', type=_ints, help='comma list of token counts')
-  parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default 5)')
-  args = parser.parse_args(argv)
-  grid = QUICK if args.quick else FULL
-  experts = args.experts or grid['experts']
-  tokens_list = args.tokens or grid['tokens']
-  repeats = args.repeats or (3 if args.quick else 5)
-  backends = [b for b in args.backends.split(',') if b]
+def run(opts, log) -> list[dict]:
+  """The section for `moescale bench`: every (tokens, experts) cell, then DenseFFN vs plain."""
+  experts = opts.experts or (QUICK if opts.quick else FULL)['experts']
+  tokens_list = opts.tokens or (QUICK if opts.quick else FULL)['tokens']
+  backends = opts.backends or BACKENDS
   platform = jax.default_backend()
-  log = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
   if log:
-    log(f'moescale bench on {platform} ({jax.devices()[0].device_kind}), fwd+bwd, fp32, '
-        f'd_model={D_MODEL} expert_size={EXPERT_SIZE} top_k={TOP_K}, median of {repeats}')
+    log(f'top-2 MoE: d_model={D_MODEL} expert_size={EXPERT_SIZE} top_k={TOP_K}, ratios to a '
+        f'dense FFN with d_ff={TOP_K * EXPERT_SIZE}')
   records = []
   for tokens in tokens_list:
     for num_experts in experts:
-      rows = bench_moe(num_experts, tokens, backends, repeats, platform, log)
+      rows = bench_moe(num_experts, tokens, backends, opts.repeats, platform, log)
       records += rows
       if log:
-        log(format_table(rows).split('\n', 1)[1])
-  records += bench_dense_module(max(tokens_list), repeats)
-  if args.json:
-    print(json.dumps(records, indent=1))
-  else:
-    print(format_table(records))
+        log(timing.format_table(rows).split('\n', 1)[1])
+  records += bench_dense_module(max(tokens_list), opts.repeats)
   return records
-
-
-if __name__ == '__main__':
-  main()

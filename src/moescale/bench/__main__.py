@@ -1,0 +1,3 @@
+from moescale.bench import main
+
+main()

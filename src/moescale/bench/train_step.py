@@ -1,0 +1,143 @@
+"""Whole training steps of small LMs: MFU against this machine's measured peak, and memory.
+
+For each model (the CPU-sized shapes the tiny run and the small pairs ship: d_model 128,
+4 layers, 4 heads, byte vocabulary, 128-token sequences, batch 16 = 2048 tokens):
+
+    dense      DenseFFN d_ff 512 in every layer
+    topk_moe   the tiny run's model: top-2 of 8 experts (expert_size 256) every other layer
+    sigma_moe  σ-MoE (8 x 64, K 2) in every layer, Csordás et al.'s small shape
+    pkm        product-key memory (4 heads, 32² values, knn 32) in every layer
+
+one jitted `train_step` (AdamW update included, as the trainer runs it) is timed, interleaved
+with the others. Reported per model:
+
+    mfu                model FLOPs / step time / peak FLOP/s. Model FLOPs are
+                       `accounting.count(...).train_flops(tokens)` (3x the forward count,
+                       attention over the full square as computed); the peak is a square fp32
+                       matmul timed in this process (`peak_matmul` row), the same denominator
+                       the trainer logs MFU against.
+    peak_memory_bytes  the compiled step's peak: XLA's memory analysis (arguments + outputs +
+                       temporaries - donated aliases), None where the backend gives none.
+    state_bytes        params + optimizer state (+ other model state): what must stay resident.
+    ratio              step time / the dense model's step time in the same round.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+
+import jax
+import numpy as np
+
+from moescale import accounting, sharding as shd
+from moescale.bench import timing
+from moescale.data.synthetic import SyntheticData
+from moescale.layers.dense import DenseFFN
+from moescale.model.transformer import TransformerLM
+from moescale.train import optim, step as step_lib
+
+SHAPE = dict(vocab_size=264, d_model=128, num_layers=4, num_heads=4, head_dim=32,
+             max_length=128, scale_embeddings=True, tie_embeddings=True)
+QUICK_SHAPE = dict(SHAPE, d_model=64, num_layers=2, num_heads=2, max_length=32)
+BATCH, QUICK_BATCH = 16, 4
+
+
+def _models(d_model: int) -> dict[str, tuple]:
+  """name -> (constructor kwargs for TransformerLM beyond SHAPE, num_experts)."""
+  from moescale.layers.pkm import ProductKeyMemory
+  from moescale.layers.sigma_moe import SigmaMoE
+  from moescale.layers.topk_moe import TopKMoE
+  dense = functools.partial(DenseFFN, d_ff=4 * d_model, activation='gelu', use_bias=True)
+  return {
+      'dense': (dict(ffn=dense), None),
+      'topk_moe': (dict(ffn=dense, sparse_layers='every_other',
+                        sparse_ffn=functools.partial(
+                            TopKMoE, num_experts=8, expert_size=2 * d_model, top_k=2,
+                            capacity_factor=1.0, activation='gelu', use_bias=True)), 8),
+      'sigma_moe': (dict(ffn=functools.partial(SigmaMoE, num_experts=8, expert_size=d_model // 2,
+                                               top_k=2)), 8),
+      'pkm': (dict(ffn=functools.partial(ProductKeyMemory, num_heads=4, num_keys=32, knn=32,
+                                         score_fn='relu')), None),
+  }
+
+
+def peak_flops(size: int, repeats: int) -> tuple[float, float]:
+  """(FLOP/s, seconds) of the median square fp32 matmul of `size`: the MFU denominator."""
+  a = jax.random.normal(jax.random.key(0), (size, size))
+  f = jax.jit(lambda a: a @ a)
+  times = timing.interleaved({'mm': lambda: f(a)}, max(repeats, 5))['mm']
+  seconds = statistics.median(times)
+  return 2 * size ** 3 / seconds, seconds
+
+
+def _state_bytes(state) -> int:
+  return int(sum(x.nbytes for x in jax.tree.leaves(state)))
+
+
+def _peak_bytes(compiled) -> int | None:
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # not every backend reports it; the row then says None
+    return None
+  if ma is None:
+    return None
+  return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+             - ma.alias_size_in_bytes)
+
+
+class _Stepper:
+  """Holds one model's train state and advances it a step per call (the state is donated)."""
+
+  def __init__(self, kwargs: dict, shape: dict, batch_size: int, mesh):
+    model_fn = functools.partial(TransformerLM, **shape, **kwargs)
+    cfg = optim.OptimizerConfig(learning_rate=1e-3, warmup_steps=1)
+    _, abs_params, _ = step_lib.abstract_model(model_fn, 0)
+    tx, schedule = optim.make_optimizer(cfg, 100, abs_params)
+    graphdef, self.state, state_sh = step_lib.create_train_state(model_fn, tx, 0, mesh)
+    self.state_bytes = _state_bytes(self.state)
+    data = SyntheticData(vocab_size=shape['vocab_size'], length=shape['max_length'])
+    batch = next(data.train_iterator(batch_size))
+    self.batch = shd.host_local_to_global(batch, mesh)
+    self.tokens = int(np.prod(batch['decoder_input_tokens'].shape))
+    self.flops = accounting.count(model_fn, shape['max_length']).train_flops(self.tokens)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule), state_sh,
+                                 mesh)
+    # Traced as the trainer traces it: under the mesh and the activation-sharding rules.
+    with shd.activation_sharding(mesh), jax.set_mesh(mesh):
+      self.compiled = fn.lower(self.state, self.batch).compile()
+    self.peak_bytes = _peak_bytes(self.compiled)
+
+  def __call__(self):
+    self.state, metrics = self.compiled(self.state, self.batch)
+    return metrics['loss']
+
+
+def run(opts, log) -> list[dict]:
+  shape = QUICK_SHAPE if opts.quick else SHAPE
+  batch = QUICK_BATCH if opts.quick else BATCH
+  peak, peak_seconds = peak_flops(256 if opts.quick else 2048, opts.repeats)
+  records = [timing.record('peak_matmul', 'fp32_square', None, 256 if opts.quick else 2048,
+                           peak_seconds, None, None, flops=peak * peak_seconds)]
+  if log:
+    log(f'training steps: d_model={shape["d_model"]} layers={shape["num_layers"]} '
+        f'batch={batch}x{shape["max_length"]}; peak matmul {peak / 1e9:.1f} GFLOP/s')
+  mesh = shd.make_mesh(devices=jax.devices()[:1])
+  steppers, experts = {}, {}
+  models = _models(shape['d_model'])
+  if opts.quick:  # compiling a train step dominates a quick run: two models show the format
+    models = {k: models[k] for k in ('dense', 'topk_moe')}
+  for name, (kwargs, num_experts) in models.items():
+    steppers[name] = _Stepper(kwargs, shape, batch, mesh)
+    experts[name] = num_experts
+  times = timing.interleaved(dict(steppers), opts.repeats)
+  for r in timing.ratio_records('train_step', None, batch * shape['max_length'], times, 'dense'):
+    s = steppers[r['backend']]
+    r.update(num_experts=experts[r['backend']], flops=s.flops,
+             mfu=s.flops / r['seconds'] / peak, state_bytes=s.state_bytes,
+             peak_memory_bytes=s.peak_bytes)
+    records.append(r)
+  if log:
+    log(timing.format_table(records).split('\n', 1)[1])
+  return records
+
