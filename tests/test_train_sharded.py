@@ -10,6 +10,7 @@ from flax import nnx
 from moescale import sharding as shd
 from moescale.data.synthetic import SyntheticData
 from moescale.layers import DenseFFN, ProductKeyMemory, SigmaMoE, TopKMoE
+from moescale.layers import expert_exchange, expert_parallel
 from moescale.layers.expert_parallel import ExpertParallel
 from moescale.layers import dispatch as dispatch_lib
 from moescale.model import TransformerLM
@@ -37,8 +38,12 @@ MESHES = {
     'fsdp4_data2': dict(data=2, fsdp=4),
 }
 
-CASES = [(f, m) for f in FAMILIES for m in MESHES
-         if m in ('data2_expert4', 'data2_tensor2_expert2') or f in ('dense', 'topk_moe')]
+EP_MESHES = ('data2_expert4', 'data2_tensor2_expert2')
+# (family, mesh, expert exchange): the ring everywhere; the all-to-all once per EP mesh, on the
+# family with biases and a router capacity (the tensor case then also checks the bias-once rule).
+CASES = ([(f, m, 'ring') for f in FAMILIES for m in MESHES
+          if m in EP_MESHES or f in ('dense', 'topk_moe')]
+         + [('topk_moe', m, 'all_to_all') for m in EP_MESHES])
 
 
 def _model_fn(family):
@@ -49,7 +54,7 @@ def _model_fn(family):
                                              'entropy': 0.001})
 
 
-def _run(model_fn, mesh, steps=3):
+def _run(model_fn, mesh, steps=3, exchange='ring'):
   cfg = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=0, decay='constant')
   _, abs_params, _ = step_lib.abstract_model(model_fn, 0)
   tx, schedule = optim.make_optimizer(cfg, steps, abs_params)
@@ -58,7 +63,7 @@ def _run(model_fn, mesh, steps=3):
                                   mesh)
   it = SyntheticData(vocab_size=VOCAB, length=LENGTH).train_iterator(BATCH)
   losses = []
-  with shd.activation_sharding(mesh), jax.set_mesh(mesh):
+  with shd.activation_sharding(mesh), jax.set_mesh(mesh), expert_parallel.configure(exchange):
     for _ in range(steps):
       state, m = train(state, shd.host_local_to_global(next(it), mesh))
       losses.append(float(m['total_loss']))
@@ -72,12 +77,17 @@ def _single_device(family):
   return _run(_model_fn(family), shd.make_mesh(devices=jax.devices()[:1]))
 
 
-@pytest.mark.parametrize('family,mesh_name', CASES)
-def test_sharded_steps_equal_single_device(family, mesh_name):
+@pytest.mark.parametrize('family,mesh_name,exchange', CASES)
+def test_sharded_steps_equal_single_device(family, mesh_name, exchange, monkeypatch):
   model_fn = _model_fn(family)
   ref_losses, ref_state = _single_device(family)
   mesh = shd.make_mesh(**MESHES[mesh_name])
-  losses, state = _run(model_fn, mesh)
+  exchanged = []
+  original = expert_exchange.exchange_ffn
+  monkeypatch.setattr(expert_exchange, 'exchange_ffn',
+                      lambda *a, **kw: exchanged.append(1) or original(*a, **kw))
+  losses, state = _run(model_fn, mesh, exchange=exchange)
+  assert bool(exchanged) == (exchange == 'all_to_all')
   np.testing.assert_allclose(losses, ref_losses, rtol=2e-5, atol=2e-5)
   flat_ref = dict(nnx.to_flat_state(ref_state.params))
   for path, var in nnx.to_flat_state(state.params):
@@ -141,3 +151,41 @@ def test_ep_wrapper_used_only_with_an_expert_axis():
     assert isinstance(wrap_for_mesh(inner), ExpertParallel)
   with shd.activation_sharding(shd.make_mesh(data=8)):
     assert wrap_for_mesh(inner) is inner
+
+
+def test_activation_constraints_pin_the_residual_heads_and_hidden_units():
+  """Under activation_sharding the model annotates its activations: the residual stream is
+  split over data only, attention heads and FFN hidden units over 'tensor'."""
+  mesh = shd.make_mesh(data=2, tensor=4)
+  # vocab 48 (not d_model 32): the logits [8, 16, 48] must not be mistaken for the residual.
+  model_fn = functools.partial(TransformerLM, vocab_size=48, d_model=32, num_layers=2,
+                               num_heads=4, ffn=functools.partial(DenseFFN, d_ff=64))
+  graphdef, params, rest = step_lib.abstract_model(model_fn, 0)
+
+  tokens = jax.ShapeDtypeStruct((BATCH, LENGTH), np.int32)
+
+  def lowered_text():
+    # A fresh function each time: jax caches traces by function, and the activation context
+    # is not part of that key (the trainer always traces inside it).
+    def forward(params, rest, tokens):
+      return nnx.merge(graphdef, params, rest)(tokens).logits
+    return jax.jit(forward).lower(params, rest, tokens).as_text()
+
+  with jax.set_mesh(mesh):
+    with shd.activation_sharding(mesh):
+      text = lowered_text()
+    plain = lowered_text()
+  assert 'sharding_constraint' not in plain  # outside the context the model is unannotated
+  constraints = [line for line in text.splitlines() if 'sharding_constraint' in line]
+  # 2 layers x (block input, block output, q, k, v, hidden) + embeddings + logits
+  assert len(constraints) >= 2 * 6 + 2, len(constraints)
+  residual = [c for c in constraints if 'tensor<8x16x32xf32>' in c]
+  heads = [c for c in constraints if 'tensor<8x16x4x8xf32>' in c]
+  hidden = [c for c in constraints if 'tensor<128x64xf32>' in c]
+  logits = [c for c in constraints if 'tensor<8x16x48xf32>' in c]
+  assert residual and heads and hidden and logits
+  batch = '{"data", "fsdp", "expert"}'
+  assert all(f'[{batch}, {{}}, {{}}]' in c for c in residual), residual
+  assert all(f'[{batch}, {{}}, {{"tensor"}}, {{}}]' in c for c in heads), heads[0]
+  assert all(f'[{batch}, {{"tensor"}}]' in c for c in hidden), hidden[0]
+  assert all(f'[{batch}, {{}}, {{"tensor"}}]' in c for c in logits), logits[0]

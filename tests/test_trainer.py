@@ -195,3 +195,25 @@ def test_mixed_precision_bf16_compute_fp32_master_weights_and_routers(tmp_path):
   assert abs(runs['bfloat16']['loss'] - runs['float32']['loss']) < 0.05
   assert abs(runs['bfloat16']['validation/eval_loss']
              - runs['float32']['validation/eval_loss']) < 0.05
+
+
+def test_mesh_config_chooses_the_expert_exchange(tmp_path, monkeypatch):
+  from moescale.layers import expert_exchange
+  calls = []
+  real = expert_exchange.exchange_ffn
+  monkeypatch.setattr(expert_exchange, 'exchange_ffn',
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  with pytest.raises(ValueError, match=r"unknown expert exchange 'ring2'.*all_to_all"):
+    trainer.MeshConfig(expert=4, expert_exchange='ring2')
+  with pytest.raises(ValueError, match='capacity_factor=1.0'):
+    trainer.MeshConfig(expert=4, expert_capacity_factor=1.0)  # the ring never drops
+  runs = {}
+  for exchange in ('ring', 'all_to_all'):
+    mesh = trainer.MeshConfig(data=2, expert=4, expert_exchange=exchange)
+    runs[exchange] = trainer.train(MODEL, DATA, _cfg(tmp_path / exchange, 2, eval_steps=1,
+                                                     mesh=mesh))
+  assert calls  # the all_to_all run really exchanged through the all-to-all path
+  # Both exchanges are dropless here: the same training run, up to summation order.
+  assert runs['all_to_all']['loss'] == pytest.approx(runs['ring']['loss'], rel=1e-5)
+  for a, b in zip(_params(runs['ring']).values(), _params(runs['all_to_all']).values()):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

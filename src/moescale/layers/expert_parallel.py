@@ -1,29 +1,48 @@
 """Expert parallelism: each device of the mesh's `expert` axis computes only its own experts.
 
-A wrapper around any dispatch backend, run inside `jax.shard_map` ("ring of experts"):
+A wrapper around any dispatch backend, run inside `jax.shard_map` (batch rows split over
+`shd.BATCH_AXES`, experts over `expert`), with two ways to bring tokens to their experts:
 
-    per device r of P along `expert` (local tokens x_r [t/P', d], local experts E/P):
-      1. all-gather the tokens and their routing over `expert`     x_all [P·t_r, d]
-      2. keep the assignments that go to experts r·E/P .. (r+1)·E/P - 1, renumbered 0..E/P-1;
-         every other assignment becomes the dispatch sentinel (not computed)
-      3. the inner backend computes those experts on those rows      y_all [P·t_r, d] (partial)
-      4. reduce-scatter over `expert`: each device gets the sum for its own tokens
+'ring' ("ring of experts"), per device r of P along `expert` (local tokens x_r [t_r, d]):
+  1. all-gather the tokens and their routing over `expert`     x_all [P·t_r, d]
+  2. keep the assignments that go to experts r·E/P .. (r+1)·E/P - 1, renumbered 0..E/P-1;
+     every other assignment becomes the dispatch sentinel (not computed)
+  3. the inner backend computes those experts on those rows      y_all [P·t_r, d] (partial)
+  4. reduce-scatter over `expert`: each device gets the sum for its own tokens
 
-Each device does 1/P of the expert FLOPs, and nothing is dropped that the router kept, so it
-works for dropless and capacity routing alike. It needs only all-gather and reduce-scatter, which
-every XLA backend has (`ragged_all_to_all` does not exist on XLA:CPU). The communication is P
-times an all-to-all's; an all-to-all variant for capacity-bounded routing is the natural next
-step on TPU/GPU.
+'all_to_all': sort the local assignments by destination shard into a [P·C, d] send buffer,
+  all-to-all it, compute the local experts, all-to-all the results back, combine locally. C
+  is the worst case (dropless) or set by a `capacity_factor`, in which case assignments over
+  a buffer chunk are dropped. The math, capacity rules and a worked example are in
+  expert_exchange.py.
+
+Both need only collectives every XLA backend has (`ragged_all_to_all` does not exist on
+XLA:CPU) and each device does 1/P of the expert FLOPs.
 
 Worked example: 8 devices as (data=2, expert=4), 16 experts, 4096 tokens per step, top-2. Each
-device holds 512 tokens and experts {4r..4r+3}; it gathers the 2048 tokens of its expert
-group, computes the ~1024 assignments to its 4 experts, and keeps the reduced 512 rows.
+device holds 512 tokens and experts {4r..4r+3}. Ring: it gathers the 2048 tokens of its expert
+group, computes the ~1024 assignments to its 4 experts, and keeps the reduced 512 rows; it
+receives 3·512 rows in the gather and 3·512 in the reduce-scatter (3072). All-to-all at
+capacity_factor 1.25: 320 rows per chunk, it receives 3·320 rows each way (1920); dropless,
+1024 rows per chunk (6144).
 
-When the expert axis also carries `tensor` parallelism on `mlp` (expert_size), each device
-computes its slice of the hidden units and the partial outputs are summed over `tensor` too.
+Which is the default, and why 'ring': static shapes make a dropless all-to-all size every chunk
+for the worst case (C = t·k), so it moves k times the ring's rows and holds P·t·k-row buffers
+(the ring: P·t). The all-to-all is cheaper only when capacity-bounded, by capacity_factor·k/P,
+and then it may drop assignments the router kept, which changes the model: a choice a run
+must make explicitly (`configure(exchange='all_to_all', capacity_factor=...)`), not a default.
+An exact all-to-all that moves only the rows routed needs `ragged_all_to_all` (TPU/GPU).
+
+When the mesh also has `tensor` parallelism on `mlp` (expert_size), each device computes its
+slice of the hidden units; the partial outputs are summed over `tensor` and the output bias is
+added on tensor rank 0 only.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,66 +50,145 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from moescale import sharding as shd
 from moescale.layers import dispatch as dispatch_lib
+from moescale.layers import expert_exchange
 
 EXPERT_AXIS = 'expert'
+EXCHANGES = ('ring', 'all_to_all')
+DEFAULT_EXCHANGE = 'ring'  # Why: see the module docstring.
+
+
+class ExchangeConfig(NamedTuple):
+  exchange: str = DEFAULT_EXCHANGE
+  capacity_factor: float | None = None
+
+
+def check_exchange(exchange: str, capacity_factor: float | None = None) -> None:
+  """ValueError for an unknown exchange, or a capacity_factor the exchange cannot honour."""
+  if exchange not in EXCHANGES:
+    raise ValueError(f'unknown expert exchange {exchange!r}; valid: {list(EXCHANGES)}')
+  if exchange != 'all_to_all' and capacity_factor is not None and capacity_factor > 0:
+    # Silently ignoring it would make a run believe it drops what it does not.
+    raise ValueError(f'capacity_factor={capacity_factor!r} bounds the all_to_all buffers; the '
+                     f"{exchange!r} exchange is always dropless: use exchange='all_to_all' or "
+                     'capacity_factor=None')
+
+
+_CONFIG: contextvars.ContextVar[ExchangeConfig] = contextvars.ContextVar(
+    'moescale_expert_exchange', default=ExchangeConfig())
+
+
+@contextlib.contextmanager
+def configure(exchange: str = DEFAULT_EXCHANGE,
+              capacity_factor: float | None = None) -> Iterator[ExchangeConfig]:
+  """The exchange `wrap_for_mesh` builds while active; capacity_factor None or <= 0: dropless.
+
+  Read when a layer is traced: a jitted step traced under one setting keeps it; wrap the
+  first call (or the whole training loop) in this context.
+  """
+  check_exchange(exchange, capacity_factor)
+  config = ExchangeConfig(exchange, capacity_factor)
+  token = _CONFIG.set(config)
+  try:
+    yield config
+  finally:
+    _CONFIG.reset(token)
+
+
+def current_config() -> ExchangeConfig:
+  return _CONFIG.get()
 
 
 class ExpertParallel:
-  """`ExpertParallel(inner, mesh)(x, expert_index, weights, experts, activation, capacity)`."""
+  """`ExpertParallel(inner, mesh, exchange, capacity_factor)(x, expert_index, weights, experts,
+  activation, capacity) -> y`; `.apply(...)` also returns the fraction of routed assignments
+  the exchange dropped (0 unless all_to_all with a capacity_factor)."""
 
-  def __init__(self, inner: dispatch_lib.DispatchBackend, mesh: Mesh):
+  def __init__(self, inner: dispatch_lib.DispatchBackend, mesh: Mesh,
+               exchange: str = DEFAULT_EXCHANGE, capacity_factor: float | None = None):
+    check_exchange(exchange, capacity_factor)
     self.inner, self.mesh = inner, mesh
-    self.name = f'expert_parallel({getattr(inner, "name", type(inner).__name__)})'
+    self.exchange, self.capacity_factor = exchange, capacity_factor
+    self.name = f'expert_parallel[{exchange}]({getattr(inner, "name", type(inner).__name__)})'
 
   def _fits(self, tokens: int, experts: dispatch_lib.ExpertWeights) -> bool:
+    return (experts.num_experts % self.mesh.shape[EXPERT_AXIS] == 0
+            and tokens % self._row_shards() == 0)
+
+  def _row_shards(self) -> int:
     rows = 1
     for a in shd.BATCH_AXES:
       rows *= self.mesh.shape[a]
-    return experts.num_experts % self.mesh.shape[EXPERT_AXIS] == 0 and tokens % rows == 0
+    return rows
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
+    return self.apply(x, expert_index, weights, experts, activation, capacity)[0]
+
+  def apply(self, x, expert_index, weights, experts, activation, capacity=None):
+    """(y [t, d], dropped_fraction []) for the backend call's arguments."""
     dispatch_lib.check_assignment_shapes(x, expert_index, weights, experts)
     if not self._fits(x.shape[0], experts):
       # Shapes that do not split evenly fall back to GSPMD's choice (correct, not sharded work).
-      return self.inner(x, expert_index, weights, experts, activation, capacity)
-    mesh, inner = self.mesh, self.inner
+      return self.inner(x, expert_index, weights, experts, activation, capacity), jnp.zeros(())
+    mesh, inner, num_experts = self.mesh, self.inner, experts.num_experts
     num_shards = mesh.shape[EXPERT_AXIS]
+    local_experts = num_experts // num_shards
     tensor = mesh.shape['tensor']
-    local_experts = experts.num_experts // num_shards
-    hidden = experts.w_in.shape[-1]
-    split_hidden = tensor > 1 and hidden % tensor == 0
+    split_hidden = tensor > 1 and experts.w_in.shape[-1] % tensor == 0
     mlp = 'tensor' if split_hidden else None
     rows = P(shd.BATCH_AXES, None)
     specs = dispatch_lib.ExpertWeights(
         w_in=P(EXPERT_AXIS, None, mlp), w_out=P(EXPERT_AXIS, mlp, None),
         b_in=None if experts.b_in is None else P(EXPERT_AXIS, mlp),
         b_out=None if experts.b_out is None else P(EXPERT_AXIS, None))
+    t_local, k = x.shape[0] // self._row_shards(), expert_index.shape[1]
+    buffer = expert_exchange.buffer_capacity(t_local, k, num_shards, self.capacity_factor)
+    # A hint, never binding: at most capacity rows of one expert in all, P·C rows received.
     local_capacity = None if capacity is None else capacity * num_shards
+    if self.exchange == 'all_to_all' and capacity is not None:
+      local_capacity = min(local_capacity, num_shards * buffer)
 
-    def local(x, expert_index, weights, w):
+    def ring(x, expert_index, weights, w):
       rank = jax.lax.axis_index(EXPERT_AXIS)
       gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
       x_all, idx_all, w_all = gather(x), gather(expert_index), gather(weights)
       local_idx = idx_all - rank * local_experts
-      mine = (idx_all < experts.num_experts) & (local_idx >= 0) & (local_idx < local_experts)
+      mine = (idx_all < num_experts) & (local_idx >= 0) & (local_idx < local_experts)
       local_idx = jnp.where(mine, local_idx, local_experts).astype(expert_index.dtype)
       w_all = jnp.where(mine, w_all, jnp.zeros_like(w_all))
+      y_all = inner(x_all, local_idx, w_all, w, activation, local_capacity)
+      if split_hidden:
+        y_all = jax.lax.psum(y_all, 'tensor')
+      return jax.lax.psum_scatter(y_all, EXPERT_AXIS, scatter_dimension=0, tiled=True), 0.0
+
+    def all_to_all(x, expert_index, weights, w):
+      y, plan = expert_exchange.exchange_ffn(
+          x, expert_index, weights, w, activation, inner, num_experts=num_experts,
+          axis=EXPERT_AXIS, capacity=buffer, inner_capacity=local_capacity)
+      if split_hidden:
+        y = jax.lax.psum(y, 'tensor')   # After the combine: t rows, not P·C.
+      # Tensor ranks hold copies of the same tokens: count over the batch axes only.
+      count = lambda a: jax.lax.psum(jnp.sum(a, dtype=jnp.int32), shd.BATCH_AXES)
+      dropped = count(plan.dropped) / jnp.maximum(count(plan.routed), 1)
+      return y.astype(x.dtype), dropped
+
+    def local(x, expert_index, weights, w):
       if split_hidden and w.b_out is not None:
         # The output bias is added once, on tensor rank 0; the other ranks add partial sums.
         first = jax.lax.axis_index('tensor') == 0
         w = w._replace(b_out=jnp.where(first, w.b_out, jnp.zeros_like(w.b_out)))
-      y_all = inner(x_all, local_idx, w_all, w, activation, local_capacity)
-      if split_hidden:
-        y_all = jax.lax.psum(y_all, 'tensor')
-      return jax.lax.psum_scatter(y_all, EXPERT_AXIS, scatter_dimension=0, tiled=True)
+      fn = ring if self.exchange == 'ring' else all_to_all
+      y, dropped = fn(x, expert_index, weights, w)
+      return y, jnp.asarray(dropped, jnp.float32)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, specs),
-                         out_specs=rows, check_vma=False)(x, expert_index, weights, experts)
+                         out_specs=(rows, P()), check_vma=False)(x, expert_index, weights, experts)
 
 
 def wrap_for_mesh(backend: dispatch_lib.DispatchBackend) -> dispatch_lib.DispatchBackend:
-  """`backend`, wrapped in ExpertParallel when the active mesh has an expert axis > 1."""
+  """`backend`, wrapped in ExpertParallel when the active mesh has an expert axis > 1, with the
+  exchange of the innermost `configure` (default: ring, dropless)."""
   mesh = shd.current_mesh()
   if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1 or isinstance(backend, ExpertParallel):
     return backend
-  return ExpertParallel(backend, mesh)
+  config = current_config()
+  return ExpertParallel(backend, mesh, config.exchange, config.capacity_factor)

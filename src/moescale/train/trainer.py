@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from moescale import sharding as shd
+from moescale.layers import expert_parallel
 from moescale.train import checkpoint as ckpt_lib
 from moescale.train import metrics as metrics_lib
 from moescale.train import optim
@@ -40,11 +41,22 @@ class DataSource(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh axis sizes; one may be -1 (the rest of the devices). See `moescale.sharding`."""
+  """Mesh axis sizes; one may be -1 (the rest of the devices). See `moescale.sharding`.
+
+  expert_exchange: how tokens reach the experts of other devices when expert > 1: 'ring'
+  (all-gather + reduce-scatter, dropless) or 'all_to_all' (send buffers per destination;
+  dropless by default, or bounded by expert_capacity_factor, which then drops what overflows).
+  See `moescale.layers.expert_parallel`.
+  """
   data: int = -1
   fsdp: int = 1
   expert: int = 1
   tensor: int = 1
+  expert_exchange: str = expert_parallel.DEFAULT_EXCHANGE
+  expert_capacity_factor: float | None = None
+
+  def __post_init__(self):
+    expert_parallel.check_exchange(self.expert_exchange, self.expert_capacity_factor)
 
   def make(self, devices=None):
     return shd.make_mesh(self.data, self.fsdp, self.expert, self.tensor, devices=devices)
@@ -145,7 +157,8 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
   summary: dict[str, Any] = {'start_step': start}
   window_t0, window_tokens, window_steps, step_times = time.perf_counter(), 0, 0, []
   last = None
-  with shd.activation_sharding(mesh, cfg.rules), jax.set_mesh(mesh):
+  exchange = expert_parallel.configure(cfg.mesh.expert_exchange, cfg.mesh.expert_capacity_factor)
+  with shd.activation_sharding(mesh, cfg.rules), jax.set_mesh(mesh), exchange:
     for step in range(start, cfg.train_steps):
       batch = shd.host_local_to_global(next(it), mesh)
       state, last = train_fn(state, batch)

@@ -1,0 +1,170 @@
+"""Expert parallelism (ring and all-to-all exchange) against ReferenceLoop on one device, the
+all-to-all's capacity dropping against a plain loop, and the exchange selection."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moescale import sharding as shd
+from moescale.layers import dispatch, expert_exchange, expert_parallel
+from moescale.layers.dispatch_blocked import Blocked
+from moescale.layers.expert_parallel import ExpertParallel
+
+E, D, F, K = 8, 6, 10, 2
+MESHES = {
+    'data2_expert4': dict(data=2, expert=4),
+    'data2_tensor2_expert2': dict(data=2, tensor=2, expert=2),
+}
+
+
+def _problem(t=16, seed=0, drop=0.1):
+  """Random top-2 routing over E experts, some assignments dropped by the 'router'."""
+  ks = jax.random.split(jax.random.key(seed), 9)
+  x = jax.random.normal(ks[0], (t, D))
+  index = jax.random.randint(ks[1], (t, K), 0, E)
+  index = jnp.where(jax.random.uniform(ks[2], (t, K)) < drop, E, index).astype(jnp.int32)
+  weights = jax.random.uniform(ks[3], (t, K), minval=0.1)
+  experts = dispatch.ExpertWeights(
+      jax.random.normal(ks[4], (E, D, F)) / D**0.5, jax.random.normal(ks[5], (E, F, D)) / F**0.5,
+      jax.random.normal(ks[6], (E, F)), jax.random.normal(ks[7], (E, D)))
+  return x, index, weights, experts, jax.random.normal(ks[8], (t, D))
+
+
+def _value_and_grads(backend, x, index, weights, experts, cotangent):
+  """(y, grads wrt (x, weights, experts), the exchange's dropped fraction or None)."""
+  def loss(x, weights, experts):
+    args = (x, index, weights, experts, jax.nn.gelu)
+    y, dropped = backend.apply(*args) if hasattr(backend, 'apply') else (backend(*args), None)
+    return jnp.vdot(y, cotangent), (y, dropped)
+  # One jit per case: far faster to compile than op-by-op eager dispatch of the whole graph.
+  (_, (y, dropped)), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+      x, weights, experts)
+  return y, grads, dropped
+
+
+def _assert_close(got, want):
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+  assert jax.tree.structure(got[1]) == jax.tree.structure(want[1])
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference():
+  return _value_and_grads(dispatch.ReferenceLoop(), *_problem())
+
+
+def _ep(mesh_name, exchange, capacity_factor=None):
+  mesh = shd.make_mesh(**MESHES[mesh_name])
+  return ExpertParallel(Blocked(block_size=4, granule=2), mesh, exchange, capacity_factor)
+
+
+@pytest.mark.parametrize('mesh_name,exchange', [
+    ('data2_expert4', 'all_to_all'), ('data2_tensor2_expert2', 'all_to_all'),
+    ('data2_tensor2_expert2', 'ring')])
+def test_dropless_exchange_matches_reference_forward_and_gradients(mesh_name, exchange):
+  got = _value_and_grads(_ep(mesh_name, exchange), *_problem())
+  _assert_close(got, _reference())
+  assert float(got[2]) == 0.0
+
+
+def _drop_over_buffers(index, num_sources, num_shards, capacity):
+  """The all-to-all's dropping as a plain loop: each source's first `capacity` assignments
+  (token, choice order) per destination shard are kept, the rest become the sentinel E."""
+  index = np.asarray(index).copy()
+  rows, local = index.shape[0] // num_sources, E // num_shards
+  routed = dropped = 0
+  for source in range(num_sources):
+    used = [0] * num_shards
+    for t in range(source * rows, (source + 1) * rows):
+      for j in range(index.shape[1]):
+        if index[t, j] >= E:
+          continue
+        routed += 1
+        shard = index[t, j] // local
+        if used[shard] < capacity:
+          used[shard] += 1
+        else:
+          index[t, j], dropped = E, dropped + 1
+  return index, dropped / routed
+
+
+@pytest.mark.parametrize('mesh_name', list(MESHES))
+def test_capacity_drops_exactly_the_assignments_over_the_buffer(mesh_name):
+  x, index, weights, experts, cot = _problem(t=32, seed=1)
+  backend = _ep(mesh_name, 'all_to_all', capacity_factor=1.0)
+  num_shards = backend.mesh.shape['expert']
+  num_sources = 8 // backend.mesh.shape['tensor']   # devices holding different tokens
+  # 32 tokens over `num_sources` devices, top-2: C = ceil(1.0 * rows * 2 / P).
+  capacity = expert_exchange.buffer_capacity(32 // num_sources, K, num_shards, 1.0)
+  kept_index, want_fraction = _drop_over_buffers(index, num_sources, num_shards, capacity)
+  assert 0.05 < want_fraction < 0.5  # the case does drop, and keeps most
+  want = _value_and_grads(dispatch.ReferenceLoop(), x, jnp.asarray(kept_index), weights,
+                          experts, cot)
+  got = _value_and_grads(backend, x, index, weights, experts, cot)
+  _assert_close(got, want)
+  np.testing.assert_allclose(got[2], want_fraction, rtol=1e-6)
+  np.testing.assert_allclose(expert_exchange.dropped_fraction(
+      index, E, num_sources, num_shards, 1.0), want_fraction, rtol=1e-6)
+
+
+def test_dropless_buffer_drops_nothing_even_when_all_go_to_one_shard():
+  x, _, weights, experts, _ = _problem()
+  index = jnp.zeros((16, K), jnp.int32).at[:, 1].set(1)  # experts 0 and 1: both on shard 0
+  backend = _ep('data2_expert4', 'all_to_all')
+  y, fraction = jax.jit(lambda x: backend.apply(x, index, weights, experts, jax.nn.relu))(x)
+  want = jax.jit(lambda x: dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.relu))(x)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  assert float(fraction) == 0.0
+  assert float(expert_exchange.dropped_fraction(index, E, 8, 4, None)) == 0.0
+  # The same routing through a bounded buffer: C = 1 of 4 assignments per device survives.
+  assert float(expert_exchange.dropped_fraction(index, E, 8, 4, 1.0)) == 0.75
+
+
+def test_hlo_has_all_to_all_only_for_the_all_to_all_exchange():
+  x, index, weights, experts, _ = _problem()
+
+  def hlo(exchange):
+    backend = _ep('data2_expert4', exchange)
+    fn = lambda x, w: backend(x, index, w, experts, jax.nn.relu)
+    return jax.jit(fn).lower(x, weights).as_text()
+
+  a2a, ring = hlo('all_to_all'), hlo('ring')
+  assert 'all_to_all' in a2a or 'all-to-all' in a2a
+  assert 'all_to_all' not in ring and 'all-to-all' not in ring
+  assert 'all_gather' in ring or 'all-gather' in ring
+
+
+def test_buffer_capacity():
+  assert expert_exchange.buffer_capacity(512, 2, 4) == 1024          # dropless: t * k
+  assert expert_exchange.buffer_capacity(512, 2, 4, 0.0) == 1024
+  assert expert_exchange.buffer_capacity(512, 2, 4, 1.25) == 320     # the docstring's example
+  assert expert_exchange.buffer_capacity(10, 2, 4, 1.2) == 6         # no float-error extra row
+  assert expert_exchange.buffer_capacity(4, 2, 4, 0.01) == 1
+  assert expert_exchange.buffer_capacity(4, 2, 4, 100.0) == 8        # never beyond t * k
+
+
+def test_exchange_selection_and_errors():
+  inner = dispatch.ReferenceLoop()
+  mesh = shd.make_mesh(data=2, expert=4)
+  with pytest.raises(ValueError, match=r"unknown expert exchange 'nope'.*'ring', 'all_to_all'"):
+    ExpertParallel(inner, mesh, exchange='nope')
+  with pytest.raises(ValueError, match='unknown expert exchange'):
+    with expert_parallel.configure(exchange='alltoall'):
+      pass
+  with pytest.raises(ValueError, match="capacity_factor=1.0 .* 'ring' exchange is always dropless"):
+    ExpertParallel(inner, mesh, exchange='ring', capacity_factor=1.0)
+  with shd.activation_sharding(mesh):
+    default = expert_parallel.wrap_for_mesh(inner)
+    assert (default.exchange, default.capacity_factor) == ('ring', None)
+    with expert_parallel.configure(exchange='all_to_all', capacity_factor=1.5):
+      wrapped = dispatch.get_backend('blocked')
+      assert (wrapped.exchange, wrapped.capacity_factor) == ('all_to_all', 1.5)
+      with expert_parallel.configure(exchange='ring'):
+        assert expert_parallel.wrap_for_mesh(inner).exchange == 'ring'
+      assert expert_parallel.current_config().exchange == 'all_to_all'
+      assert wrapped.name == 'expert_parallel[all_to_all](blocked)'
+    assert expert_parallel.current_config() == expert_parallel.ExchangeConfig('ring', None)
