@@ -216,7 +216,7 @@ def test_capacity_backends_require_capacity(name):
 
 
 def test_registry_and_platform_defaults():
-  assert dispatch.default_backend_name('cpu') == 'blocked'
+  assert dispatch.default_backend_name('cpu') == 'fused'
   assert dispatch.default_backend_name('gpu') == dispatch.default_backend_name('tpu') == 'ragged'
   assert dispatch.get_backend('auto').name == dispatch.default_backend_name(jax.default_backend())
   assert {'reference', 'blocked', 'ragged', 'slots', 'onehot', 'auto'} <= set(

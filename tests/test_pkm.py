@@ -9,6 +9,7 @@ from flax import nnx
 from jax.test_util import check_grads
 
 from moescale.layers import ProductKeyMemory, RoutingMetric
+from moescale.layers import pkm_ops
 from moescale.layers.pkm import candidate_pairs, gather_values, product_key_topk
 
 # One shape family throughout (d 16, 2 heads, 8 sub-keys, k_dim 8): on a shared CPU most of
@@ -124,11 +125,13 @@ def test_candidate_pairs_is_the_dominance_bound():
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
-def _both_forms(s1, s2, knn):
-  return product_key_topk(s1, s2, knn), product_key_topk(s1, s2, knn, prune=False)
+def _all_forms(s1, s2, knn):
+  return {form: product_key_topk(s1, s2, knn, form=form) for form in pkm_ops.FORMS}
 
 
-@pytest.mark.parametrize('knn', [1, 3, 4, 13, 64])  # 3, 13: not perfect squares
+# 3, 13: not perfect squares; 1, 3: the split form has no inner pairs; 6, 8: it has some;
+# 13, 64 > num_keys: the split form falls back to the candidate pairs.
+@pytest.mark.parametrize('knn', [1, 3, 4, 6, 8, 13, 64])
 def test_product_key_topk_equals_brute_force(knn):
   k1, k2 = jax.random.split(jax.random.key(knn))
   s1 = jax.random.normal(k1, (3, 2, N))
@@ -136,37 +139,105 @@ def test_product_key_topk_equals_brute_force(knn):
   full = (_np(s1)[..., :, None] + _np(s2)[..., None, :]).reshape(3, 2, N * N)
   want_idx = np.argsort(-full, axis=-1)[..., :knn]
   want = np.take_along_axis(full, want_idx, axis=-1)
-  pruned, knn2 = _both_forms(s1, s2, knn)
-  for scores, idx in (pruned, knn2):
+  forms = _all_forms(s1, s2, knn)
+  for scores, idx in forms.values():
     assert scores.shape == idx.shape == (3, 2, knn)
     np.testing.assert_allclose(scores, want, rtol=1e-6, atol=1e-6)
     # The scores belong to the slots returned, and the slot sets agree with brute force.
     np.testing.assert_allclose(np.take_along_axis(full, np.asarray(idx), -1), want, atol=1e-6)
     for a, b in itertools.product(range(3), range(2)):
       assert set(np.asarray(idx)[a, b].tolist()) == set(want_idx[a, b].tolist())
-  # The pruned candidate list and Lample et al.'s knn**2 form agree exactly.
-  np.testing.assert_array_equal(pruned[0], knn2[0])
-  np.testing.assert_array_equal(pruned[1], knn2[1])
+  # Every form reads the same scores in the same order (float sums of the same two terms).
+  for scores, _ in forms.values():
+    np.testing.assert_array_equal(scores, forms['full'][0])
 
 
-def test_gather_values_chunked_equals_one_shot_with_gradients():
-  k = jax.random.split(jax.random.key(3), 3)
-  values = jax.random.normal(k[0], (N * N, D))
-  idx = jax.random.randint(k[1], (10, 6), 0, N * N)
+def test_product_key_topk_with_ties_and_a_wide_memory():
+  # Integer scores tie everywhere; 32 sub-keys and knn 8 give the split form its row, column
+  # and inner candidates at once. Tied slots may differ between forms; scores may not.
+  k1, k2 = jax.random.split(jax.random.key(5))
+  n, knn = 32, 8
+  s1 = jax.random.randint(k1, (4, n), -3, 4).astype(jnp.float32)
+  s2 = jax.random.randint(k2, (4, n), -3, 4).astype(jnp.float32)
+  full = (_np(s1)[:, :, None] + _np(s2)[:, None, :]).reshape(4, n * n)
+  want = -np.sort(-full, axis=-1)[:, :knn]
+  for scores, idx in _all_forms(s1, s2, knn).values():
+    np.testing.assert_array_equal(scores, want)
+    idx = np.asarray(idx)
+    np.testing.assert_array_equal(np.take_along_axis(full, idx, -1), want)
+    assert all(len(set(row.tolist())) == knn for row in idx)  # distinct slots
+
+
+def test_product_key_topk_gradient_is_a_scatter_into_the_half_scores():
+  k1, k2, k3 = jax.random.split(jax.random.key(6), 3)
+  s1, s2 = jax.random.normal(k1, (5, N)), jax.random.normal(k2, (5, N))
+  cot = jax.random.normal(k3, (5, KNN))
+  for form in pkm_ops.FORMS:
+    _, idx = product_key_topk(s1, s2, KNN, form=form)
+    g1, g2 = jax.grad(lambda a, b: jnp.vdot(product_key_topk(a, b, KNN, form=form)[0], cot),
+                      (0, 1))(s1, s2)
+    want1, want2 = np.zeros((5, N)), np.zeros((5, N))
+    for t, k in itertools.product(range(5), range(KNN)):  # score = s1[i] + s2[j]
+      want1[t, int(idx[t, k]) // N] += float(cot[t, k])
+      want2[t, int(idx[t, k]) % N] += float(cot[t, k])
+    np.testing.assert_allclose(g1, want1, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(g2, want2, rtol=1e-6, atol=1e-6)
+
+
+def _gather_reference(values, idx, w):
+  """Plain loops in float64: y, dL/dvalues, dL/dw for L = sum(y * cot)."""
+  return (np.einsum('tsd,ts->td', values[idx], w),
+          lambda cot: (_scatter_rows(values.shape, idx, w, cot),
+                       np.einsum('tsd,td->ts', values[idx], cot)))
+
+
+def _scatter_rows(shape, idx, w, cot):
+  out = np.zeros(shape)
+  for t, s in itertools.product(*map(range, idx.shape)):
+    out[idx[t, s]] += w[t, s] * cot[t]
+  return out
+
+
+@pytest.mark.parametrize('chunk,fwd_chunk', [(None, None), (3, None), (4, 4), (1, 3)])
+def test_gather_values_and_its_vjp_equal_plain_loops(chunk, fwd_chunk, monkeypatch):
+  # Few rows, so tokens share rows and slots repeat rows within a token: the value gradient
+  # must accumulate. 10 tokens in chunks of 3 or 4 leave a remainder in both passes.
+  if fwd_chunk:
+    monkeypatch.setattr(pkm_ops, 'FWD_CHUNK', fwd_chunk)
+  k = jax.random.split(jax.random.key(3), 4)
+  values = jax.random.normal(k[0], (7, D))
+  idx = jax.random.randint(k[1], (10, 6), 0, 7)
   w = jax.random.normal(k[2], (10, 6))
-  want = np.einsum('tsd,ts->td', _np(values)[np.asarray(idx)], _np(w))
+  cot = jax.random.normal(k[3], (10, D))
+  want, grads = _gather_reference(_np(values), np.asarray(idx), _np(w))
+  want_dv, want_dw = grads(_np(cot))
 
-  @functools.partial(jax.jit, static_argnums=(2,))
-  def value_and_grads(values, w, chunk):
-    loss = lambda v, w: (gather_values(v, idx, w, chunk_size=chunk) ** 2).sum()
-    return gather_values(values, idx, w, chunk_size=chunk), jax.grad(loss, (0, 1))(values, w)
+  @jax.jit
+  def value_and_grads(values, w):
+    f = lambda v, w: gather_values(v, idx, w, chunk_size=chunk)
+    y, vjp = jax.vjp(f, values, w)
+    return y, vjp(cot)
 
-  y1, g1 = value_and_grads(values, w, None)
-  np.testing.assert_allclose(y1, want, rtol=1e-5, atol=1e-5)
-  y3, g3 = value_and_grads(values, w, 3)  # 10 tokens in chunks of 3 leave a remainder
-  np.testing.assert_allclose(y3, want, rtol=1e-5, atol=1e-5)
-  for a, b in zip(g1, g3):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  y, (dv, dw) = value_and_grads(values, w)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dv, want_dv, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_values_compute_dtype_and_clipped_indices():
+  k = jax.random.split(jax.random.key(4), 2)
+  values = jax.random.normal(k[0], (6, D))
+  w = jax.random.normal(k[1], (3, 2))
+  idx = jnp.array([[0, 9], [-1, 5], [2, 2]])  # out of range: clipped to rows 5 and 0
+  clipped = np.clip(np.asarray(idx), 0, 5)
+  y = gather_values(values, idx, w, dtype=jnp.bfloat16)
+  assert y.dtype == jnp.bfloat16
+  want = np.einsum('tsd,ts->td', _np(values)[clipped], _np(w))
+  np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2e-2, atol=2e-2)
+  dv = jax.grad(lambda v: gather_values(v, idx, w).sum())(values)
+  assert dv.dtype == values.dtype
+  np.testing.assert_allclose(dv, _scatter_rows((6, D), clipped, _np(w), np.ones((3, D))),
+                             rtol=1e-5, atol=1e-5)
 
 
 # --- the layer ----------------------------------------------------------------------------
@@ -285,6 +356,7 @@ def test_padding_tokens_give_zero_and_do_not_touch_real_tokens(mode):
 @pytest.mark.parametrize('kwargs', [
     dict(),                                              # sparse, query net, BatchNorm (train)
     dict(knn=N, query_proj=False, score_fn='relu'),      # dense, Csordás variant
+    dict(query_proj=False, score_fn='relu'),             # sparse, Csordás variant (2-D scores)
 ])
 def test_finite_difference_gradients(kwargs):
   # Built in float32 (initialisers already compiled), then every array cast to float64:

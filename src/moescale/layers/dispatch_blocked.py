@@ -1,4 +1,4 @@
-"""The 'blocked' backend: a loop over expert-homogeneous row blocks (the XLA:CPU default).
+"""The 'blocked' backend: a loop over expert-homogeneous row blocks (see also 'fused').
 
 Assignments are sorted by expert; each expert's group is padded to a multiple of a small
 `granule` G and cut into blocks of at most `block_size` B rows (full blocks, then one
@@ -196,10 +196,11 @@ class Blocked:
     self.block_size, self.granule = block_size, granule
     self.save_hidden = bool(save_hidden)
 
-  def sizes(self, num_assignments: int, num_experts: int) -> tuple[int, int]:
-    """(block_size, granule): the constructor's where given, else `choose_block_size`'s,
-    adjusted so that block_size stays a multiple of granule."""
-    block, granule = choose_block_size(num_assignments, num_experts)
+  def sizes(self, num_assignments: int, num_experts: int,
+            choose=None) -> tuple[int, int]:
+    """(block_size, granule): the constructor's where given, else `choose`'s (default
+    `choose_block_size`), adjusted so that block_size stays a multiple of granule."""
+    block, granule = (choose or choose_block_size)(num_assignments, num_experts)
     if self.block_size:
       block, granule = self.block_size, self.granule or math.gcd(self.block_size, granule)
     elif self.granule:

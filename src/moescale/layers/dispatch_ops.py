@@ -85,8 +85,15 @@ class SortedAssignments(NamedTuple):
 def sort_and_rank(expert_index: Array, num_experts: int) -> SortedAssignments:
   """`sort_assignments` plus each sorted pair's expert and rank within its group."""
   flat = _clean(expert_index, num_experts)
-  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  sorted_expert = flat[order]
+  n = flat.shape[0]
+  if n * (num_experts + 1) < 2**31:
+    # One unique int32 key per pair, expert * n + pair: a plain sort of the keys is the stable
+    # order, ~6x faster on XLA:CPU than argsort's stable sort of (expert, iota) pairs.
+    key = jnp.sort(flat * n + jnp.arange(n, dtype=jnp.int32))
+    order, sorted_expert = key % n, key // n
+  else:
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    sorted_expert = flat[order]
   starts = _group_starts(sorted_expert, num_experts)
   rank = jnp.arange(flat.shape[0], dtype=jnp.int32) - starts[sorted_expert]
   return SortedAssignments(order, sorted_expert, rank, jnp.diff(starts))

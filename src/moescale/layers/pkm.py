@@ -8,7 +8,7 @@ Sparse mode (knn < num_keys; Lample et al.'s product search), per head:
 
     q = BatchNorm(x @ w_query)          [t, heads, k_dim]   (Csordás: q = x, every head)
     s1 = q[:k/2] . keys1, s2 = q[k/2:] . keys2              [t, heads, num_keys]
-    top-knn of s1 and of s2, then top-knn of their sums     [t, heads, knn] scores, slots
+    top-knn of s1 + s2 over the num_keys**2 pairs           [t, heads, knn] scores, slots
     w = softmax (per head or jointly over heads*knn) or relu of the selected scores
     y = sum_h sum_k w[h, k] * values[slot[h, k]]            [t, d_model]
 
@@ -18,6 +18,9 @@ slot is scored, heads summed *before* the activation, no top-k:
     y = act(sum_h s1_h (+) s2_h) @ values,  (a (+) b)[i*num_keys + j] = a[i] + b[j]
 
 No LayerNorm inside: the block's pre-LN normalises x. Scoring runs in float32 (like a router).
+The math is in pkm_ops: the product search (top-knn/2 of each half, then one top-knn of ~2
+num_keys + knn candidates, exact) and the value read (a gather-reduce with a hand-written VJP;
+neither pass materialises the [t, s, d] rows).
 
 Einsum letters: t tokens (batch*length), d d_model, h heads, k half key dim (k_dim/2),
 n num_keys, s selected slots per token (heads*knn), r value rows (num_keys**2).
@@ -25,117 +28,20 @@ n num_keys, s selected slots per token (heads*knn), r value rows (num_keys**2).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from moescale.layers import common
+from moescale.layers.pkm_ops import (  # noqa: F401  (re-exported)
+    candidate_pairs, gather_values, masked_batch_norm, product_key_topk, score_weights)
 
 _SCORE_FNS = ('softmax', 'relu')
 _NORMALIZE = ('auto', 'per_head', 'joint')
 _VALUE_INITS = ('normal', 'csordas')
 _MODES = ('auto', 'sparse', 'dense')
-
-
-@functools.lru_cache(maxsize=None)
-def candidate_pairs(knn: int, num_keys: int | None = None) -> np.ndarray:
-  """[c, 2] int32 positions (i, j) in the two descending half lists that can reach the top-knn.
-
-  Pair (i, j) is dominated by the (i+1)(j+1) - 1 pairs (i' <= i, j' <= j) whose sums are at
-  least as large, so if (i+1)(j+1) > knn, knn pairs at least as good exist and (i, j) is not
-  needed. That leaves c = sum_i floor(knn / i) ~ knn ln knn candidates instead of knn**2
-  (695 instead of 16384 at knn = 128). Positions are clipped to the lists' length
-  min(knn, num_keys).
-  """
-  m = knn if num_keys is None else min(knn, num_keys)
-  pairs = [(i, j) for i in range(m) for j in range(m) if (i + 1) * (j + 1) <= knn]
-  out = np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
-  out.setflags(write=False)
-  return out
-
-
-def product_key_topk(s1: jax.Array, s2: jax.Array, knn: int,
-                     prune: bool = True) -> tuple[jax.Array, jax.Array]:
-  """The top-knn of s1[..., i] + s2[..., j] over all num_keys**2 pairs, via the half spaces.
-
-  Args:
-    s1, s2: [..., num_keys] sub-key scores of the two query halves.
-    knn: how many slots to return, 1 <= knn <= num_keys**2.
-    prune: score only the candidate_pairs(knn) (default); False scores all knn**2 sums of the
-      two top-knn lists (Lample et al.'s form). Both return the same top-knn.
-  Returns:
-    scores [..., knn] descending and slot indices [..., knn] int32 (i * num_keys + j).
-  """
-  n = s1.shape[-1]
-  if s2.shape[-1] != n:
-    raise ValueError(f'half scores differ in num_keys: {s1.shape} vs {s2.shape}')
-  if not 0 < knn <= n * n:
-    raise ValueError(f'knn={knn!r} must be in [1, num_keys**2={n * n}]')
-  m = min(knn, n)
-  v1, i1 = jax.lax.top_k(s1, m)
-  v2, i2 = jax.lax.top_k(s2, m)
-  if prune:
-    pairs = candidate_pairs(knn, n)
-    a, b = pairs[:, 0], pairs[:, 1]
-    cand = v1[..., a] + v2[..., b]
-    cand_idx = i1[..., a] * n + i2[..., b]
-  else:
-    lead = s1.shape[:-1]
-    cand = (v1[..., :, None] + v2[..., None, :]).reshape(*lead, m * m)
-    cand_idx = (i1[..., :, None] * n + i2[..., None, :]).reshape(*lead, m * m)
-  scores, pos = jax.lax.top_k(cand, knn)
-  return scores, jnp.take_along_axis(cand_idx, pos, axis=-1).astype(jnp.int32)
-
-
-def gather_values(values: jax.Array, indices: jax.Array, weights: jax.Array,
-                  dtype=None, chunk_size: int | None = None) -> jax.Array:
-  """y[t] = sum_s weights[t, s] * values[indices[t, s]]: a gather-reduce (EmbeddingBag 'sum').
-
-  Args:
-    values: [r, d] value table; indices: [t, s] int rows; weights: [t, s].
-    dtype: compute dtype (rows are cast after the gather, never the whole table).
-    chunk_size: tokens per chunk, or None for one shot. One shot holds the gathered rows
-      [t, s, d] in memory (and again for the backward pass); chunking with rematerialisation
-      bounds that to [chunk_size, s, d]. The gradient wrt values is a scatter-add either way.
-  Returns:
-    [t, d].
-  """
-  dtype = dtype or values.dtype
-
-  def read(idx, w):
-    rows = jnp.take(values, idx, axis=0, mode='clip').astype(dtype)
-    return jnp.einsum('...sd,...s->...d', rows, w.astype(dtype))
-
-  if chunk_size is None or indices.shape[0] <= chunk_size:
-    return read(indices, weights)
-  return jax.lax.map(jax.checkpoint(lambda a: read(*a)), (indices, weights),
-                     batch_size=chunk_size)
-
-
-def masked_batch_norm(q: jax.Array, mask: jax.Array, eps: float) -> tuple[jax.Array, ...]:
-  """Batch statistics of q [t, ...] over the tokens where mask [t] is True.
-
-  Returns (normalised q, mean, biased var); padding tokens do not move the statistics.
-  """
-  m = mask.reshape(-1, *([1] * (q.ndim - 1))).astype(q.dtype)
-  count = jnp.maximum(m.sum(), 1.0)
-  mean = (q * m).sum(0) / count
-  var = (jnp.square(q - mean) * m).sum(0) / count
-  return (q - mean) * jax.lax.rsqrt(var + eps), mean, var
-
-
-def score_weights(scores: jax.Array, score_fn: str, joint: bool) -> jax.Array:
-  """Selected scores [t, heads, knn] -> weights: relu, or softmax per head / over heads*knn."""
-  if score_fn == 'relu':
-    return jax.nn.relu(scores)
-  if joint:
-    t = scores.shape[0]
-    return jax.nn.softmax(scores.reshape(t, -1), axis=-1).reshape(scores.shape)
-  return jax.nn.softmax(scores, axis=-1)
 
 
 class ProductKeyMemory(nnx.Module):
@@ -164,7 +70,8 @@ class ProductKeyMemory(nnx.Module):
     value_dropout: dropout on the output.
     batchnorm_momentum, batchnorm_eps: running average keeps momentum of the old value
       (0.9 = PyTorch's momentum 0.1 that XLM uses); eps inside the rsqrt.
-    value_chunk_size: tokens per chunk of the sparse value read (see gather_values).
+    value_chunk_size: tokens per step of the sparse value read's backward pass (see
+      pkm_ops.gather_values); None: its default.
     dtype: compute dtype of the value read; param_dtype: storage dtype.
   """
 
@@ -269,18 +176,29 @@ class ProductKeyMemory(nnx.Module):
         stat[...] = jnp.where(keep, mom * old + (1 - mom) * sg(batch), old).astype(old.dtype)
     return q * self.bn_scale[...].astype(q.dtype) + self.bn_bias[...].astype(q.dtype)
 
+  def _half_scores(self, x: jax.Array, mask: jax.Array,
+                   deterministic: bool) -> tuple[jax.Array, jax.Array]:
+    """x [t, d] -> sub-key scores s1, s2 [t, heads, num_keys] in the score dtype."""
+    h, n, half, sd = self.num_heads, self.num_keys, self.k_dim // 2, self.score_dtype
+    if self.w_query is None and (deterministic or self.rates['query_dropout'] == 0):
+      # Every head queries with x itself: one [t, d/2] x [d/2, heads*num_keys] matmul per half
+      # rather than broadcasting x to [t, heads, d] (half the time of the einsum, fwd + bwd).
+      x = x.astype(sd)
+      score = lambda xs, keys: (xs @ keys[...].astype(sd).reshape(h * n, half).T).reshape(-1, h, n)
+      return score(x[:, :half], self.keys1), score(x[:, half:], self.keys2)
+    q = self._query(x, mask, deterministic)
+    q = common.dropout(q, self.rates['query_dropout'], deterministic, self.rngs)
+    s1 = jnp.einsum('thk,hnk->thn', q[..., :half], self.keys1[...].astype(sd))
+    s2 = jnp.einsum('thk,hnk->thn', q[..., half:], self.keys2[...].astype(sd))
+    return s1, s2
+
   def __call__(self, x: jax.Array, deterministic: bool = True,
                segment_ids: jax.Array | None = None) -> jax.Array:
     """x: [batch, length, d_model] -> [batch, length, d_model]; padding tokens give 0."""
     b, l, d = x.shape
     mask = common.token_mask(segment_ids, (b, l)).reshape(-1)
     x = common.dropout(x, self.rates['input_dropout'], deterministic, self.rngs)
-    q = self._query(x.reshape(b * l, d), mask, deterministic)
-    q = common.dropout(q, self.rates['query_dropout'], deterministic, self.rngs)
-    half = self.k_dim // 2
-    sd = self.score_dtype
-    s1 = jnp.einsum('thk,hnk->thn', q[..., :half], self.keys1[...].astype(sd))
-    s2 = jnp.einsum('thk,hnk->thn', q[..., half:], self.keys2[...].astype(sd))
+    s1, s2 = self._half_scores(x.reshape(b * l, d), mask, deterministic)
 
     if self.mode == 'dense':
       # Heads summed before the activation: sum_h (s1_h (+) s2_h) = (sum_h s1_h) (+) (sum_h s2_h).

@@ -1,0 +1,42 @@
+import math
+
+from flax import nnx
+
+from moescale.bench import Options, timing
+from moescale.bench import pkm as bench_pkm
+
+
+def test_flop_matched_d_ff_comes_from_the_module_cost():
+  layer = nnx.eval_shape(bench_pkm.make_pkm)
+  flops = layer.cost().flops
+  # Csordás variant: no query projection, so only sub-key scoring and value reads.
+  assert set(flops) == {'keys', 'values'}
+  assert flops['keys'] == 2 * 4 * 128 * 256 and flops['values'] == 2 * 4 * 32 * 256
+  assert bench_pkm.flop_matched_d_ff(layer) == 320
+
+
+def test_quick_run_returns_stable_records():
+  logged = []
+  records = bench_pkm.run(Options(quick=True, repeats=1), logged.append)
+  assert [r['backend'] for r in records] == ['dense', 'sparse', 'param_matched']
+  for r in records:
+    assert set(r) - {'speedup'} == set(timing.RECORD_KEYS)
+    assert r['name'] == 'pkm' and r['num_experts'] is None
+    assert r['tokens'] == bench_pkm.QUICK['tokens'][0]
+    assert r['seconds'] > 0 and r['ratio'] > 0 and math.isfinite(r['ratio'])
+  dense, sparse, param = records
+  assert dense['baseline'] == sparse['baseline'] == 'dense' and dense['ratio'] == 1.0
+  assert param['baseline'] == 'sparse'
+  assert 'speedup' in sparse and sparse['speedup'] > 0
+  assert 'speedup' not in dense and 'speedup' not in param
+  assert any('d_ff=320' in line for line in logged)
+  assert 'speedup=' in timing.format_table(records)
+
+
+def test_tokens_option_overrides_the_grid(monkeypatch):
+  seen = []
+  monkeypatch.setattr(bench_pkm, 'bench_pkm', lambda t, repeats, log: seen.append(t) or [])
+  bench_pkm.run(Options(quick=True, tokens=(64, 128)), None)
+  assert seen == [64, 128]
+  bench_pkm.run(Options(), None)
+  assert seen[2:] == list(bench_pkm.FULL['tokens'])
