@@ -122,5 +122,13 @@ def test_bench_quick_runs_from_the_command_line_without_tensorflow():
   out = _run(sys.executable, '-c', code).stdout
   records = json.loads(out[out.index('['):])
   names = {(r['name'], r['backend']) for r in records}
-  assert ('moe_top2', 'blocked') in names and ('dense_ffn', 'DenseFFN') in names
+  assert {('moe_top2', 'fused'), ('moe_top2', 'blocked'), ('dense_ffn', 'DenseFFN'),
+          ('sigma_moe', 'fused'), ('pkm', 'sparse'), ('peak_matmul', 'fp32_square'),
+          ('train_step', 'dense'), ('train_step', 'topk_moe')} <= names
   assert all(r['ratio'] is None or r['ratio'] > 0 for r in records)
+  for r in records:
+    if r['name'] == 'train_step':
+      # MFU against a square matmul timed in the same rounds: a step cannot run its matmuls
+      # much faster than the machine's best one, and it must hold at least its own state.
+      assert 0 < r['mfu'] < 1.5, r
+      assert r['peak_memory_bytes'] is None or r['peak_memory_bytes'] >= r['state_bytes'], r

@@ -14,8 +14,9 @@ with the others. Reported per model:
     mfu                model FLOPs / step time / peak FLOP/s. Model FLOPs are
                        `accounting.count(...).train_flops(tokens)` (3x the forward count,
                        attention over the full square as computed); the peak is a square fp32
-                       matmul timed in this process (`peak_matmul` row), the same denominator
-                       the trainer logs MFU against.
+                       matmul (`peak_matmul` row) timed in the same interleaved rounds, and mfu
+                       is the median over rounds of (step FLOP/s / that round's matmul FLOP/s).
+                       The trainer logs MFU against the same kind of measured peak.
     peak_memory_bytes  the compiled step's peak: XLA's memory analysis (arguments + outputs +
                        temporaries - donated aliases), None where the backend gives none.
     state_bytes        params + optimizer state (+ other model state): what must stay resident.
@@ -62,13 +63,11 @@ def _models(d_model: int) -> dict[str, tuple]:
   }
 
 
-def peak_flops(size: int, repeats: int) -> tuple[float, float]:
-  """(FLOP/s, seconds) of the median square fp32 matmul of `size`: the MFU denominator."""
+def peak_matmul(size: int):
+  """(thunk, FLOPs) of a square fp32 matmul of `size`: the MFU denominator's workload."""
   a = jax.random.normal(jax.random.key(0), (size, size))
   f = jax.jit(lambda a: a @ a)
-  times = timing.interleaved({'mm': lambda: f(a)}, max(repeats, 5))['mm']
-  seconds = statistics.median(times)
-  return 2 * size ** 3 / seconds, seconds
+  return (lambda: f(a)), 2 * size ** 3
 
 
 def _state_bytes(state) -> int:
@@ -116,12 +115,7 @@ class _Stepper:
 def run(opts, log) -> list[dict]:
   shape = QUICK_SHAPE if opts.quick else SHAPE
   batch = QUICK_BATCH if opts.quick else BATCH
-  peak, peak_seconds = peak_flops(256 if opts.quick else 2048, opts.repeats)
-  records = [timing.record('peak_matmul', 'fp32_square', None, 256 if opts.quick else 2048,
-                           peak_seconds, None, None, flops=peak * peak_seconds)]
-  if log:
-    log(f'training steps: d_model={shape["d_model"]} layers={shape["num_layers"]} '
-        f'batch={batch}x{shape["max_length"]}; peak matmul {peak / 1e9:.1f} GFLOP/s')
+  size = 256 if opts.quick else 2048
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   steppers, experts = {}, {}
   models = _models(shape['d_model'])
@@ -130,14 +124,28 @@ def run(opts, log) -> list[dict]:
   for name, (kwargs, num_experts) in models.items():
     steppers[name] = _Stepper(kwargs, shape, batch, mesh)
     experts[name] = num_experts
-  times = timing.interleaved(dict(steppers), opts.repeats)
+  # The peak matmul is timed in the same rounds as the steps, and each round's MFU uses that
+  # round's peak: the machine's speed drifts between runs (dev VM: peak 124-153 GFLOP/s,
+  # dense step 224-311 ms, dense MFU 33.6-35.0%). It does not cancel every drift: in runs
+  # where a neighbour halved the square matmul's rate (77 GFLOP/s) the steps slowed ~10% and
+  # dense MFU read 47-49%. Read mfu together with the peak_matmul row.
+  mm, mm_flops = peak_matmul(size)
+  times = timing.interleaved({'peak_matmul': mm, **steppers}, opts.repeats)
+  peak_seconds = statistics.median(times['peak_matmul'])
+  records = [timing.record('peak_matmul', 'fp32_square', None, size, peak_seconds, None, None,
+                           flops=mm_flops)]
+  if log:
+    log(f'training steps: d_model={shape["d_model"]} layers={shape["num_layers"]} '
+        f'batch={batch}x{shape["max_length"]}; peak matmul {mm_flops / peak_seconds / 1e9:.1f} '
+        'GFLOP/s')
+  peak_times = times.pop('peak_matmul')
   for r in timing.ratio_records('train_step', None, batch * shape['max_length'], times, 'dense'):
     s = steppers[r['backend']]
-    r.update(num_experts=experts[r['backend']], flops=s.flops,
-             mfu=s.flops / r['seconds'] / peak, state_bytes=s.state_bytes,
-             peak_memory_bytes=s.peak_bytes)
+    mfu = statistics.median(s.flops / t / (mm_flops / p)
+                            for t, p in zip(times[r['backend']], peak_times))
+    r.update(num_experts=experts[r['backend']], flops=s.flops, mfu=mfu,
+             state_bytes=s.state_bytes, peak_memory_bytes=s.peak_bytes)
     records.append(r)
   if log:
     log(timing.format_table(records).split('\n', 1)[1])
   return records
-
