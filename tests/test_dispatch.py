@@ -53,15 +53,21 @@ BACKENDS = {
     'blocked_plain': lambda: Blocked(block_size=4, granule=4),    # plain padding to blocks
     'blocked_recompute': lambda: Blocked(block_size=8, granule=2, save_hidden=False),
     'blocked_default': lambda: dispatch.get_backend('blocked'),
+    'fused': lambda: dispatch.get_backend('fused', block_size=4, granule=2),
+    'fused_wide': lambda: dispatch.get_backend('fused', block_size=8, granule=2),
+    'fused_plain': lambda: dispatch.get_backend('fused', block_size=4, granule=4),
+    'fused_default': lambda: dispatch.get_backend('fused'),
     'ragged': lambda: dispatch.get_backend('ragged'),
     'slots': lambda: dispatch.get_backend('slots'),
     'onehot': lambda: dispatch.get_backend('onehot'),
 }
-# k = 1, 2, 4 for every backend, biases on and off for each; blocked variants (plain padding,
-# recompute, default sizes) one or two cases each.
+# k = 1, 2, 4 for every backend, biases on and off for each; blocked and fused variants (plain
+# padding, recompute, default sizes) one or two cases each.
 CASES = ([('blocked', k, b) for k, b in ((1, False), (2, True), (4, False), (4, True))]
          + [('blocked_plain', 2, True), ('blocked_recompute', 4, True),
             ('blocked_recompute', 1, False), ('blocked_default', 2, False)]
+         + [('fused', 1, False), ('fused', 2, True), ('fused_wide', 4, False),
+            ('fused_plain', 4, True), ('fused_default', 2, False)]
          + [(n, k, b) for n in ('ragged', 'slots', 'onehot')
             for k, b in ((1, True), (2, False), (4, True))])
 
@@ -112,10 +118,11 @@ def test_blocked_blocks_larger_than_all_rows(block_size, granule):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_blocked_bf16_keeps_dtype_and_tracks_fp32():
+@pytest.mark.parametrize('name', ['blocked', 'fused'])
+def test_loop_backends_in_bf16_keep_dtype_and_track_fp32(name):
   x, index, weights, experts, _ = _problem(bias=False)
-  backend = jax.jit(lambda x, experts: Blocked(block_size=4, granule=2)(
-      x, index, weights, experts, jax.nn.gelu))
+  loop = dispatch.get_backend(name, block_size=4, granule=2)
+  backend = jax.jit(lambda x, experts: loop(x, index, weights, experts, jax.nn.gelu))
   y16 = backend(x.astype(jnp.bfloat16), jax.tree.map(lambda a: a.astype(jnp.bfloat16), experts))
   assert y16.dtype == jnp.bfloat16
   y32 = dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.gelu)

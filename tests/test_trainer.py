@@ -215,5 +215,21 @@ def test_mesh_config_chooses_the_expert_exchange(tmp_path, monkeypatch):
   assert calls  # the all_to_all run really exchanged through the all-to-all path
   # Both exchanges are dropless here: the same training run, up to summation order.
   assert runs['all_to_all']['loss'] == pytest.approx(runs['ring']['loss'], rel=1e-5)
-  for a, b in zip(_params(runs['ring']).values(), _params(runs['all_to_all']).values()):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  ring, a2a = _params(runs['ring']), _params(runs['all_to_all'])
+  assert ring.keys() == a2a.keys()
+  for name in ring:
+    if name.endswith('k_bias'):
+      # q·(k + b) shifts every score of a query by q·b: softmax ignores it, so the key bias's
+      # gradient is 0 plus rounding noise, which Adam (m / sqrt(v)) blows up to full-size
+      # steps of either sign depending on summation order. Nothing to compare.
+      continue
+    np.testing.assert_allclose(ring[name], a2a[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_run_peak_counts_hosts_not_fake_cpu_devices(monkeypatch):
+  from moescale.train import metrics as metrics_lib
+  monkeypatch.setattr(metrics_lib, 'measure_peak_flops', lambda dtype='float32': 10.0)
+  assert jax.device_count() == 8  # the suite's fake devices share this process's cores
+  assert metrics_lib.run_peak_flops() == 10.0 * jax.process_count()
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert metrics_lib.run_peak_flops() == 80.0

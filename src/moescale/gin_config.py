@@ -70,8 +70,8 @@ def register() -> None:
   gin.external_configurable(launch.synthetic_data, module='moescale.data')
   _CONFIGURED['run_training'] = gin.external_configurable(launch.run_training,
                                                           module='moescale')
-  from moescale import pairs  # pair files (gin/pairs/) bind only `Pair`
-  gin.external_configurable(pairs.Pair, module='moescale.pairs')
+  from moescale import pair_spec  # pair files (gin/pairs/) bind only `Pair`
+  gin.external_configurable(pair_spec.Pair, module='moescale.pairs')
   _REGISTERED = True
 
 

@@ -34,93 +34,27 @@ layer; `default_backend_name` encodes what it found.
 
 from __future__ import annotations
 
-import importlib
-from typing import Callable, NamedTuple, Protocol
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
-# The plain functions of the math, re-exported: dispatch_ops depends on nothing here.
+# The registry imports every backend directly (all plain JAX); they and the expert-parallel
+# wrapper build on dispatch_types, never on this module.
+from moescale.layers import dispatch_blocked, dispatch_capacity, dispatch_fused, dispatch_ragged
+from moescale.layers import expert_parallel
+# The plain functions of the math and the contract, re-exported for the families and users.
 from moescale.layers.dispatch_ops import RowLayout, combine, permute, sort_assignments  # noqa: F401
-
-Array = jax.Array
-
-
-class ExpertWeights(NamedTuple):
-  """Stacked expert parameters, leading expert axis. A pytree, so it passes through jit/grad.
-
-  w_in:  [e, d, f]    w_out: [e, f, d]    b_in: [e, f] or None    b_out: [e, d] or None
-  """
-  w_in: Array
-  w_out: Array
-  b_in: Array | None = None
-  b_out: Array | None = None
-
-  @property
-  def num_experts(self) -> int:
-    return self.w_in.shape[0]
-
-
-class DispatchBackend(Protocol):
-  """`backend(x, expert_index, weights, experts, activation, capacity=None) -> y`.
-
-  x: [t, d]; expert_index: [t, k] int32 in [0, num_experts] (num_experts = dropped);
-  weights: [t, k]; returns y: [t, d] in x.dtype. `capacity` (slots per expert) is a hint a
-  backend may use to bound its buffers; routing has already dropped what does not fit.
-  """
-  name: str
-
-  def __call__(self, x: Array, expert_index: Array, weights: Array, experts: ExpertWeights,
-               activation: Callable[[Array], Array], capacity: int | None = None) -> Array:
-    ...
-
-
-def check_assignment_shapes(x: Array, expert_index: Array, weights: Array,
-                            experts: ExpertWeights) -> None:
-  """Shape checks shared by all backends: clear errors instead of an XLA shape failure."""
-  if x.ndim != 2:
-    raise ValueError(f'dispatch expects x as [tokens, d_model], got shape {x.shape}')
-  if expert_index.shape != weights.shape or expert_index.shape[0] != x.shape[0]:
-    raise ValueError(
-        f'expert_index {expert_index.shape} and weights {weights.shape} must both be '
-        f'[tokens={x.shape[0]}, k]')
-  if experts.w_in.shape[1] != x.shape[1]:
-    raise ValueError(f'w_in {experts.w_in.shape} does not take d_model={x.shape[1]}')
-
-
-class ReferenceLoop:
-  """Every expert on every token, masked: the definition, for tests. O(E) times the work."""
-  name = 'reference'
-
-  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
-    check_assignment_shapes(x, expert_index, weights, experts)
-    y = jnp.zeros(x.shape, jnp.float32)
-    for e in range(experts.num_experts):
-      h = x @ experts.w_in[e]
-      if experts.b_in is not None:
-        h = h + experts.b_in[e]
-      out = activation(h) @ experts.w_out[e]
-      if experts.b_out is not None:
-        out = out + experts.b_out[e]
-      gate = jnp.sum(jnp.where(expert_index == e, weights, 0.0), axis=-1)  # [t]
-      y = y + gate[:, None].astype(jnp.float32) * out.astype(jnp.float32)
-    return y.astype(x.dtype)
-
-
-def _lazy(module: str, cls: str) -> Callable[..., DispatchBackend]:
-  # Backends live in sibling modules that import this one; load them on first use.
-  def factory(**kwargs) -> DispatchBackend:
-    return getattr(importlib.import_module(f'moescale.layers.{module}'), cls)(**kwargs)
-  return factory
+from moescale.layers.dispatch_types import (  # noqa: F401
+    DispatchBackend, ExpertWeights, ReferenceLoop, check_assignment_shapes)
 
 
 _BACKENDS: dict[str, Callable[..., DispatchBackend]] = {
     'reference': ReferenceLoop,
-    'blocked': _lazy('dispatch_blocked', 'Blocked'),
-    'fused': _lazy('dispatch_fused', 'Fused'),
-    'ragged': _lazy('dispatch_ragged', 'Ragged'),
-    'slots': _lazy('dispatch_capacity', 'Slots'),
-    'onehot': _lazy('dispatch_capacity', 'OneHot'),
+    'blocked': dispatch_blocked.Blocked,
+    'fused': dispatch_fused.Fused,
+    'ragged': dispatch_ragged.Ragged,
+    'slots': dispatch_capacity.Slots,
+    'onehot': dispatch_capacity.OneHot,
 }
 
 
@@ -152,7 +86,6 @@ def get_backend(backend: str | DispatchBackend = 'auto', **options) -> DispatchB
   `options` go to the backend's constructor (e.g. `get_backend('blocked', block_size=64)`).
   """
   if not isinstance(backend, str):
-    from moescale.layers import expert_parallel
     return expert_parallel.wrap_for_mesh(backend)
   name = default_backend_name(jax.default_backend()) if backend == 'auto' else backend
   try:
@@ -161,5 +94,4 @@ def get_backend(backend: str | DispatchBackend = 'auto', **options) -> DispatchB
     raise ValueError(
         f'unknown dispatch backend {backend!r}; valid: {available_backends()}') from None
   # Under a mesh with an `expert` axis (the trainer sets one), experts run expert-parallel.
-  from moescale.layers import expert_parallel
   return expert_parallel.wrap_for_mesh(factory(**options))

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moescale.layers import dispatch, dispatch_ops
+from moescale.layers import dispatch_ops, dispatch_types
 
 Array = jax.Array
 
@@ -93,7 +93,7 @@ def _switch_loop(plan, granule, block_size, branch, apply, init):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def blocked_ffn(rows: Array, experts: dispatch.ExpertWeights, plan: dispatch_ops.BlockPlan,
+def blocked_ffn(rows: Array, experts: dispatch_types.ExpertWeights, plan: dispatch_ops.BlockPlan,
                 activation: Callable[[Array], Array], granule: int, block_size: int,
                 save_hidden: bool) -> Array:
   """rows [R, d] -> out [R, d]: each planned block through its expert's FFN; rows outside
@@ -141,7 +141,7 @@ def _blocked_bwd(activation, granule, block_size, save_hidden, res, dout):
   del save_hidden  # `hidden` is None unless the forward saved it.
   num_rows = rows.shape[0]
   zeros32 = lambda a: None if a is None else jnp.zeros(a.shape, jnp.float32)
-  grads0 = dispatch.ExpertWeights(*(zeros32(a) for a in experts))
+  grads0 = dispatch_types.ExpertWeights(*(zeros32(a) for a in experts))
   drows0 = jnp.zeros((num_rows + block_size, rows.shape[1]), rows.dtype)
 
   def branch(size):
@@ -163,12 +163,12 @@ def _blocked_bwd(activation, granule, block_size, save_hidden, res, dout):
     e = plan.expert[b]
     dx, dw_in, dw_out, db_in, db_out = result
     drows = lax.dynamic_update_slice_in_dim(drows, dx.astype(drows.dtype), plan.offset[b], 0)
-    g = dispatch.ExpertWeights(_add_to_expert(g.w_in, e, dw_in), _add_to_expert(g.w_out, e, dw_out),
+    g = dispatch_types.ExpertWeights(_add_to_expert(g.w_in, e, dw_in), _add_to_expert(g.w_out, e, dw_out),
                                _add_to_expert(g.b_in, e, db_in), _add_to_expert(g.b_out, e, db_out))
     return drows, g
 
   drows, grads = _switch_loop(plan, granule, block_size, branch, apply, (drows0, grads0))
-  grads = dispatch.ExpertWeights(
+  grads = dispatch_types.ExpertWeights(
       *(None if g is None else g.astype(a.dtype) for g, a in zip(grads, experts)))
   return drows[:num_rows], grads, None
 
@@ -210,7 +210,7 @@ class Blocked:
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
     del capacity  # Dropless: the loop bound comes from the actual group sizes.
-    dispatch.check_assignment_shapes(x, expert_index, weights, experts)
+    dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
     t, k = expert_index.shape
     block, granule = self.sizes(t * k, experts.num_experts)
     s = dispatch_ops.sort_and_rank(expert_index, experts.num_experts)

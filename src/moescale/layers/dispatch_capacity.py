@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moescale.layers import dispatch, dispatch_ops
+from moescale.layers import dispatch_ops, dispatch_types
 
 
 def _require_capacity(name: str, capacity: int | None) -> int:
@@ -31,7 +31,7 @@ def _require_capacity(name: str, capacity: int | None) -> int:
   return int(capacity)
 
 
-def expert_ffn(slots: jax.Array, experts: dispatch.ExpertWeights, activation) -> jax.Array:
+def expert_ffn(slots: jax.Array, experts: dispatch_types.ExpertWeights, activation) -> jax.Array:
   """[e, c, d] -> [e, c, d]: every expert's FFN on its own slots, one batched matmul each."""
   h = jnp.einsum('ecd,edf->ecf', slots, experts.w_in)
   if experts.b_in is not None:
@@ -47,7 +47,7 @@ class Slots:
   name = 'slots'
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
-    dispatch.check_assignment_shapes(x, expert_index, weights, experts)
+    dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
     capacity = _require_capacity(self.name, capacity)
     num_experts = experts.num_experts
     s = dispatch_ops.sort_and_rank(expert_index, num_experts)
@@ -62,7 +62,7 @@ class OneHot:
   name = 'onehot'
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
-    dispatch.check_assignment_shapes(x, expert_index, weights, experts)
+    dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
     capacity = _require_capacity(self.name, capacity)
     num_experts = experts.num_experts
     t, k = expert_index.shape

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moescale.layers import dispatch, dispatch_ops
+from moescale.layers import dispatch_ops, dispatch_types
 from moescale.layers.dispatch_blocked import Blocked, _add_to_expert, _expert
 
 Array = jax.Array
@@ -98,7 +98,7 @@ def _tn(a: Array, b: Array) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def fused_ffn(x: Array, weights: Array, experts: dispatch.ExpertWeights, sched: Schedule,
+def fused_ffn(x: Array, weights: Array, experts: dispatch_types.ExpertWeights, sched: Schedule,
               activation: Callable[[Array], Array], granule: int, block_size: int) -> Array:
   """x [t, d], weights [t, k] -> y [t, d] float32: every block's FFN output, weighted,
   scatter-added to its tokens."""
@@ -165,7 +165,7 @@ def _fused_bwd(activation, granule, block_size, res, dy):
 
   dx, dw_rows, g = _class_loops(sched, granule, block_size, body, init)
   dweights = dw_rows.at[sched.row_of].get(mode='fill', fill_value=0)          # [t, k]
-  grads = dispatch.ExpertWeights(
+  grads = dispatch_types.ExpertWeights(
       *(None if gi is None else gi.astype(a.dtype) for gi, a in zip(g, experts)))
   return dx.astype(x.dtype), dweights.astype(weights.dtype), grads, None
 
@@ -209,7 +209,7 @@ class Fused(Blocked):
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
     del capacity  # Dropless.
-    dispatch.check_assignment_shapes(x, expert_index, weights, experts)
+    dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
     t, k = expert_index.shape
     block, granule = self.sizes(t * k, experts.num_experts, choose_block_size)
     s = dispatch_ops.sort_and_rank(expert_index, experts.num_experts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moescale.layers import dispatch, dispatch_ops
+from moescale.layers import dispatch_ops, dispatch_types
 
 
 class Ragged:
@@ -20,7 +20,7 @@ class Ragged:
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
     del capacity
-    dispatch.check_assignment_shapes(x, expert_index, weights, experts)
+    dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
     num_experts = experts.num_experts
     s = dispatch_ops.sort_and_rank(expert_index, num_experts)
     layout = dispatch_ops.sorted_layout(s, expert_index.shape)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from moescale import sharding as shd
-from moescale.layers import dispatch as dispatch_lib
+from moescale.layers import dispatch_types as dispatch_lib
 from moescale.layers import expert_exchange
 
 EXPERT_AXIS = 'expert'

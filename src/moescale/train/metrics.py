@@ -85,6 +85,16 @@ def read_metrics(model_dir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def run_peak_flops(dtype='float32') -> float:
+  """The MFU denominator of a whole run: the measured per-device peak times the devices that
+  do separate work. On CPU every device of a process (`--xla_force_host_platform_device_count`
+  fakes several) shares the same cores, and the measured matmul already uses them all: the
+  factor there is the number of processes, not of devices (8 fake devices on 2 cores would
+  otherwise read an MFU 8x too small)."""
+  devices = jax.process_count() if jax.default_backend() == 'cpu' else jax.device_count()
+  return measure_peak_flops(dtype) * devices
+
+
 def measure_peak_flops(dtype='float32', size: int = 1024, repeats: int = 5) -> float:
   """Peak matmul FLOP/s of this machine, measured now (the MFU denominator): the median of
   `repeats` square matmuls, after a warm-up compile."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any, Callable, Protocol
 
@@ -152,7 +151,7 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
   it = data.train_iterator(per_host, jax.process_index(), jax.process_count(), cfg.seed, position)
   writer = metrics_lib.MetricsWriter(cfg.model_dir, cfg.train_steps, start,
                                      tensorboard=cfg.tensorboard, progress=cfg.progress)
-  peak = metrics_lib.measure_peak_flops() * jax.device_count() if flops_per_token else None
+  peak = metrics_lib.run_peak_flops() if flops_per_token else None
 
   summary: dict[str, Any] = {'start_step': start}
   window_t0, window_tokens, window_steps, step_times = time.perf_counter(), 0, 0, []
