@@ -82,24 +82,35 @@ def test_corrupt_checkpoint_fails_clearly_and_deletes_nothing(tmp_path):
   assert sorted(str(p) for p in (tmp_path / 'checkpoints').rglob('*')) == before
 
 
-def test_gradient_accumulation_equals_one_big_batch():
+@pytest.mark.parametrize('splits', [[(1, 1), (2, 1), (4, 1)], [(1, 2), (1, 4), (2, 2)]],
+                         ids=['accumulated', 'parallel'])
+def test_microbatches_equal_one_big_batch(splits):
   dense = functools.partial(TransformerLM, vocab_size=32, d_model=32, num_layers=1, num_heads=4,
                             ffn=functools.partial(DenseFFN, d_ff=64), sparse_ffn=None)
   batch = next(DATA.train_iterator(8))
   from moescale import sharding as shd
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   out = []
-  for n in (1, 2, 4):
+  for accum, parallel in [(1, 1)] + splits:  # sequential (scan) and unrolled microbatches
     tx = optax.sgd(0.1)
     graphdef, state, _ = step_lib.create_train_state(dense, tx, 0, mesh)
-    fn = jax.jit(step_lib.make_train_step(graphdef, tx, lambda s: 0.1,
-                                          step_lib.StepConfig(grad_accum_steps=n)))
+    cfg = step_lib.StepConfig(grad_accum_steps=accum, parallel_microbatches=parallel)
+    fn = jax.jit(step_lib.make_train_step(graphdef, tx, lambda s: 0.1, cfg))
     state, m = fn(state, {k: jax.numpy.asarray(v) for k, v in batch.items()})
+    assert float(m['tokens']) == float(np.sum(batch['decoder_loss_weights']))
     out.append((float(m['loss']), _params({'state': state})))
   for loss, params in out[1:]:
     assert loss == pytest.approx(out[0][0], rel=1e-5)
     for k in params:
       np.testing.assert_allclose(params[k], out[0][1][k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_microbatch_settings_are_checked():
+  with pytest.raises(ValueError, match='parallel_microbatches=0'):
+    step_lib.StepConfig(parallel_microbatches=0)
+  with pytest.raises(ValueError, match=r'batch_size=8 .*grad_accum_steps=2 x parallel_microbatches=3'):
+    trainer.TrainConfig(model_dir='x', train_steps=1, batch_size=8,
+                        step=step_lib.StepConfig(grad_accum_steps=2, parallel_microbatches=3))
 
 
 def test_weight_decay_mask_and_group_learning_rates():

@@ -9,7 +9,9 @@ For each model (the CPU-sized shapes the tiny run and the small pairs ship: d_mo
     pkm        product-key memory (4 heads, 32² values, knn 32) in every layer
 
 one jitted `train_step` (AdamW update included, as the trainer runs it) is timed, interleaved
-with the others. Reported per model:
+with the others. On CPU the step splits its batch into PARALLEL_MICROBATCHES unrolled
+microbatches, as gin/runs/tiny.gin does (see `StepConfig.parallel_microbatches`); elsewhere 1.
+Reported per model:
 
     mfu                model FLOPs / step time / peak FLOP/s. Model FLOPs are
                        `accounting.count(...).train_flops(tokens)` (3x the forward count,
@@ -26,6 +28,7 @@ with the others. Reported per model:
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 
 import jax
@@ -42,6 +45,7 @@ SHAPE = dict(vocab_size=264, d_model=128, num_layers=4, num_heads=4, head_dim=32
              max_length=128, scale_embeddings=True, tie_embeddings=True)
 QUICK_SHAPE = dict(SHAPE, d_model=64, num_layers=2, num_heads=2, max_length=32)
 BATCH, QUICK_BATCH = 16, 4
+PARALLEL_MICROBATCHES = 4  # on CPU, as runs/tiny.gin
 
 
 def _models(d_model: int) -> dict[str, tuple]:
@@ -88,7 +92,8 @@ def _peak_bytes(compiled) -> int | None:
 class _Stepper:
   """Holds one model's train state and advances it a step per call (the state is donated)."""
 
-  def __init__(self, kwargs: dict, shape: dict, batch_size: int, mesh):
+  def __init__(self, kwargs: dict, shape: dict, batch_size: int, mesh,
+               step_cfg: step_lib.StepConfig = step_lib.StepConfig()):
     model_fn = functools.partial(TransformerLM, **shape, **kwargs)
     cfg = optim.OptimizerConfig(learning_rate=1e-3, warmup_steps=1)
     _, abs_params, _ = step_lib.abstract_model(model_fn, 0)
@@ -100,8 +105,8 @@ class _Stepper:
     self.batch = shd.host_local_to_global(batch, mesh)
     self.tokens = int(np.prod(batch['decoder_input_tokens'].shape))
     self.flops = accounting.count(model_fn, shape['max_length']).train_flops(self.tokens)
-    fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule), state_sh,
-                                 mesh)
+    fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, step_cfg),
+                                 state_sh, mesh)
     # Traced as the trainer traces it: under the mesh and the activation-sharding rules.
     with shd.activation_sharding(mesh), jax.set_mesh(mesh):
       self.compiled = fn.lower(self.state, self.batch).compile()
@@ -121,8 +126,10 @@ def run(opts, log) -> list[dict]:
   models = _models(shape['d_model'])
   if opts.quick:  # compiling a train step dominates a quick run: two models show the format
     models = {k: models[k] for k in ('dense', 'topk_moe')}
+  parallel = PARALLEL_MICROBATCHES if jax.default_backend() == 'cpu' else 1
+  step_cfg = step_lib.StepConfig(parallel_microbatches=math.gcd(parallel, batch))
   for name, (kwargs, num_experts) in models.items():
-    steppers[name] = _Stepper(kwargs, shape, batch, mesh)
+    steppers[name] = _Stepper(kwargs, shape, batch, mesh, step_cfg)
     experts[name] = num_experts
   # The peak matmul is timed in the same rounds as the steps, and each round's MFU uses that
   # round's peak: the machine's speed drifts between runs (dev VM: peak 124-153 GFLOP/s,
@@ -136,7 +143,8 @@ def run(opts, log) -> list[dict]:
                            flops=mm_flops)]
   if log:
     log(f'training steps: d_model={shape["d_model"]} layers={shape["num_layers"]} '
-        f'batch={batch}x{shape["max_length"]}; peak matmul {mm_flops / peak_seconds / 1e9:.1f} '
+        f'batch={batch}x{shape["max_length"]} in {step_cfg.parallel_microbatches} parallel '
+        f'microbatches; peak matmul {mm_flops / peak_seconds / 1e9:.1f} '
         'GFLOP/s')
   peak_times = times.pop('peak_matmul')
   for r in timing.ratio_records('train_step', None, batch * shape['max_length'], times, 'dense'):

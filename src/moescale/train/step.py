@@ -28,10 +28,35 @@ Batch = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  """z_loss: weight of log(Z)² on the output softmax (PaLM); grad_accum_steps: microbatches
-  per step (the batch is split on its batch axis, gradients summed, one update)."""
+  """How one optimizer step computes its gradient.
+
+  z_loss: weight of log(Z)² on the output softmax (PaLM).
+  grad_accum_steps: sequential microbatches per step (a scan: the batch is split on its
+    batch axis, gradients summed, one update). Saves memory.
+  parallel_microbatches: independent microbatches per (accumulation) step, unrolled in one
+    graph. Costs no memory saving, but XLA:CPU's executor then runs one microbatch's small
+    ops (norms, softmax, elementwise) beside another's on its threads, and each working set
+    is smaller: the d_model 128 dense step of `moescale bench` took 273-275 ms at 4 against
+    302-326 ms at 1 (MFU 40.3-40.7% vs 34.6-37.1%, side by side), σ-MoE 238 vs 284 ms.
+    No use on GPU/TPU, where one op already fills the device.
+  Either split is exact for the LM loss (sums over the whole batch's weights); per-batch
+  statistics (load-balancing losses, routing metrics, GShard capacity) are per microbatch,
+  then averaged, as with any microbatching.
+  """
   z_loss: float = 0.0
   grad_accum_steps: int = 1
+  parallel_microbatches: int = 1
+
+  def __post_init__(self):
+    for name in ('grad_accum_steps', 'parallel_microbatches'):
+      value = getattr(self, name)
+      if not (isinstance(value, int) and value >= 1):
+        raise ValueError(f'StepConfig.{name}={value!r} must be an integer >= 1')
+
+  @property
+  def microbatches(self) -> int:
+    """Microbatches per optimizer step; the batch size must be a multiple."""
+    return self.grad_accum_steps * self.parallel_microbatches
 
 
 @jax.tree_util.register_dataclass
@@ -103,7 +128,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
                 deterministic=False)
     loss_sum, weight, xent_sum = cross_entropy(
         out.logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'], cfg.z_loss)
-    n = cfg.grad_accum_steps
+    n = cfg.microbatches  # per-microbatch statistics are averaged over all of them
     loss = loss_sum / total_weight + out.aux_loss / n
     aux = {'xent_sum': xent_sum, 'weight': weight, 'aux_loss': out.aux_loss / n,
            **{f'aux/{k}': v / n for k, v in out.aux_losses.items()},
@@ -115,10 +140,26 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   # merged model raises TraceContextError on the first dropout call (flax 0.12).
   grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
 
-  def grads_of(params, rest, batch, total_weight):
+  def grads_of_one(params, rest, batch, total_weight):
     model = nnx.merge(graphdef, params, rest)
     (loss, aux), grads = grad_fn(model, batch, total_weight)
     return loss, aux, grads, nnx.state(model, nnx.Not(nnx.Param))
+
+  def grads_of(params, rest, batch, total_weight):
+    """Loss, aux, grads and new rest of `batch`, summed over parallel_microbatches parts."""
+    p = cfg.parallel_microbatches
+    if p == 1:
+      return grads_of_one(params, rest, batch, total_weight)
+    # Part i takes rows i, i+p, ...: with the batch split over data devices in contiguous
+    # blocks, every part keeps rows on every device (when each block is a multiple of p).
+    parts = jax.tree.map(lambda x: x.reshape(x.shape[0] // p, p, *x.shape[1:]), batch)
+    total = None
+    for i in range(p):  # unrolled: the parts share no data, only `rest` (RNG counters)
+      loss, aux, grads, rest = grads_of_one(params, rest, jax.tree.map(lambda x: x[:, i], parts),
+                                            total_weight)
+      part = (loss, aux, grads)
+      total = part if total is None else jax.tree.map(jnp.add, total, part)
+    return (*total, rest)
 
   def train_step(state: TrainState, batch: Batch):
     total_weight = jnp.maximum(jnp.sum(batch['decoder_loss_weights'].astype(jnp.float32)), 1.0)

@@ -84,9 +84,10 @@ class TrainConfig:
       raise ValueError(f'train_steps={self.train_steps} must be >= 0')
     if self.batch_size < 1:
       raise ValueError(f'batch_size={self.batch_size} must be >= 1')
-    if self.batch_size % self.step.grad_accum_steps:
-      raise ValueError(f'batch_size={self.batch_size} is not divisible by '
-                       f'grad_accum_steps={self.step.grad_accum_steps}')
+    if self.batch_size % self.step.microbatches:
+      raise ValueError(f'batch_size={self.batch_size} is not divisible by grad_accum_steps='
+                       f'{self.step.grad_accum_steps} x parallel_microbatches='
+                       f'{self.step.parallel_microbatches}')
 
 
 def _host_scalars(metrics: dict) -> dict:
