@@ -70,10 +70,12 @@ def available_backends() -> list[str]:
 def default_backend_name(platform: str | None = None) -> str:
   """The measured-best backend for a platform (see `python -m moescale.bench`).
 
-  XLA:CPU: 'fused' (ragged_dot is lowered densely there, E times the work; 'fused' measured
-  0.92x / 1.01x / 1.36x / 1.66x the dense layer for top-2 at 8 / 64 / 256 / 512 experts where
-  'blocked' gave 1.03x / 1.17x / 1.45x / 1.76x, and σ-MoE ~1.3-1.6x where 'blocked' gave
-  1.7-2.1x). GPU / TPU: 'ragged', native grouped matmul there -- to be confirmed on GPU.
+  XLA:CPU: 'fused' (ragged_dot is lowered densely there, E times the work). `make bench` on
+  the 2-core dev VM, 16k tokens, fwd+bwd against the FLOP-matched dense layer: top-2 at
+  8 / 64 / 256 / 512 experts 'fused' 0.62x / 1.02x / 1.31x / 1.73x, 'blocked' 0.72x / 1.09x /
+  1.49x / 2.06x, 'slots' (capacity 1.0) 0.92x / 1.21x / 1.57x / 2.50x; σ-MoE (16-128 experts)
+  'fused' 0.96-1.36x, 'blocked' 1.33-1.89x. GPU / TPU: 'ragged', native grouped matmul there
+  -- to be confirmed by measurement on a GPU.
   """
   if platform is None:
     platform = jax.default_backend()
