@@ -111,17 +111,13 @@ def bench_dense_module(tokens: int, repeats: int) -> list[dict]:
   """The project's DenseFFN against the same two matmuls written as a plain function."""
   d_ff = TOP_K * EXPERT_SIZE
   layer = dense.DenseFFN(D_MODEL, d_ff, rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(layer)
   x = jax.random.normal(jax.random.key(2), (1, tokens, D_MODEL))
   dy = jax.random.normal(jax.random.key(3), (1, tokens, D_MODEL))
-
-  def module_loss(params, x, dy):
-    return jnp.vdot(nnx.merge(graphdef, params)(x), dy)
-  module_fn = jax.jit(jax.value_and_grad(module_loss, argnums=(0, 1)))
+  module_fn = timing.module_step(layer)
   plain_fn = _dense_step()
   w_in, w_out = layer.w_in[...], layer.w_out[...]
   times = timing.interleaved({'plain': lambda: plain_fn(x[0], w_in, w_out, dy[0]),
-                       'DenseFFN': lambda: module_fn(params, x, dy)}, repeats)
+                       'DenseFFN': lambda: module_fn(x, dy)}, repeats)
   return timing.ratio_records('dense_ffn', None, tokens, times, 'plain')
 
 

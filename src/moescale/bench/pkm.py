@@ -23,7 +23,6 @@ from __future__ import annotations
 import statistics
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from moescale.bench import timing
@@ -46,16 +45,6 @@ def flop_matched_d_ff(layer: pkm.ProductKeyMemory) -> int:
   return max(1, round(layer.cost().total_flops / (4 * layer.d_model)))
 
 
-def _module_step(layer: nnx.Module):
-  """(params, x, dy) -> value_and_grad of <layer(x), dy> wrt params and x, jitted."""
-  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-
-  def loss(params, x, dy):
-    return jnp.vdot(nnx.merge(graphdef, params, rest, copy=True)(x, True), dy)
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  return step, params
-
-
 def bench_pkm(tokens: int, repeats: int, log=None) -> list[dict]:
   layer = make_pkm()
   d_ff = flop_matched_d_ff(layer)
@@ -66,8 +55,7 @@ def bench_pkm(tokens: int, repeats: int, log=None) -> list[dict]:
   dy = jax.random.normal(jax.random.key(4), (1, tokens, D_MODEL))
   fns = {}
   for backend, module in layers.items():
-    step, params = _module_step(module)
-    fns[backend] = (lambda step=step, params=params: step(params, x, dy))
+    fns[backend] = (lambda step=timing.module_step(module): step(x, dy))
   if log:
     log(f'  PKM tokens={tokens}: FLOP-matched d_ff={d_ff}, param-matched d_ff={NUM_KEYS ** 2}')
   # Two interleavings, not one: run right after the parameter-matched layer (gigabytes of

@@ -12,8 +12,9 @@ top_k K = 4), against two `DenseFFN` modules on the same tokens:
 
 Each cell is one `timing.interleaved` call (all rows timed round after round, so the ratios
 see the same machine load; each round: dense, the σ-MoE backends, then the parameter-matched
-layer, whose GiB-sized buffers are skipped above MAX_PARAM_DENSE_FLOPS). The input is random normal, so routing is whatever the freshly
-initialised router picks (Csordás init, columns of equal norm: close to uniform).
+layer, whose GiB-sized buffers are skipped above MAX_PARAM_DENSE_FLOPS). The input is random
+normal, so routing is whatever the freshly initialised router picks (Csordás init, columns
+of equal norm: close to uniform).
 
 Rows: name 'sigma_moe', backend 'dense' | 'param_dense' | <dispatch backend spec>, e.g.
 'fused' (the XLA:CPU default), 'blocked' or 'fused:block_size=1024:granule=64' (see
@@ -25,7 +26,6 @@ from __future__ import annotations
 import statistics
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from moescale.bench import moe as moe_bench
@@ -42,16 +42,6 @@ QUICK_BACKENDS = ('fused',)
 MAX_PARAM_DENSE_FLOPS = 2e12
 
 
-def _module_step(layer: nnx.Module):
-  """jit(value_and_grad) of <layer(x), dy> wrt (params, x): fwd + bwd of the whole module."""
-  graphdef, params = nnx.split(layer)
-
-  def loss(params, x, dy):
-    return jnp.vdot(nnx.merge(graphdef, params)(x, deterministic=True), dy)
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  return lambda x, dy: step(params, x, dy)
-
-
 def param_dense_flops(num_experts: int, tokens: int) -> float:
   """fwd + bwd matmul FLOPs of the parameter-matched dense FFN: 3 x 2 matmuls of t x d x N_E·G."""
   return 3 * 2 * 2 * tokens * D_MODEL * num_experts * EXPERT_SIZE
@@ -61,20 +51,21 @@ def bench_sigma(num_experts: int, tokens: int, backends, repeats: int, log=None)
   """One cell: σ-MoE per backend, 'dense' (d_ff = K·G) and 'param_dense' (d_ff = N_E·G)."""
   x = jax.random.normal(jax.random.key(0), (1, tokens, D_MODEL))
   dy = jax.random.normal(jax.random.key(1), (1, tokens, D_MODEL))
-  flop_dense = _module_step(dense.DenseFFN(D_MODEL, TOP_K * EXPERT_SIZE, rngs=nnx.Rngs(0)))
+  flop_dense = timing.module_step(
+      dense.DenseFFN(D_MODEL, TOP_K * EXPERT_SIZE, rngs=nnx.Rngs(0)))
   fns = {'dense': lambda: flop_dense(x, dy)}
   for spec in backends:
     name, options = moe_bench.parse_backend(spec)
     layer = sigma_moe.SigmaMoE(D_MODEL, num_experts, EXPERT_SIZE, TOP_K,
                                dispatch=dispatch.get_backend(name, **options),
                                rngs=nnx.Rngs(0))
-    fns[spec] = (lambda step=_module_step(layer): step(x, dy))
+    fns[spec] = (lambda step=timing.module_step(layer): step(x, dy))
   skipped = []
   flops = param_dense_flops(num_experts, tokens)
   if flops <= MAX_PARAM_DENSE_FLOPS:
     # Timed last in each round: its GiB-sized buffers (page faults, cache) right before a
     # σ-MoE call measurably slowed that call on the dev VM.
-    param_dense = _module_step(
+    param_dense = timing.module_step(
         dense.DenseFFN(D_MODEL, num_experts * EXPERT_SIZE, rngs=nnx.Rngs(0)))
     fns['param_dense'] = lambda: param_dense(x, dy)
   else:

@@ -20,12 +20,26 @@ import time
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 
 RECORD_KEYS = ('name', 'backend', 'num_experts', 'tokens', 'seconds', 'ratio', 'baseline')
 # Optional keys: 'mfu' (model FLOPs/s / measured peak), 'flops' (model FLOPs of one call),
 # 'peak_memory_bytes', 'state_bytes' (params + optimizer state), 'speedup' (a baseline's time /
 # this row's time, where the interesting comparison is the other way round), 'note'.
 EXTRA_KEYS = ('mfu', 'flops', 'peak_memory_bytes', 'state_bytes', 'speedup', 'note')
+
+
+def module_step(layer: nnx.Module) -> Callable[[jax.Array, jax.Array], object]:
+  """fwd + bwd of a whole sublayer: (x, dy) -> jit(value_and_grad) of <layer(x), dy> wrt
+  (its parameters, x), deterministic=True. Non-parameter state (batch statistics) rides along
+  unchanged: every call times the same computation."""
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def loss(params, x, dy):
+    return jnp.vdot(nnx.merge(graphdef, params, rest, copy=True)(x, deterministic=True), dy)
+  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return lambda x, dy: step(params, x, dy)
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:

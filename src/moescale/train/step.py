@@ -37,7 +37,7 @@ class StepConfig:
     graph. Costs no memory saving, but XLA:CPU's executor then runs one microbatch's small
     ops (norms, softmax, elementwise) beside another's on its threads, and each working set
     is smaller: the d_model 128 dense step of `moescale bench` took 273-275 ms at 4 against
-    302-326 ms at 1 (MFU 40.3-40.7% vs 34.6-37.1%, side by side), σ-MoE 238 vs 284 ms.
+    302-326 ms at 1 (side by side, 2 cores), σ-MoE 238 vs 284 ms.
     No use on GPU/TPU, where one op already fills the device.
   Either split is exact for the LM loss (sums over the whole batch's weights); per-batch
   statistics (load-balancing losses, routing metrics, GShard capacity) are per microbatch,
