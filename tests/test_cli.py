@@ -69,6 +69,13 @@ def test_required_macros_are_enforced(capsys):
   assert rc == 2 and 'MODEL_DIR' in capsys.readouterr().err
 
 
+def test_python_dash_m_moescale_train_is_the_train_command():
+  r = _run(sys.executable, '-m', 'moescale.train', check=False)
+  assert r.returncode == 2 and '--gin_file is required' in r.stderr
+  r = _run(sys.executable, '-m', 'moescale.train', '--gin_file=runs/tiny.gin', check=False)
+  assert r.returncode == 2 and 'MODEL_DIR' in r.stderr and 'Traceback' not in r.stderr
+
+
 def test_gin_typo_gives_a_clear_one_line_error(capsys):
   rc = main(['count', '--gin_file=runs/tiny.gin', '--gin_bindings=TopKMoE.num_expertz = 3'])
   err = capsys.readouterr().err

@@ -29,6 +29,7 @@ def test_tiny_run_lowers_validation_loss_and_resumes(tmp_path):
   assert after['step'] == 8
   assert after['validation/eval_loss'] < before['validation/eval_loss'] - 0.5
   assert 'moescale_kjv:validation/bits_per_byte' in after           # out-of-domain eval
+  assert list((model_dir / 'tensorboard').glob('events.out.tfevents.*'))  # live metrics
   text = (model_dir / 'config.gin').read_text()
   assert 'TopKMoE' in text and str(model_dir) in text
 
