@@ -264,6 +264,29 @@ def test_bench_helpers():
     timing.record('x', 'y', None, 1, 1.0, 1.0, 'y', speed=2)
 
 
+def test_bench_capacity_row_runs_the_routers_dropping_then_the_backend():
+  """'fused@capacity' must compute what TopKMoE(capacity_factor=1.0) computes: choice-major
+  priority (every first choice before any second), the first `capacity` kept per expert."""
+  x, index, weights, experts, dy = _problem(t=20, k=2, drop=0.0)
+  capacity = 3
+  flat = np.asarray(index).T.reshape(-1).copy()           # choice-major: n = j * t + token
+  for e in range(E):
+    flat[np.nonzero(flat == e)[0][capacity:]] = E
+  kept_index = jnp.asarray(flat.reshape(2, -1).T)
+  kept_weights = jnp.where(kept_index < E, weights, 0)
+  assert (kept_index == E).sum() > 0 and (kept_index[:, 1] == E).sum() > (kept_index[:, 0] == E).sum()
+
+  def want(x, experts):
+    return jnp.vdot(dispatch.ReferenceLoop()(x, kept_index, kept_weights, experts, jax.nn.relu), dy)
+  want_loss, want_grads = jax.jit(jax.value_and_grad(want, argnums=(0, 1)))(x, experts)
+  step = bench_moe._moe_step(dispatch.get_backend('fused', block_size=4, granule=2), capacity,
+                             route_capacity=True)
+  loss, grads = step(x, experts, index, weights, dy)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_bench_main_json_records(capsys):
   records = bench.main(['--json', '--sections', 'moe', '--tokens', '32', '--experts', '4', '--backends', 'blocked',
                         '--repeats', '1'])

@@ -7,6 +7,12 @@ expert_size (the same matmul FLOPs per token), in one process. Routing is unifor
 Capacity backends get capacity = ceil(1.0 * tokens * top_k / E), the GShard 'capacity 1.0'
 setting the targets name: uniform routing then drops a few percent of the assignments.
 
+A spec ending in '@capacity' (the row 'fused@capacity') is what `TopKMoE(capacity_factor=1.0)`
+runs on this platform: inside the timed step, the router's own `topk_moe.assign_slots` drops
+the assignments ranked beyond that capacity (first choices before second, token order), then
+the backend computes the kept ones. 'slots' reaches the same semantics through a fixed
+[E, capacity, d] buffer instead.
+
 Timing is `timing.interleaved`: each round times the dense layer and every backend once, back
 to back; `ratio` is the median over rounds of (backend time / dense time in that round).
 
@@ -26,13 +32,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moescale.bench import timing
-from moescale.layers import dense, dispatch
+from moescale.layers import dense, dispatch, topk_moe
 
 D_MODEL, EXPERT_SIZE, TOP_K, CAPACITY_FACTOR = 256, 512, 2, 1.0
 FULL = {'experts': (8, 64, 256, 512), 'tokens': (4096, 16384)}
 QUICK = {'experts': (8,), 'tokens': (1024,)}
-# The XLA:CPU default first ('fused'), then the unfused loop, the capacity paths and ragged_dot.
-BACKENDS = ('fused', 'blocked', 'slots', 'ragged', 'onehot')
+# The XLA:CPU default first ('fused', dropless and at capacity 1.0), then the unfused loop, the
+# slot-buffer capacity paths and ragged_dot.
+BACKENDS = ('fused', 'fused@capacity', 'blocked', 'slots', 'ragged', 'onehot')
+CAPACITY_SUFFIX = '@capacity'   # the router drops over capacity first (see the docstring)
+SLOT_BACKENDS = ('slots', 'onehot')   # need a capacity: their buffers are [E, capacity, ...]
 MAX_COST_RATIO = 12.0       # skip a backend estimated at more than this x the dense layer
 MAX_BUFFER_BYTES = 1 << 30  # or one whose dispatch buffers exceed 1 GiB
 
@@ -70,8 +79,13 @@ def _dense_step():
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-def _moe_step(backend: dispatch.DispatchBackend, capacity: int | None):
+def _moe_step(backend: dispatch.DispatchBackend, capacity: int | None, route_capacity: bool):
   def loss(x, experts, index, weights, dy):
+    if route_capacity:  # the router's dropping, as TopKMoE does it before any backend
+      _, kept = topk_moe.assign_slots(index, jnp.ones(index.shape, bool),
+                                      experts.num_experts, capacity)
+      index = jnp.where(kept, index, experts.num_experts)
+      weights = jnp.where(kept, weights, 0)
     y = backend(x, index, weights, experts, jax.nn.relu, capacity=capacity)
     return jnp.vdot(y, dy)
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -100,8 +114,11 @@ def bench_moe(num_experts: int, tokens: int, backends: Sequence[str], repeats: i
       if log:
         log(f'  skipped {spec} at E={num_experts}, t={tokens}: {reason}')
       continue
-    capacity = capacity_for(tokens, num_experts) if name in ('slots', 'onehot') else None
-    step = _moe_step(dispatch.get_backend(name, **options), capacity)
+    route_capacity = name.endswith(CAPACITY_SUFFIX)
+    name = name.removesuffix(CAPACITY_SUFFIX)
+    with_capacity = route_capacity or name in SLOT_BACKENDS
+    capacity = capacity_for(tokens, num_experts) if with_capacity else None
+    step = _moe_step(dispatch.get_backend(name, **options), capacity, route_capacity)
     fns[spec] = (lambda step=step: step(x, experts, index, weights, dy))
   times = timing.interleaved(fns, repeats)
   return timing.ratio_records('moe_top2', num_experts, tokens, times, 'dense') + skipped
