@@ -85,7 +85,7 @@ def _moe_step(backend: dispatch.DispatchBackend, capacity: int | None, route_cap
       _, kept = topk_moe.assign_slots(index, jnp.ones(index.shape, bool),
                                       experts.num_experts, capacity)
       index = jnp.where(kept, index, experts.num_experts)
-      weights = jnp.where(kept, weights, 0)
+      weights = topk_moe.combine_weights(weights, kept, renormalize=False)
     y = backend(x, index, weights, experts, jax.nn.relu, capacity=capacity)
     return jnp.vdot(y, dy)
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))

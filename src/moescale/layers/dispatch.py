@@ -70,14 +70,13 @@ def available_backends() -> list[str]:
 def default_backend_name(platform: str | None = None) -> str:
   """The measured-best backend for a platform (see `python -m moescale.bench`).
 
-  XLA:CPU: 'fused' (ragged_dot is lowered densely there, E times the work). `make bench` on
-  the 2-core dev VM, 16k tokens, fwd+bwd against the FLOP-matched dense layer: top-2 at
-  8 / 64 / 256 / 512 experts 'fused' 0.62x / 1.02x / 1.31x / 1.73x, 'blocked' 0.72x / 1.09x /
-  1.49x / 2.06x, 'slots' (capacity 1.0) 0.92x / 1.21x / 1.57x / 2.50x. At capacity 1.0 the
-  router drops first and 'fused' computes the rest (bench row 'fused@capacity'): 0.98x at 64
-  and 1.75x at 512 experts, where 'slots' took 2.75x in the same run. σ-MoE (16-128 experts)
-  'fused' 0.96-1.36x, 'blocked' 1.33-1.89x. GPU / TPU: 'ragged', native grouped matmul there
-  -- to be confirmed by measurement on a GPU.
+  XLA:CPU: 'fused' (ragged_dot is lowered densely there, E times the work). One `make bench`
+  on the 2-core dev VM, 16k tokens, fwd+bwd against the FLOP-matched dense layer: top-2 at
+  8 / 64 / 256 / 512 experts 'fused' 0.80x / 1.05x / 1.28x / 1.73x, 'blocked' 0.80x / 1.08x /
+  1.41x / 2.03x, 'slots' (capacity 1.0) 0.82x / 1.19x / 1.44x / 2.69x. At capacity 1.0 the
+  router drops first and 'fused' computes the rest (bench row 'fused@capacity'): 0.74x /
+  1.03x / 1.18x / 1.72x. σ-MoE (8-128 experts) 'fused' 0.90-1.31x, 'blocked' 1.43-1.90x.
+  GPU / TPU: 'ragged', native grouped matmul there -- to be confirmed by measurement on a GPU.
   """
   if platform is None:
     platform = jax.default_backend()

@@ -163,8 +163,9 @@ def _blocked_bwd(activation, granule, block_size, save_hidden, res, dout):
     e = plan.expert[b]
     dx, dw_in, dw_out, db_in, db_out = result
     drows = lax.dynamic_update_slice_in_dim(drows, dx.astype(drows.dtype), plan.offset[b], 0)
-    g = dispatch_types.ExpertWeights(_add_to_expert(g.w_in, e, dw_in), _add_to_expert(g.w_out, e, dw_out),
-                               _add_to_expert(g.b_in, e, db_in), _add_to_expert(g.b_out, e, db_out))
+    g = dispatch_types.ExpertWeights(
+        _add_to_expert(g.w_in, e, dw_in), _add_to_expert(g.w_out, e, dw_out),
+        _add_to_expert(g.b_in, e, db_in), _add_to_expert(g.b_out, e, db_out))
     return drows, g
 
   drows, grads = _switch_loop(plan, granule, block_size, branch, apply, (drows0, grads0))

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from moescale import sharding as shd
-from moescale.layers import dispatch_types as dispatch_lib
+from moescale.layers import dispatch_types
 from moescale.layers import expert_exchange
 
 EXPERT_AXIS = 'expert'
@@ -103,14 +103,14 @@ class ExpertParallel:
   activation, capacity) -> y`; `.apply(...)` also returns the fraction of routed assignments
   the exchange dropped (0 unless all_to_all with a capacity_factor)."""
 
-  def __init__(self, inner: dispatch_lib.DispatchBackend, mesh: Mesh,
+  def __init__(self, inner: dispatch_types.DispatchBackend, mesh: Mesh,
                exchange: str = DEFAULT_EXCHANGE, capacity_factor: float | None = None):
     check_exchange(exchange, capacity_factor)
     self.inner, self.mesh = inner, mesh
     self.exchange, self.capacity_factor = exchange, capacity_factor
     self.name = f'expert_parallel[{exchange}]({getattr(inner, "name", type(inner).__name__)})'
 
-  def _fits(self, tokens: int, experts: dispatch_lib.ExpertWeights) -> bool:
+  def _fits(self, tokens: int, experts: dispatch_types.ExpertWeights) -> bool:
     return (experts.num_experts % self.mesh.shape[EXPERT_AXIS] == 0
             and tokens % self._row_shards() == 0)
 
@@ -125,7 +125,7 @@ class ExpertParallel:
 
   def apply(self, x, expert_index, weights, experts, activation, capacity=None):
     """(y [t, d], dropped_fraction []) for the backend call's arguments."""
-    dispatch_lib.check_assignment_shapes(x, expert_index, weights, experts)
+    dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
     if not self._fits(x.shape[0], experts):
       # Shapes that do not split evenly fall back to GSPMD's choice (correct, not sharded work).
       return self.inner(x, expert_index, weights, experts, activation, capacity), jnp.zeros(())
@@ -136,7 +136,7 @@ class ExpertParallel:
     split_hidden = tensor > 1 and experts.w_in.shape[-1] % tensor == 0
     mlp = 'tensor' if split_hidden else None
     rows = P(shd.BATCH_AXES, None)
-    specs = dispatch_lib.ExpertWeights(
+    specs = dispatch_types.ExpertWeights(
         w_in=P(EXPERT_AXIS, None, mlp), w_out=P(EXPERT_AXIS, mlp, None),
         b_in=None if experts.b_in is None else P(EXPERT_AXIS, mlp),
         b_out=None if experts.b_out is None else P(EXPERT_AXIS, None))
@@ -184,7 +184,7 @@ class ExpertParallel:
                          out_specs=(rows, P()), check_vma=False)(x, expert_index, weights, experts)
 
 
-def wrap_for_mesh(backend: dispatch_lib.DispatchBackend) -> dispatch_lib.DispatchBackend:
+def wrap_for_mesh(backend: dispatch_types.DispatchBackend) -> dispatch_types.DispatchBackend:
   """`backend`, wrapped in ExpertParallel when the active mesh has an expert axis > 1, with the
   exchange of the innermost `configure` (default: ring, dropless)."""
   mesh = shd.current_mesh()
