@@ -40,7 +40,8 @@ def _params(summary):
 
 
 def test_loss_falls_and_metrics_are_logged(tmp_path):
-  s = trainer.train(MODEL, DATA, _cfg(tmp_path, 12, eval_period=6), flops_per_token=1e5)
+  s = trainer.train(MODEL, DATA, _cfg(tmp_path, 12, eval_period=6, eval_before_training=True),
+                    flops_per_token=1e5)
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   train = [r for r in records if 'loss' in r]
   assert [r['step'] for r in train] == [2, 4, 6, 8, 10, 12]
@@ -51,10 +52,19 @@ def test_loss_falls_and_metrics_are_logged(tmp_path):
     assert key in train[-1], key
   assert len(train[-1]['routing/layer_02/expert_usage']) == 4
   evals = [r for r in records if 'validation/eval_loss' in r]
-  assert [r['step'] for r in evals] == [6, 12]
+  assert [r['step'] for r in evals] == [0, 6, 12]
+  assert evals[-1]['validation/eval_loss'] < evals[0]['validation/eval_loss'] - 0.3
   assert evals[-1]['validation/perplexity'] == pytest.approx(
       np.exp(evals[-1]['validation/eval_loss']), rel=1e-6)
   assert s['final_step'] == 12
+  # Nothing left to train: the run only evaluates the checkpoint (what TRAIN_STEPS=0 does to
+  # a fresh model) and leaves the checkpoints as they were.
+  again = trainer.train(MODEL, DATA, _cfg(tmp_path, 12, eval_before_training=True))
+  assert again['start_step'] == again['final_step'] == 12 and 'loss' not in again
+  assert again['validation/eval_loss'] == pytest.approx(evals[-1]['validation/eval_loss'],
+                                                        rel=1e-5)
+  records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in records if 'validation/eval_loss' in r] == [0, 6, 12, 12]
 
 
 def test_resume_equals_uninterrupted(tmp_path):

@@ -9,11 +9,15 @@ scores. Its forward FLOPs per token, from the module's own `cost()`, are sub-key
 dense FFN matches with d_ff = 327680 / (4 * d_model) = 320. Against:
 
   dense          DenseFFN(d_model, d_ff=320): equal FLOPs (the baseline of the PKM's ratio).
+  sparse         the PKM with its default kernels ('auto': moescale's C++ kernels on XLA:CPU,
+                 XLA's ops elsewhere; the row's note names them).
+  sparse@xla     the same PKM with kernels='xla' (only where 'auto' chose others): what the
+                 kernels save.
   param_matched  DenseFFN(d_model, d_ff=num_keys**2): the dense layer with as many value rows
                  (about 2x PKM's parameters, 51x its FLOPs).
 
-Rows: 'dense' and 'sparse' (the PKM) with `ratio` to 'dense' from one `timing.interleaved`
-run of the two; 'param_matched' with `ratio` to 'sparse' (its baseline) from a second run of
+Rows: 'dense', 'sparse' (and 'sparse@xla') with `ratio` to 'dense' from one
+`timing.interleaved` run; 'param_matched' with `ratio` to 'sparse' (its baseline) from a second run of
 those two. The PKM row carries `speedup` = median over rounds of (param_matched time / PKM time
 in that round). No gin, seqio or TensorFlow is imported.
 """
@@ -26,7 +30,7 @@ import jax
 from flax import nnx
 
 from moescale.bench import timing
-from moescale.layers import dense, pkm
+from moescale.layers import dense, pkm, pkm_kernels
 
 D_MODEL, NUM_HEADS, NUM_KEYS, KNN = 256, 4, 128, 32
 FULL = {'tokens': (4096, 16384)}
@@ -48,9 +52,14 @@ def flop_matched_d_ff(layer: pkm.ProductKeyMemory) -> int:
 def bench_pkm(tokens: int, repeats: int, log=None) -> list[dict]:
   layer = make_pkm()
   d_ff = flop_matched_d_ff(layer)
+  kernels = pkm_kernels.get_kernels(layer.kernels).name
   layers = {'dense': dense.DenseFFN(D_MODEL, d_ff, rngs=nnx.Rngs(1)),
             'sparse': layer,
             'param_matched': dense.DenseFFN(D_MODEL, NUM_KEYS ** 2, rngs=nnx.Rngs(2))}
+  small_rows = ['dense', 'sparse']
+  if kernels != 'xla':
+    layers['sparse@xla'] = make_pkm(kernels='xla')
+    small_rows.append('sparse@xla')
   x = jax.random.normal(jax.random.key(3), (1, tokens, D_MODEL))
   dy = jax.random.normal(jax.random.key(4), (1, tokens, D_MODEL))
   fns = {}
@@ -60,7 +69,7 @@ def bench_pkm(tokens: int, repeats: int, log=None) -> list[dict]:
     log(f'  PKM tokens={tokens}: FLOP-matched d_ff={d_ff}, param-matched d_ff={NUM_KEYS ** 2}')
   # Two interleavings, not one: run right after the parameter-matched layer (gigabytes of
   # activations), the small dense layer measured up to 2x slower, which flatters the ratio.
-  small = timing.interleaved({k: fns[k] for k in ('dense', 'sparse')}, repeats)
+  small = timing.interleaved({k: fns[k] for k in small_rows}, repeats)
   big = timing.interleaved({k: fns[k] for k in ('sparse', 'param_matched')}, repeats)
   records = timing.ratio_records('pkm', None, tokens, small, 'dense')
   records += timing.ratio_records('pkm', None, tokens, {'param_matched': big['param_matched'],
@@ -69,6 +78,7 @@ def bench_pkm(tokens: int, repeats: int, log=None) -> list[dict]:
   for r in records:
     if r['backend'] == 'sparse':
       r['speedup'] = speedup
+      r['note'] = f'kernels={kernels}'
   return records
 
 

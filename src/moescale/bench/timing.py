@@ -96,8 +96,8 @@ def format_table(records: Sequence[dict]) -> str:
       ratio = '' if r['ratio'] is None else f'{r["ratio"]:.2f}x'
     extra = ' '.join(_format_extra(k, r[k]) for k in EXTRA_KEYS
                      if r.get(k) is not None and k != 'note')
-    if r['seconds'] is None and r.get('note'):
-      extra = r['note']
+    if r.get('note'):  # a skipped row's reason, or what a timed row ran (e.g. its kernels)
+      extra = r['note'] if r['seconds'] is None else f'{extra} {r["note"]}'.strip()
     lines.append(f'{r["name"]:<11} {r["backend"]:<28} {experts:>7} {r["tokens"]:>7} '
                  f'{sec:>9} {ratio:>7}  {r["baseline"] or "":<12} {extra}'.rstrip())
   return '\n'.join(lines)

@@ -143,7 +143,9 @@ def run(opts, log) -> list[dict]:
   models = _models(shape['d_model'])
   if opts.quick:  # compiling a train step dominates a quick run: two models show the format
     models = {k: models[k] for k in ('dense', 'topk_moe')}
-  parallel = PARALLEL_MICROBATCHES if jax.default_backend() == 'cpu' else 1
+  # --quick steps one microbatch: the unrolled ones quadruple a compile that already dominates
+  # a quick run (their exactness is tested with the trainer, not here).
+  parallel = PARALLEL_MICROBATCHES if jax.default_backend() == 'cpu' and not opts.quick else 1
   step_cfg = step_lib.StepConfig(parallel_microbatches=math.gcd(parallel, batch))
   for name, (kwargs, num_experts) in models.items():
     steppers[name] = _Stepper(kwargs, shape, batch, mesh, step_cfg)

@@ -20,7 +20,8 @@ slot is scored, heads summed *before* the activation, no top-k:
 No LayerNorm inside: the block's pre-LN normalises x. Scoring runs in float32 (like a router).
 The math is in pkm_ops: the product search (top-knn/2 of each half, then one top-knn of ~2
 num_keys + knn candidates, exact) and the value read (a gather-reduce with a hand-written VJP;
-neither pass materialises the [t, s, d] rows).
+neither pass materialises the [t, s, d] rows). On XLA:CPU both run as C++ kernels by default
+(layers.pkm_kernels; `kernels='xla'` keeps XLA's ops).
 
 Einsum letters: t tokens (batch*length), d d_model, h heads, k half key dim (k_dim/2),
 n num_keys, s selected slots per token (heads*knn), r value rows (num_keys**2).
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moescale.layers import common
+from moescale.layers import common, pkm_kernels
 from moescale.layers.pkm_ops import (  # noqa: F401  (re-exported)
     candidate_pairs, gather_values, masked_batch_norm, product_key_topk, score_weights)
 
@@ -72,6 +73,9 @@ class ProductKeyMemory(nnx.Module):
       (0.9 = PyTorch's momentum 0.1 that XLM uses); eps inside the rsqrt.
     value_chunk_size: tokens per step of the sparse value read's backward pass (see
       pkm_ops.gather_values); None: its default.
+    kernels: what runs the sparse search's top-k and the value read: 'xla' (XLA's ops), 'cpu'
+      (moescale's C++ kernels for XLA:CPU), or 'auto' (cpu where they apply: see
+      layers.pkm_kernels, where the measurements are). Same results either way.
     dtype: compute dtype of the value read; param_dtype: storage dtype.
   """
 
@@ -82,7 +86,7 @@ class ProductKeyMemory(nnx.Module):
                input_dropout: float = 0.0, query_dropout: float = 0.0, dropout: float = 0.0,
                value_dropout: float = 0.0, batchnorm_momentum: float = 0.9,
                batchnorm_eps: float = 1e-5, value_chunk_size: int | None = None,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               kernels: str = 'auto', dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     common.check_positive(d_model=d_model, num_heads=num_heads, num_keys=num_keys, knn=knn)
     k_dim = d_model if k_dim is None else k_dim
     common.check_positive(k_dim=k_dim)
@@ -95,7 +99,8 @@ class ProductKeyMemory(nnx.Module):
       raise ValueError(f'knn={knn!r} must be <= num_keys**2={num_keys ** 2}')
     for name, value, valid in (('score_fn', score_fn, _SCORE_FNS),
                                ('normalize', normalize, _NORMALIZE),
-                               ('value_init', value_init, _VALUE_INITS), ('mode', mode, _MODES)):
+                               ('value_init', value_init, _VALUE_INITS), ('mode', mode, _MODES),
+                               ('kernels', kernels, pkm_kernels.KERNELS)):
       if value not in valid:
         raise ValueError(f'unknown {name} {value!r}; valid: {list(valid)}')
     if query_batchnorm is None:
@@ -121,6 +126,7 @@ class ProductKeyMemory(nnx.Module):
     self.rates = rates
     self.batchnorm_momentum, self.batchnorm_eps = batchnorm_momentum, batchnorm_eps
     self.value_chunk_size = value_chunk_size
+    self.kernels = kernels
     self.dtype = dtype
     # Scores are routing decisions: at least float32 (float64 stays float64 for grad checks).
     self.score_dtype = jnp.promote_types(jnp.float32, dtype)
@@ -211,12 +217,13 @@ class ProductKeyMemory(nnx.Module):
       y = jnp.einsum('tr,rd->td', w.astype(self.dtype), self.values[...].astype(self.dtype))
       used = jnp.any(w != 0, axis=0)
     else:
-      scores, idx = product_key_topk(s1, s2, self.knn)      # [t, h, knn]
+      kernels = pkm_kernels.get_kernels(self.kernels)      # chosen under the caller's mesh
+      scores, idx = product_key_topk(s1, s2, self.knn, kernels=kernels)      # [t, h, knn]
       w = score_weights(scores, self.score_fn, self.joint)
       w = common.dropout(w, self.rates['dropout'], deterministic, self.rngs)
       w = jnp.where(mask[:, None, None], w, 0).reshape(b * l, -1)
       idx = idx.reshape(b * l, -1)
-      y = gather_values(self.values[...], idx, w, self.dtype, self.value_chunk_size)
+      y = gather_values(self.values[...], idx, w, self.dtype, self.value_chunk_size, kernels)
       hits = jnp.zeros((self.num_keys ** 2,), jnp.int32).at[idx.reshape(-1)].add(
           (w != 0).reshape(-1).astype(jnp.int32))
       used = hits > 0

@@ -45,8 +45,8 @@ def candidate_pairs(knn: int, num_keys: int | None = None) -> np.ndarray:
 FORMS = ('split', 'pairs', 'full')
 
 
-def product_key_topk(s1: jax.Array, s2: jax.Array, knn: int,
-                     form: str = 'split') -> tuple[jax.Array, jax.Array]:
+def product_key_topk(s1: jax.Array, s2: jax.Array, knn: int, form: str = 'split',
+                     kernels: XlaKernels | None = None) -> tuple[jax.Array, jax.Array]:
   """The top-knn of s1[..., i] + s2[..., j] over all num_keys**2 pairs, via the half spaces.
 
   Args:
@@ -61,9 +61,11 @@ def product_key_topk(s1: jax.Array, s2: jax.Array, knn: int,
         max(s1) + s2[j] for every j: a superset of real pairs, which cannot change the
         top-knn. XLA:CPU's top_k is a partial sort per row whose cost is mostly sorting its k
         outputs, so two top-(knn/2) and one wider final top-knn beat three top-knn.
+    kernels: whose top-k runs the search (default `XLA`; see layers.pkm_kernels).
   Returns:
     scores [..., knn] descending and slot indices [..., knn] int32 (i * num_keys + j).
   """
+  kernels = kernels or XLA
   n = s1.shape[-1]
   if s2.shape[-1] != n:
     raise ValueError(f'half scores differ in num_keys: {s1.shape} vs {s2.shape}')
@@ -76,20 +78,20 @@ def product_key_topk(s1: jax.Array, s2: jax.Array, knn: int,
   # every top_k, gather and concatenation of the search (measured ~0.2 s at 16k tokens).
   sg = jax.lax.stop_gradient
   if form == 'split' and knn <= n:
-    _, slots = _split_topk(sg(s1), sg(s2), knn)
+    _, slots = _split_topk(sg(s1), sg(s2), knn, kernels)
   else:
-    _, slots = _pair_topk(sg(s1), sg(s2), knn, form)
+    _, slots = _pair_topk(sg(s1), sg(s2), knn, form, kernels)
   take = lambda v, i: jnp.take_along_axis(v, i, axis=-1)
   return take(s1, slots // n) + take(s2, slots % n), slots
 
 
-def _pair_topk(s1, s2, knn, form):
+def _pair_topk(s1, s2, knn, form, kernels):
   """product_key_topk's 'pairs' and 'full' forms."""
   n = s1.shape[-1]
   m = min(knn, n)
   # lax.top_k, approx_max_k (exact on CPU) and a bitonic network cost about the same on
   # XLA:CPU; a full sort ~4x more.
-  v1, i1, v2, i2 = _top_k_call((s1, s2), m)
+  v1, i1, v2, i2 = kernels.top_k_each((s1, s2), m)
   if form == 'full':
     lead = s1.shape[:-1]
     cand = (v1[..., :, None] + v2[..., None, :]).reshape(*lead, m * m)
@@ -99,7 +101,7 @@ def _pair_topk(s1, s2, knn, form):
     a, b = pairs[:, 0], pairs[:, 1]
     cand = v1[..., a] + v2[..., b]
     cand_idx = i1[..., a] * n + i2[..., b]
-  scores, pos = jax.lax.top_k(cand, knn)
+  scores, pos = kernels.top_k(cand, knn)
   return scores, jnp.take_along_axis(cand_idx, pos, axis=-1).astype(jnp.int32)
 
 
@@ -129,11 +131,11 @@ def _top_k_rows(x, k):
   return tuple(jnp.concatenate(o, axis=0) for o in zip(*outs))
 
 
-def _split_topk(s1, s2, knn):
+def _split_topk(s1, s2, knn, kernels):
   """product_key_topk's 'split' form: c = inner + 2 * num_keys candidates."""
   n = s1.shape[-1]
   h = max(1, knn // 2)
-  v1, i1, v2, i2 = _top_k_call((s1, s2), h)
+  v1, i1, v2, i2 = kernels.top_k_each((s1, s2), h)
   # Inner pairs 1 <= a, b < h; row a = 0 and column b = 0 come whole from s1 and s2 below.
   inner = candidate_pairs(knn, h)
   inner = inner[(inner[:, 0] > 0) & (inner[:, 1] > 0)]
@@ -143,7 +145,7 @@ def _split_topk(s1, s2, knn):
   # (argmax s1, j) for every j but argmax s2, which the column already has.
   row = jnp.where(j == i2[..., :1], -jnp.inf, v1[..., :1] + s2)
   cand = jnp.concatenate([v1[..., a] + v2[..., b], col, row], axis=-1)
-  scores, pos = _top_k_rows(cand, knn)
+  scores, pos = kernels.top_k(cand, knn)
   # Slots only for the knn winners (not a [..., c] table of them): pos -> (i, j).
   c = len(a)
   i = jnp.where(pos < c + n, pos - c, i1[..., :1])
@@ -157,7 +159,8 @@ def _split_topk(s1, s2, knn):
 
 
 def gather_values(values: jax.Array, indices: jax.Array, weights: jax.Array,
-                  dtype=None, chunk_size: int | None = None) -> jax.Array:
+                  dtype=None, chunk_size: int | None = None,
+                  kernels: XlaKernels | None = None) -> jax.Array:
   """y[t] = sum_s weights[t, s] * values[indices[t, s]]: a gather-reduce (EmbeddingBag 'sum').
 
   Args:
@@ -165,13 +168,38 @@ def gather_values(values: jax.Array, indices: jax.Array, weights: jax.Array,
     dtype: compute dtype (rows are cast after the gather, never the whole table).
     chunk_size: tokens per step of the backward pass (default GRAD_CHUNK); it bounds the rows
       held at once to [chunk_size, s, d]. Neither pass materialises [t, s, d].
+    kernels: whose gathers run the read (default `XLA`; see layers.pkm_kernels).
   Returns:
     [t, d] in dtype. Gradients: wrt weights a gathered dot, wrt values a scatter-add into a
     dense [r, d] buffer (rows no token read get zeros), none wrt indices.
   """
   dtype = jnp.dtype(dtype or values.dtype)
   indices = jnp.clip(indices, 0, values.shape[0] - 1).astype(jnp.int32)
-  return _gather_reduce(values, indices, weights, dtype, chunk_size or GRAD_CHUNK)
+  return (kernels or XLA).gather_reduce(values, indices, weights, dtype,
+                                        chunk_size or GRAD_CHUNK)
+
+
+class XlaKernels:
+  """The search's top-k and the value read as XLA's own ops: every platform, every dtype.
+
+  The strategy `product_key_topk` and `gather_values` call; layers.pkm_kernels has the others
+  and the choice between them.
+  """
+  name = 'xla'
+
+  def top_k_each(self, xs, k):
+    """(v0, i0, v1, i1, ...): lax.top_k of each x in xs (the two halves of the search)."""
+    return _top_k_call(xs, k)
+
+  def top_k(self, x, k):
+    return _top_k_rows(x, k)
+
+  def gather_reduce(self, values, indices, weights, dtype, chunk):
+    """gather_values after its checks: indices int32 in range, dtype a jnp.dtype."""
+    return _gather_reduce(values, indices, weights, dtype, chunk)
+
+
+XLA = XlaKernels()
 
 
 def _acc_dtype(dtype):

@@ -70,6 +70,9 @@ class TrainConfig:
   log_period: int = 10
   eval_period: int = 0                 # 0: evaluate only at the end
   eval_steps: int = 10                 # batches per eval split (None: whole split)
+  # Also evaluate the starting state (t5x's run_eval_before_training): the step-0 point of
+  # every eval curve, without a separate TRAIN_STEPS=0 run that compiles and loads it all again.
+  eval_before_training: bool = False
   checkpoint_period: int = 0           # 0: only the final checkpoint
   keep_checkpoints: int = 3
   mesh: MeshConfig = MeshConfig()
@@ -159,6 +162,8 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
   last = None
   exchange = expert_parallel.configure(cfg.mesh.expert_exchange, cfg.mesh.expert_capacity_factor)
   with shd.activation_sharding(mesh, cfg.rules), jax.set_mesh(mesh), exchange:
+    if cfg.eval_before_training and start < cfg.train_steps:
+      writer.write(start, evaluate(eval_fn, state, data, cfg, mesh))
     for step in range(start, cfg.train_steps):
       batch = shd.host_local_to_global(next(it), mesh)
       state, last = train_fn(state, batch)

@@ -1,0 +1,152 @@
+"""moescale's C++ XLA:CPU kernels for the PKM (kernels/pkm_cpu.cc via layers/pkm_kernels.py):
+each equals a plain reference, the layer computes the same with either kernels, 'auto' picks
+them only where they apply, and a machine without a compiler gets a clear reason."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moescale import sharding as shd
+from moescale.kernels import cpu
+from moescale.layers import ProductKeyMemory, pkm_kernels, pkm_ops
+
+pytestmark = pytest.mark.skipif(cpu.compiler() is None,
+                                reason='no C++ compiler: the kernels cannot be built here')
+
+
+@pytest.fixture(scope='module')
+def kernels():
+  assert cpu.load(), cpu.failure()  # a compiler is present, so the build must succeed
+  return pkm_kernels.get_kernels('cpu')
+
+
+@pytest.mark.parametrize('n,k', [(1, 1), (7, 3), (128, 16), (290, 32), (5, 5)])
+def test_top_k_equals_a_stable_sort_ties_and_infinities_included(kernels, n, k):
+  # Integer values tie everywhere; -inf fills some entries (the split search masks with it).
+  x = jax.random.randint(jax.random.key(n), (3, 37, n), -4, 5).astype(jnp.float32)
+  x = jnp.where(jax.random.bernoulli(jax.random.key(k), 0.1, x.shape), -jnp.inf, x)
+  values, indices = jax.jit(lambda x: kernels.top_k(x, k))(x)
+  want_idx = np.argsort(-np.asarray(x), axis=-1, kind='stable')[..., :k]  # lower index first
+  np.testing.assert_array_equal(indices, want_idx)
+  np.testing.assert_array_equal(values, np.take_along_axis(np.asarray(x), want_idx, -1))
+  # ... which is what lax.top_k returns, and under vmap too.
+  ref = jax.lax.top_k(x, k)
+  np.testing.assert_array_equal(indices, ref[1])
+  vm = jax.vmap(lambda r: kernels.top_k(r, k))(x)
+  np.testing.assert_array_equal(vm[1], ref[1])
+
+
+@pytest.mark.parametrize('knn,n,form', [(4, 8, 'split'), (8, 32, 'split'), (13, 8, 'split'),
+                                        (6, 8, 'pairs'), (4, 8, 'full')])
+def test_product_search_with_cpu_kernels_equals_brute_force(kernels, knn, n, form):
+  k1, k2 = jax.random.split(jax.random.key(knn))
+  s1, s2 = jax.random.normal(k1, (9, 2, n)), jax.random.normal(k2, (9, 2, n))
+  scores, idx = jax.jit(lambda a, b: pkm_ops.product_key_topk(a, b, knn, form, kernels))(s1, s2)
+  full = (np.asarray(s1)[..., :, None] + np.asarray(s2)[..., None, :]).reshape(9, 2, n * n)
+  want = -np.sort(-full, axis=-1)[..., :knn]
+  np.testing.assert_allclose(scores, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.take_along_axis(full, np.asarray(idx), -1), want, atol=1e-6)
+  # The same slots as XLA's top-k picks (no ties in normal samples).
+  _, xla_idx = pkm_ops.product_key_topk(s1, s2, knn, form)
+  np.testing.assert_array_equal(idx, xla_idx)
+
+
+def test_gather_values_and_gradients_equal_plain_loops(kernels):
+  # Few rows, so tokens share rows and a token's slots repeat rows: the value gradient must
+  # accumulate. d = 19 leaves a tail after the kernels' 8-wide dot; 300 tokens and 64 rows
+  # split over threads where the machine has several.
+  t, s, r, d = 300, 12, 64, 19
+  k = jax.random.split(jax.random.key(7), 4)
+  values = jax.random.normal(k[0], (r, d))
+  idx = jax.random.randint(k[1], (t, s), 0, r)
+  w = jax.random.normal(k[2], (t, s))
+  cot = jax.random.normal(k[3], (t, d))
+
+  @jax.jit
+  def run(values, w):
+    y, vjp = jax.vjp(lambda v, w: pkm_ops.gather_values(v, idx, w, kernels=kernels), values, w)
+    return y, vjp(cot)
+
+  y, (dv, dw) = run(values, w)
+  v64, i, w64, c64 = (np.asarray(a, np.float64) for a in (values, idx, w, cot))
+  i = i.astype(int)
+  np.testing.assert_allclose(y, np.einsum('tsd,ts->td', v64[i], w64), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, np.einsum('tsd,td->ts', v64[i], c64), rtol=1e-5, atol=1e-5)
+  want_dv = np.zeros((r, d))
+  for a, b in itertools.product(range(t), range(s)):
+    want_dv[i[a, b]] += w64[a, b] * c64[a]
+  np.testing.assert_allclose(dv, want_dv, rtol=1e-5, atol=1e-4)
+
+
+def test_other_dtypes_take_xla_ops_inside_the_cpu_strategy(kernels):
+  values = jax.random.normal(jax.random.key(0), (6, 8))
+  idx = jnp.array([[0, 5], [2, 2]], jnp.int32)
+  w = jnp.array([[0.5, -1.0], [2.0, 1.0]])
+  for dtype in (jnp.bfloat16, jnp.float16):
+    got = pkm_ops.gather_values(values, idx, w, dtype, kernels=kernels)
+    want = pkm_ops.gather_values(values, idx, w, dtype)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, want)
+  x = jax.random.normal(jax.random.key(1), (4, 9)).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(kernels.top_k(x, 3)[1], jax.lax.top_k(x, 3)[1])
+
+
+@pytest.mark.parametrize('query_proj', [True, False])
+def test_layer_is_the_same_with_cpu_and_xla_kernels(kernels, query_proj):
+  x = jax.random.normal(jax.random.key(2), (2, 33, 32))
+  outs = {}
+  for name in ('xla', 'cpu'):
+    layer = ProductKeyMemory(32, num_heads=2, num_keys=16, knn=8, query_proj=query_proj,
+                             score_fn='relu', kernels=name, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+    def loss(params, x):
+      y = nnx.merge(graphdef, params, rest, copy=True)(x, deterministic=True)
+      return jnp.sum(jnp.sin(y))
+    outs[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+  a, b = outs['xla'], outs['cpu']
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
+  for ga, gb in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
+    np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_uses_cpu_kernels_on_one_device_and_xla_under_a_device_mesh(kernels):
+  assert pkm_kernels.get_kernels('auto') is kernels          # no mesh: one device's program
+  with jax.set_mesh(shd.make_mesh(devices=jax.devices()[:1])):
+    assert pkm_kernels.get_kernels('auto') is kernels
+  if jax.device_count() > 1:  # a custom call cannot be split: XLA's ops, which GSPMD splits
+    with jax.set_mesh(shd.make_mesh()):
+      assert pkm_kernels.get_kernels('auto') is pkm_ops.XLA
+  assert pkm_kernels.get_kernels('xla') is pkm_ops.XLA
+
+
+def test_bad_names_and_a_missing_compiler_are_clear_errors(tmp_path, monkeypatch):
+  with pytest.raises(ValueError, match=r"unknown kernels 'gpu'.*'auto', 'xla', 'cpu'"):
+    ProductKeyMemory(32, num_keys=16, knn=8, kernels='gpu', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"unknown PKM kernels 'fast'"):
+    pkm_kernels.get_kernels('fast')
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  with pytest.raises(cpu.KernelBuildError, match='no-such-compiler'):
+    cpu.build(tmp_path / 'cache')
+  assert not list((tmp_path / 'cache').glob('*'))  # no half-written library left behind
+  monkeypatch.setattr(cpu, 'load', lambda: False)
+  monkeypatch.setattr(cpu, 'failure', lambda: 'no C++ compiler found')
+  with pytest.raises(RuntimeError, match="kernels='cpu' are unavailable: no C.. compiler"):
+    pkm_kernels.get_kernels('cpu')
+  assert pkm_kernels.get_kernels('auto') is pkm_ops.XLA      # auto falls back silently
+
+
+def test_library_name_follows_the_source_and_the_build_is_reused(kernels, tmp_path,
+                                                                  monkeypatch):
+  first = cpu.build(tmp_path)
+  assert first.exists() and first.parent == tmp_path
+  mtime = first.stat().st_mtime_ns
+  assert cpu.build(tmp_path) == first and first.stat().st_mtime_ns == mtime  # cached
+  edited = tmp_path / 'pkm_cpu.cc'
+  edited.write_text(cpu.SOURCE.read_text() + '\n// edited\n')
+  monkeypatch.setattr(cpu, 'SOURCE', edited)
+  assert cpu.library_path(tmp_path) != first
