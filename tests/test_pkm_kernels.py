@@ -3,6 +3,7 @@ each equals a plain reference, the layer computes the same with either kernels, 
 them only where they apply, and a machine without a compiler gets a clear reason."""
 
 import itertools
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -140,13 +141,16 @@ def test_bad_names_and_a_missing_compiler_are_clear_errors(tmp_path, monkeypatch
   assert pkm_kernels.get_kernels('auto') is pkm_ops.XLA      # auto falls back silently
 
 
-def test_library_name_follows_the_source_and_the_build_is_reused(kernels, tmp_path,
-                                                                  monkeypatch):
-  first = cpu.build(tmp_path)
-  assert first.exists() and first.parent == tmp_path
-  mtime = first.stat().st_mtime_ns
-  assert cpu.build(tmp_path) == first and first.stat().st_mtime_ns == mtime  # cached
+def test_library_name_follows_the_source_and_a_built_library_is_reused(kernels, tmp_path,
+                                                                        monkeypatch):
+  built = cpu.library_path()                       # what `load()` built or found
+  assert built.exists()
+  cached = cpu.library_path(tmp_path)
+  assert cached.name == built.name and cached.parent == tmp_path
+  shutil.copy(built, cached)
+  monkeypatch.setattr(cpu.subprocess, 'run', lambda *a, **k: pytest.fail('recompiled'))
+  assert cpu.build(tmp_path) == cached             # found, not compiled again
   edited = tmp_path / 'pkm_cpu.cc'
   edited.write_text(cpu.SOURCE.read_text() + '\n// edited\n')
   monkeypatch.setattr(cpu, 'SOURCE', edited)
-  assert cpu.library_path(tmp_path) != first
+  assert cpu.library_path(tmp_path) != cached      # an edited source builds its own library
