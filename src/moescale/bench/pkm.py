@@ -17,8 +17,8 @@ dense FFN matches with d_ff = 327680 / (4 * d_model) = 320. Against:
                  (about 2x PKM's parameters, 51x its FLOPs).
 
 Rows: 'dense', 'sparse' (and 'sparse@xla') with `ratio` to 'dense' from one
-`timing.interleaved` run; 'param_matched' with `ratio` to 'sparse' (its baseline) from a second run of
-those two. The PKM row carries `speedup` = median over rounds of (param_matched time / PKM time
+`timing.interleaved` run; 'param_matched' with `ratio` to 'sparse' (its baseline) from a
+second run of those two. The PKM row carries `speedup` = median over rounds of (param_matched time / PKM time
 in that round). No gin, seqio or TensorFlow is imported.
 """
 

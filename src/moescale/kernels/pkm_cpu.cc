@@ -185,18 +185,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleTopK, TopKImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleGatherReduce, GatherReduceImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleGatherDot, GatherDotImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// Both gathers take (values, idx, a float [t, ...] operand) and return one float buffer.
+static auto GatherBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleGatherReduce, GatherReduceImpl, GatherBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleGatherDot, GatherDotImpl, GatherBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleScatterAdd, ScatterAddImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()
