@@ -96,17 +96,23 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> values,
   return ffi::Error::Success();
 }
 
-// Calls f(token, flat slot j = token * s + slot, value row) for every slot of every token,
-// tokens split between threads, each thread prefetching the row kPrefetch slots ahead.
+// Calls f(token, flat slot j = token * s + slot, value row, d) for every slot of every token
+// of idx [t, s], tokens split between threads, each thread prefetching the row kPrefetch slots
+// ahead.
 template <typename F>
-void ForEachRow(const float* table, const int32_t* ix, int64_t t, int64_t s, int64_t d,
+void ForEachRow(const ffi::Buffer<ffi::F32>& values, const ffi::Buffer<ffi::S32>& idx,
                 const F& f) {
+  const int64_t d = values.dimensions().back();
+  const int64_t s = idx.dimensions().back();
+  const int64_t t = s ? idx.element_count() / s : 0;
+  const float* table = values.typed_data();
+  const int32_t* ix = idx.typed_data();
   ParallelFor(t, 64, [&](int64_t begin, int64_t end) {
     const int64_t last = end * s;
     for (int64_t i = begin; i < end; ++i) {
       for (int64_t j = i * s; j < (i + 1) * s; ++j) {
         if (j + kPrefetch < last) PrefetchRow(table + int64_t{ix[j + kPrefetch]} * d, d);
-        f(i, j, table + int64_t{ix[j]} * d);
+        f(i, j, table + int64_t{ix[j]} * d, d);
       }
     }
   });
@@ -115,31 +121,25 @@ void ForEachRow(const float* table, const int32_t* ix, int64_t t, int64_t s, int
 // y[t] = sum_s w[t, s] * values[idx[t, s]]
 ffi::Error GatherReduceImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
                             ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  const int64_t d = values.dimensions().back();
-  const int64_t s = idx.dimensions().back();
-  const int64_t t = s ? idx.element_count() / s : 0;
   const float* wt = w.typed_data();
   float* out = y->typed_data();
   std::memset(out, 0, y->element_count() * sizeof(float));
-  ForEachRow(values.typed_data(), idx.typed_data(), t, s, d,
-             [&](int64_t i, int64_t j, const float* row) {
-               float* yr = out + i * d;
-               const float wj = wt[j];
-               for (int64_t c = 0; c < d; ++c) yr[c] += wj * row[c];
-             });
+  ForEachRow(values, idx, [&](int64_t i, int64_t j, const float* row, int64_t d) {
+    float* yr = out + i * d;
+    const float wj = wt[j];
+    for (int64_t c = 0; c < d; ++c) yr[c] += wj * row[c];
+  });
   return ffi::Error::Success();
 }
 
 // dw[t, s] = <dy[t], values[idx[t, s]]>
 ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
                          ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw) {
-  const int64_t d = values.dimensions().back();
-  const int64_t s = idx.dimensions().back();
-  const int64_t t = s ? idx.element_count() / s : 0;
   const float* g = dy.typed_data();
   float* out = dw->typed_data();
-  ForEachRow(values.typed_data(), idx.typed_data(), t, s, d,
-             [&](int64_t i, int64_t j, const float* row) { out[j] = Dot(g + i * d, row, d); });
+  ForEachRow(values, idx, [&](int64_t i, int64_t j, const float* row, int64_t d) {
+    out[j] = Dot(g + i * d, row, d);
+  });
   return ffi::Error::Success();
 }
 
