@@ -48,3 +48,25 @@ def test_tokens_option_overrides_the_grid(monkeypatch):
   assert seen == [64, 128]
   bench_pkm.run(Options(), None)
   assert seen[2:] == list(bench_pkm.FULL['tokens'])
+
+
+def test_settled_rounds_time_only_the_second_of_two_calls(monkeypatch):
+  # A fake clock that advances only inside the thunks: each call's duration is known, so the
+  # recorded times show which calls were timed.
+  clock = {'now': 0.0}
+  monkeypatch.setattr(timing.time, 'perf_counter', lambda: clock['now'])
+  calls = {'a': [], 'b': []}
+
+  def thunk(name, cost):
+    def f():
+      calls[name].append(clock['now'])
+      clock['now'] += cost(len(calls[name]))
+      return 0
+    return f
+  # 'a' costs 5 s on every odd call, 1 s on even ones: settled, only the even ones are timed.
+  fns = {'a': thunk('a', lambda n: 5.0 if n % 2 else 1.0), 'b': thunk('b', lambda n: 2.0)}
+  times = timing.interleaved(fns, 3, settle=True)
+  assert times == {'a': [1.0] * 3, 'b': [2.0] * 3}
+  assert len(calls['a']) == len(calls['b']) == 2 + 2 * 3     # warm-up pair, then 2 per round
+  plain = timing.interleaved(fns, 3)
+  assert plain['a'] == [5.0, 1.0, 5.0] and len(calls['a']) == 8 + 2 + 3

@@ -25,7 +25,8 @@ def kernels():
   return pkm_kernels.get_kernels('cpu')
 
 
-@pytest.mark.parametrize('n,k', [(1, 1), (7, 3), (128, 16), (290, 32), (5, 5)])
+# n <= 256 takes the rank-counting top-k, longer rows the insertion one (pkm_cpu.cc).
+@pytest.mark.parametrize('n,k', [(1, 1), (7, 3), (128, 16), (256, 32), (290, 32), (5, 5)])
 def test_top_k_equals_a_stable_sort_ties_and_infinities_included(kernels, n, k):
   # Integer values tie everywhere; -inf fills some entries (the split search masks with it).
   x = jax.random.randint(jax.random.key(n), (3, 37, n), -4, 5).astype(jnp.float32)
@@ -51,9 +52,38 @@ def test_product_search_with_cpu_kernels_equals_brute_force(kernels, knn, n, for
   want = -np.sort(-full, axis=-1)[..., :knn]
   np.testing.assert_allclose(scores, want, rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.take_along_axis(full, np.asarray(idx), -1), want, atol=1e-6)
-  # The same slots as XLA's top-k picks (no ties in normal samples).
+  # The same slots as XLA's top-k picks (no ties in normal samples), and the same gradient
+  # (the kernel's own VJP against take_along_axis's transpose; rows repeat across slots).
   _, xla_idx = pkm_ops.product_key_topk(s1, s2, knn, form)
   np.testing.assert_array_equal(idx, xla_idx)
+  w = jax.random.normal(jax.random.key(7), idx.shape)
+  grad = lambda k: jax.jit(jax.grad(
+      lambda a, b: jnp.vdot(pkm_ops.product_key_topk(a, b, knn, form, k)[0], w), (0, 1)))(s1, s2)
+  for got, want in zip(grad(kernels), grad(pkm_ops.XLA)):
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('knn,n', [(32, 16), (5, 3), (9, 3), (1, 4)])
+def test_product_search_kernel_equals_top_k_of_the_full_table_ties_included(kernels, knn, n):
+  # Integer scores tie everywhere and -inf masks some: the kernel's heap merge must still give
+  # lax.top_k of all n^2 sums (equal sums in slot order), for knn below, at and above n.
+  k1, k2, k3 = jax.random.split(jax.random.key(knn * n), 3)
+  s1, s2 = (jax.random.randint(k, (4, 7, n), -3, 4).astype(jnp.float32) for k in (k1, k2))
+  s1 = jnp.where(jax.random.bernoulli(k3, 0.1, s1.shape), -jnp.inf, s1)
+  slots = jax.jit(lambda a, b: kernels.product_slots(a, b, knn, 'split'))(s1, s2)
+  full = (s1[..., :, None] + s2[..., None, :]).reshape(4, 7, n * n)
+  np.testing.assert_array_equal(slots, jax.lax.top_k(full, knn)[1])
+  np.testing.assert_array_equal(jax.vmap(lambda a, b: kernels.product_slots(a, b, knn, 'split'))(
+      s1, s2), slots)
+
+
+def test_top_k_rows_with_nan_give_distinct_indices_and_leave_other_rows_exact(kernels):
+  x = jax.random.normal(jax.random.key(0), (4, 128))
+  x = x.at[1, 5].set(jnp.nan).at[2].set(jnp.nan)
+  _, idx = kernels.top_k(x, 16)
+  for row in np.asarray(idx):
+    assert len(set(row.tolist())) == 16 and row.min() >= 0 and row.max() < 128
+  np.testing.assert_array_equal(idx[::3], jax.lax.top_k(x[::3], 16)[1])
 
 
 def test_gather_values_and_gradients_equal_plain_loops(kernels):

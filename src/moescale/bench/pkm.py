@@ -18,8 +18,8 @@ dense FFN matches with d_ff = 327680 / (4 * d_model) = 320. Against:
 
 Rows: 'dense', 'sparse' (and 'sparse@xla') with `ratio` to 'dense' from one
 `timing.interleaved` run; 'param_matched' with `ratio` to 'sparse' (its baseline) from a
-second run of those two. The PKM row carries `speedup` = median over rounds of (param_matched time / PKM time
-in that round). No gin, seqio or TensorFlow is imported.
+second, settled run of those two. The PKM row carries `speedup` = median over rounds of
+(param_matched time / PKM time in that round). No gin, seqio or TensorFlow is imported.
 """
 
 from __future__ import annotations
@@ -69,8 +69,11 @@ def bench_pkm(tokens: int, repeats: int, log=None) -> list[dict]:
     log(f'  PKM tokens={tokens}: FLOP-matched d_ff={d_ff}, param-matched d_ff={NUM_KEYS ** 2}')
   # Two interleavings, not one: run right after the parameter-matched layer (gigabytes of
   # activations), the small dense layer measured up to 2x slower, which flatters the ratio.
+  # The second one settles each call (see timing.interleaved): the PKM's first call after the
+  # big layer measured 1.4x its steady time.
   small = timing.interleaved({k: fns[k] for k in small_rows}, repeats)
-  big = timing.interleaved({k: fns[k] for k in ('sparse', 'param_matched')}, repeats)
+  big = timing.interleaved({k: fns[k] for k in ('sparse', 'param_matched')}, repeats,
+                           settle=True)
   records = timing.ratio_records('pkm', None, tokens, small, 'dense')
   records += timing.ratio_records('pkm', None, tokens, {'param_matched': big['param_matched'],
                                                          'sparse': big['sparse']}, 'sparse')[:1]

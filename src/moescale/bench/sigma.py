@@ -12,7 +12,8 @@ top_k K = 4), against two `DenseFFN` modules on the same tokens:
 
 Each cell is one `timing.interleaved` call (all rows timed round after round, so the ratios
 see the same machine load; each round: dense, the σ-MoE backends, then the parameter-matched
-layer, whose GiB-sized buffers are skipped above MAX_PARAM_DENSE_FLOPS). The input is random
+layer, whose GiB-sized buffers are skipped above MAX_PARAM_DENSE_FLOPS; with it, every call
+is settled: see `timing.interleaved`). The input is random
 normal, so routing is whatever the freshly initialised router picks (Csordás init, columns
 of equal norm: close to uniform).
 
@@ -63,8 +64,9 @@ def bench_sigma(num_experts: int, tokens: int, backends, repeats: int, log=None)
   skipped = []
   flops = param_dense_flops(num_experts, tokens)
   if flops <= MAX_PARAM_DENSE_FLOPS:
-    # Timed last in each round: its GiB-sized buffers (page faults, cache) right before a
-    # σ-MoE call measurably slowed that call on the dev VM.
+    # Timed last in each round, and every call settled (timing.interleaved): its GiB-sized
+    # buffers right before a call measurably slow that call on the dev VM, and the next round
+    # starts with the dense baseline, whose slowing would flatter every ratio.
     param_dense = timing.module_step(
         dense.DenseFFN(D_MODEL, num_experts * EXPERT_SIZE, rngs=nnx.Rngs(0)))
     fns['param_dense'] = lambda: param_dense(x, dy)
@@ -74,7 +76,7 @@ def bench_sigma(num_experts: int, tokens: int, backends, repeats: int, log=None)
                                   reason))
     if log:
       log(f'  skipped param_dense at E={num_experts}, t={tokens}: {reason}')
-  times = timing.interleaved(fns, repeats)
+  times = timing.interleaved(fns, repeats, settle='param_dense' in fns)
   rows = timing.ratio_records('sigma_moe', num_experts, tokens, times, 'dense') + skipped
   for row in rows:
     if row['backend'] not in ('dense', 'param_dense') and 'param_dense' in times:

@@ -42,7 +42,11 @@ TOP_K = 'moescale_top_k'
 GATHER_REDUCE = 'moescale_gather_reduce'
 GATHER_DOT = 'moescale_gather_dot'
 SCATTER_ADD = 'moescale_scatter_add'
-_SYMBOLS = {TOP_K: 'MoescaleTopK', GATHER_REDUCE: 'MoescaleGatherReduce',
+PRODUCT_TOP_K = 'moescale_product_top_k'
+PRODUCT_TOP_K_GRAD = 'moescale_product_top_k_grad'
+_SYMBOLS = {TOP_K: 'MoescaleTopK', PRODUCT_TOP_K: 'MoescaleProductTopK',
+            PRODUCT_TOP_K_GRAD: 'MoescaleProductTopKGrad',
+            GATHER_REDUCE: 'MoescaleGatherReduce',
             GATHER_DOT: 'MoescaleGatherDot', SCATTER_ADD: 'MoescaleScatterAdd'}
 
 

@@ -61,7 +61,8 @@ def product_key_topk(s1: jax.Array, s2: jax.Array, knn: int, form: str = 'split'
         max(s1) + s2[j] for every j: a superset of real pairs, which cannot change the
         top-knn. XLA:CPU's top_k is a partial sort per row whose cost is mostly sorting its k
         outputs, so two top-(knn/2) and one wider final top-knn beat three top-knn.
-    kernels: whose top-k runs the search (default `XLA`; see layers.pkm_kernels).
+    kernels: whose ops run the search (default `XLA`; see layers.pkm_kernels). The C++
+      kernels for XLA:CPU run it as one kernel, whatever the form: same scores and slots.
   Returns:
     scores [..., knn] descending and slot indices [..., knn] int32 (i * num_keys + j).
   """
@@ -73,16 +74,7 @@ def product_key_topk(s1: jax.Array, s2: jax.Array, knn: int, form: str = 'split'
     raise ValueError(f'knn={knn!r} must be in [1, num_keys**2={n * n}]')
   if form not in FORMS:
     raise ValueError(f'unknown form {form!r}; valid: {list(FORMS)}')
-  # The search runs on constants; the scores are then re-read at the chosen slots, so their
-  # gradient is one scatter-add of [..., knn] into each of s1 and s2, not the transpose of
-  # every top_k, gather and concatenation of the search (measured ~0.2 s at 16k tokens).
-  sg = jax.lax.stop_gradient
-  if form == 'split' and knn <= n:
-    _, slots = _split_topk(sg(s1), sg(s2), knn, kernels)
-  else:
-    _, slots = _pair_topk(sg(s1), sg(s2), knn, form, kernels)
-  take = lambda v, i: jnp.take_along_axis(v, i, axis=-1)
-  return take(s1, slots // n) + take(s2, slots % n), slots
+  return kernels.product_topk(s1, s2, knn, form)
 
 
 def _pair_topk(s1, s2, knn, form, kernels):
@@ -193,6 +185,23 @@ class XlaKernels:
 
   def top_k(self, x, k):
     return _top_k_rows(x, k)
+
+  def product_topk(self, s1, s2, knn, form):
+    """product_key_topk after its checks: (scores, slots), differentiable wrt s1 and s2."""
+    # The search runs on constants; the scores are then re-read at the chosen slots, so their
+    # gradient is one scatter-add of [..., knn] into each of s1 and s2, not the transpose of
+    # every top_k, gather and concatenation of the search (measured ~0.2 s at 16k tokens).
+    n = s1.shape[-1]
+    sg = jax.lax.stop_gradient
+    slots = self.product_slots(sg(s1), sg(s2), knn, form)
+    take = lambda v, i: jnp.take_along_axis(v, i, axis=-1)
+    return take(s1, slots // n) + take(s2, slots % n), slots
+
+  def product_slots(self, s1, s2, knn, form):
+    """[..., knn] int32 slots i * n + j of product_key_topk (checked arguments, no gradient)."""
+    if form == 'split' and knn <= s1.shape[-1]:
+      return _split_topk(s1, s2, knn, self)[1]
+    return _pair_topk(s1, s2, knn, form, self)[1]
 
   def gather_reduce(self, values, indices, weights, dtype, chunk):
     """gather_values after its checks: indices int32 in range, dtype a jnp.dtype."""
