@@ -355,6 +355,24 @@ def test_trainer_data_source(small_task, two_epochs):
       stats['bytes'] / stats['tokens'])
 
 
+def test_eval_pipelines_are_rewound_not_rebuilt(small_task, monkeypatch):
+  from moescale.data import pipeline
+  source = pipeline.SeqioDataSource(small_task[0], {'targets': L})
+  built = []
+  real = pipeline.DataPipeline.host_dataset
+  monkeypatch.setattr(pipeline.DataPipeline, 'host_dataset',
+                      lambda self, *a: built.append(a) or real(self, *a))
+  first = source.eval_iterators(2)['validation']
+  want = [next(first) for _ in range(2)]
+  again = source.eval_iterators(2)['validation']           # the next evaluation
+  assert again is first and again.position()['batches_consumed'] == 0
+  for w in want:
+    for k, v in next(again).items():
+      np.testing.assert_array_equal(v, w[k])
+  assert built == [(0, 0)]                                  # one tf.data build for both
+  assert source.eval_iterators(4)['validation'] is not first  # another batch size: its own
+
+
 # ------------------------------------------------------------ user corpora
 
 

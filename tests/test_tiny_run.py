@@ -21,7 +21,10 @@ def test_tiny_run_lowers_validation_loss_and_resumes(tmp_path):
             '--gin.EVAL_STEPS=2', '--gin.LOG_PERIOD=4', '--gin.CHECKPOINT_PERIOD=8',
             # One microbatch: tiny.gin's 4 unrolled ones (a CPU speed setting, checked for
             # exactness in test_trainer) make each compile here 4x larger (test: 167 s vs 116 s).
-            '--gin.PARALLEL_MICROBATCHES=1']
+            '--gin.PARALLEL_MICROBATCHES=1',
+            # The run a user makes on a CPU: one device, not the 8 fake ones of the tests
+            # (sharded training: test_trainer, test_train_sharded, test_multiprocess).
+            '--gin.NUM_DEVICES=1']
   # One run evaluates the initial model and the trained one (a separate TRAIN_STEPS=0 run
   # costs a whole start-up: 49 s of this test's 152 s with 8 fake devices).
   assert main(['train', *common, '--gin.TRAIN_STEPS=8', '--gin.EVAL_BEFORE_TRAINING=True']) == 0

@@ -208,8 +208,9 @@ def test_mixed_precision_bf16_compute_fp32_master_weights_and_routers(tmp_path):
   runs = {}
   for dtype in ('float32', 'bfloat16'):
     fn = functools.partial(model_fn, dtype=getattr(jax.numpy, dtype))
+    # One device: what is checked is the arithmetic, not the sharding (tested above).
     runs[dtype] = trainer.train(fn, DATA, _cfg(tmp_path / dtype, 4, eval_steps=1,
-                                               mesh=trainer.MeshConfig()))
+                                               mesh=trainer.MeshConfig(num_devices=1)))
   params16 = _params(runs['bfloat16'])
   assert all(v.dtype == np.float32 for v in params16.values())
   assert np.isfinite(runs['bfloat16']['loss'])
@@ -245,6 +246,17 @@ def test_mesh_config_chooses_the_expert_exchange(tmp_path, monkeypatch):
       # steps of either sign depending on summation order. Nothing to compare.
       continue
     np.testing.assert_allclose(ring[name], a2a[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_mesh_config_num_devices_takes_the_first_devices_and_checks_the_count():
+  mesh = trainer.MeshConfig(num_devices=2, expert=2).make()
+  assert mesh.devices.size == 2 and dict(mesh.shape)['expert'] == 2
+  assert list(mesh.devices.flat) == jax.devices()[:2]
+  assert trainer.MeshConfig().make().devices.size == len(jax.devices())
+  with pytest.raises(ValueError, match=r'num_devices=9 but only 8 devices.*1\.\.8 or None'):
+    trainer.MeshConfig(num_devices=9).make()
+  with pytest.raises(ValueError, match=r'num_devices=0 must be a positive int'):
+    trainer.MeshConfig(num_devices=0)
 
 
 def test_run_peak_counts_hosts_not_fake_cpu_devices(monkeypatch):
