@@ -1,4 +1,4 @@
-"""moescale's C++ XLA:CPU kernels for the PKM (kernels/pkm_cpu.cc via layers/pkm_kernels.py):
+"""moescale's C++ XLA:CPU kernels for the PKM (kernels/*.cc via layers/pkm_kernels.py):
 each equals a plain reference, the layer computes the same with either kernels, 'auto' picks
 them only where they apply, and a machine without a compiler gets a clear reason."""
 
@@ -25,7 +25,7 @@ def kernels():
   return pkm_kernels.get_kernels('cpu')
 
 
-# n <= 256 takes the rank-counting top-k, longer rows the insertion one (pkm_cpu.cc).
+# n <= 256 takes the rank-counting top-k, longer rows the insertion one (pkm_search.cc).
 @pytest.mark.parametrize('n,k', [(1, 1), (7, 3), (128, 16), (256, 32), (290, 32), (5, 5)])
 def test_top_k_equals_a_stable_sort_ties_and_infinities_included(kernels, n, k):
   # Integer values tie everywhere; -inf fills some entries (the split search masks with it).
@@ -180,7 +180,7 @@ def test_library_name_follows_the_source_and_a_built_library_is_reused(kernels, 
   shutil.copy(built, cached)
   monkeypatch.setattr(cpu.subprocess, 'run', lambda *a, **k: pytest.fail('recompiled'))
   assert cpu.build(tmp_path) == cached             # found, not compiled again
-  edited = tmp_path / 'pkm_cpu.cc'
-  edited.write_text(cpu.SOURCE.read_text() + '\n// edited\n')
-  monkeypatch.setattr(cpu, 'SOURCE', edited)
+  edited = tmp_path / 'pkm_search.cc'
+  edited.write_text(cpu.SOURCES[0].read_text() + '\n// edited\n')
+  monkeypatch.setattr(cpu, 'SOURCES', (edited, *cpu.SOURCES[1:]))
   assert cpu.library_path(tmp_path) != cached      # an edited source builds its own library

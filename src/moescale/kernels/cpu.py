@@ -4,16 +4,17 @@
     if cpu.load():                     # False: no compiler, or the build failed (logged once)
       ...jax.ffi.ffi_call(cpu.TOP_K, ...)
 
-The source (pkm_cpu.cc beside this file) is compiled with the system C++ compiler ($CXX, else
-c++ / g++ / clang++) against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`),
-for this machine's CPU (-march=native), into a cache directory: $MOESCALE_KERNEL_CACHE, else
+The sources beside this file (pkm_search.cc, pkm_gather.cc and their parallel.h) are
+compiled with the system C++ compiler ($CXX, else c++ / g++ / clang++) into one library,
+against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), for this machine's CPU
+(-march=native), into a cache directory: $MOESCALE_KERNEL_CACHE, else
 ~/.cache/moescale/kernels (a temporary directory if that is not writable). The file name is a
-hash of the source, the flags, the jaxlib version and the CPU's feature flags, so an edited
+hash of the sources, the flags, the jaxlib version and the CPU's feature flags, so an edited
 source, a new jaxlib or another machine sharing the home directory builds its own copy. The
 build writes to a temporary name and renames it into place: processes building at the same
 time never load a half-written library.
 
-Why a compiled extension at all: see pkm_cpu.cc and `layers.pkm_kernels`. Every caller keeps
+Why a compiled extension at all: see the sources and `layers.pkm_kernels`. Every caller keeps
 XLA's own ops as the fallback, so a machine without a compiler computes the same results,
 only slower.
 """
@@ -35,9 +36,11 @@ import jax
 
 log = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).with_name('pkm_cpu.cc')
+_HERE = pathlib.Path(__file__).parent
+SOURCES = (_HERE / 'pkm_search.cc', _HERE / 'pkm_gather.cc')   # compiled into one library
+HEADERS = (_HERE / 'parallel.h',)
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-pthread')
-# FFI target name -> the handler symbol in pkm_cpu.cc.
+# FFI target name -> the handler symbol in pkm_search.cc / pkm_gather.cc.
 TOP_K = 'moescale_top_k'
 GATHER_REDUCE = 'moescale_gather_reduce'
 GATHER_DOT = 'moescale_gather_dot'
@@ -90,15 +93,16 @@ def library_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """Where the library for this source, jaxlib and CPU lives (built or not)."""
   import jaxlib
   key = hashlib.sha256()
-  for part in (SOURCE.read_bytes(), ' '.join(FLAGS).encode(), jaxlib.__version__.encode(),
-               platform.machine().encode(), _cpu_features().encode()):
+  for part in (*(f.read_bytes() for f in SOURCES + HEADERS), ' '.join(FLAGS).encode(),
+               jaxlib.__version__.encode(), platform.machine().encode(),
+               _cpu_features().encode()):
     key.update(part)
   directory = pathlib.Path(cache_dir) if cache_dir is not None else _cache_dir()
   return directory / f'moescale_pkm_cpu_{key.hexdigest()[:16]}.so'
 
 
 def build(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
-  """Compiles pkm_cpu.cc unless the cache has it; returns the library's path.
+  """Compiles SOURCES into one library unless the cache has it; returns the library's path.
 
   Raises KernelBuildError naming the compiler and its output if it cannot.
   """
@@ -111,7 +115,7 @@ def build(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   target.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
   os.close(fd)
-  cmd = [cxx, *FLAGS, f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', tmp]
+  cmd = [cxx, *FLAGS, f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o', tmp]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
   except (OSError, subprocess.TimeoutExpired) as e:

@@ -43,7 +43,8 @@ def _f32(*arrays) -> bool:
 
 
 class CpuKernels(pkm_ops.XlaKernels):
-  """moescale's C++ handlers (kernels/pkm_cpu.cc) for float32; XLA's ops for other dtypes."""
+  """moescale's C++ handlers (kernels/pkm_search.cc, pkm_gather.cc) for float32; XLA's ops
+  for other dtypes."""
   name = 'cpu'
 
   def top_k_each(self, xs, k):

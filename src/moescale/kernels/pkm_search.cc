@@ -1,73 +1,25 @@
-// XLA:CPU kernels (jax.ffi handlers) for the sparse product-key memory read.
+// XLA:CPU kernels (jax.ffi handlers) for the sparse product-key memory's search: top-k of
+// rows, and the whole product-key top-knn with its gradient.
 //
-// Built on first use by moescale/kernels/cpu.py with the system C++ compiler against the XLA
-// FFI headers that jaxlib ships; the Python side (layers/pkm_kernels.py) checks shapes and
-// dtypes before calling, so the handlers trust them.
+// Why hand-written: at 16k tokens (4 heads, knn 32, 2-core dev VM) XLA's TopK custom call
+// runs serially, one row after another (~0.2 s per [65536, 128] call, two independent calls
+// take twice as long). Here rows are split between threads, top-k counts ranks with vector
+// compares among the entries that can make the top k, and the product search walks the
+// sorted half lists best pair first. Measured figures: layers/pkm_kernels.py.
 //
-// Why hand-written: at 16k tokens (4 heads, knn 32, d 256, 2-core dev VM) XLA's TopK custom
-// call runs serially, one row after another (~0.2 s per [65536, 128] call, two independent
-// calls take twice as long), and its gathers read ~10 GB/s of 1 KB rows from a 16 MB table
-// that sits in L3: the row loads are latency-bound. Here rows are split between threads, top-k
-// counts ranks with vector compares among the entries that can make the top k, the product
-// search walks the sorted half lists best pair first, and every gather prefetches the row it
-// will read kPrefetch steps ahead. Measured figures: layers/pkm_kernels.py.
-//
-// Shapes (row-major, f32 unless noted): x [rows, n]; values [r, d]; idx [t, s] int32 (the
-// caller clips to [0, r)); w [t, s]; y, dy [t, d].
+// Shapes (row-major, f32 unless noted): x, s1, s2 [rows, n]; slots [rows, knn] int32.
 
-#include <algorithm>
-#include <cstdint>
 #include <cstring>
 #include <limits>
-#include <thread>
-#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-#include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
-namespace ffi = xla::ffi;
-
+namespace moescale {
 namespace {
-
-constexpr int64_t kPrefetch = 4;     // rows ahead (2 / 4 / 8: 142 / 116 / 126 ms forward)
-constexpr int64_t kScatterPrefetch = 8;  // entries ahead (4 / 8 / 16: 192 / 115-135 / 189 ms)
-constexpr int64_t kLanes = 8;        // partial sums of a dot: one AVX register of f32
-
-// Runs f(begin, end) on [0, n) split over up to hardware_concurrency threads, each getting at
-// least `grain` items (small calls stay on the calling thread: a thread start costs ~20 us).
-template <typename F>
-void ParallelFor(int64_t n, int64_t grain, const F& f) {
-  int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
-  threads = std::max<int64_t>(1, std::min(threads, n / std::max<int64_t>(1, grain)));
-  const int64_t per = (n + threads - 1) / threads;
-  std::vector<std::thread> pool;
-  for (int64_t p = 1; p < threads; ++p) {
-    pool.emplace_back([&f, p, per, n] { f(p * per, std::min(n, (p + 1) * per)); });
-  }
-  f(0, std::min(n, per));
-  for (auto& th : pool) th.join();
-}
-
-inline void PrefetchRow(const float* row, int64_t d) {
-  for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(row + c, 0, 3);  // 64-byte lines
-}
-
-// <a, b> over d floats with kLanes independent partial sums, so the compiler vectorises it
-// without -ffast-math (a single running sum is a serial dependency chain).
-inline float Dot(const float* a, const float* b, int64_t d) {
-  float lanes[kLanes] = {0};
-  int64_t c = 0;
-  for (; c + kLanes <= d; c += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[c + l] * b[c + l];
-  }
-  float sum = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
-  for (; c < d; ++c) sum += a[c] * b[c];
-  return sum;
-}
 
 // Top-k of one row by insertion into a sorted k-list, descending; equal values keep index
 // order (as lax.top_k). A new entry is compared with the current k-th first, so in a random
@@ -434,120 +386,26 @@ ffi::Error ProductTopKGradImpl(ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32
   return ffi::Error::Success();
 }
 
-// Calls f(token, flat slot j = token * s + slot, value row, d) for every slot of every token
-// of idx [t, s], tokens split between threads, each thread prefetching the row kPrefetch slots
-// ahead.
-template <typename F>
-void ForEachRow(const ffi::Buffer<ffi::F32>& values, const ffi::Buffer<ffi::S32>& idx,
-                const F& f) {
-  const int64_t d = values.dimensions().back();
-  const int64_t s = idx.dimensions().back();
-  const int64_t t = s ? idx.element_count() / s : 0;
-  const float* table = values.typed_data();
-  const int32_t* ix = idx.typed_data();
-  ParallelFor(t, 64, [&](int64_t begin, int64_t end) {
-    const int64_t last = end * s;
-    for (int64_t i = begin; i < end; ++i) {
-      for (int64_t j = i * s; j < (i + 1) * s; ++j) {
-        if (j + kPrefetch < last) PrefetchRow(table + int64_t{ix[j + kPrefetch]} * d, d);
-        f(i, j, table + int64_t{ix[j]} * d, d);
-      }
-    }
-  });
-}
-
-// y[t] = sum_s w[t, s] * values[idx[t, s]]
-ffi::Error GatherReduceImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
-                            ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
-  const float* wt = w.typed_data();
-  float* out = y->typed_data();
-  std::memset(out, 0, y->element_count() * sizeof(float));
-  ForEachRow(values, idx, [&](int64_t i, int64_t j, const float* row, int64_t d) {
-    float* yr = out + i * d;
-    const float wj = wt[j];
-    for (int64_t c = 0; c < d; ++c) yr[c] += wj * row[c];
-  });
-  return ffi::Error::Success();
-}
-
-// dw[t, s] = <dy[t], values[idx[t, s]]>
-ffi::Error GatherDotImpl(ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> idx,
-                         ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw) {
-  const float* g = dy.typed_data();
-  float* out = dw->typed_data();
-  ForEachRow(values, idx, [&](int64_t i, int64_t j, const float* row, int64_t d) {
-    out[j] = Dot(g + i * d, row, d);
-  });
-  return ffi::Error::Success();
-}
-
-// dv[r] = sum over (t, s) with idx[t, s] == r of w[t, s] * dy[t]. Each thread owns a range of
-// table rows and scans every index: no two threads write one row, and a row's sum runs in
-// token order whatever the thread count (deterministic). The read-modify-write of a random
-// 1 KB output row is what costs, so the row kPrefetch entries ahead is prefetched for writing
-// when this thread owns it. Rows outside [0, r) are skipped.
-ffi::Error ScatterAddImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
-                          ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dv) {
-  const int64_t d = dy.dimensions().back();
-  const int64_t r = d ? dv->element_count() / d : 0;
-  const int64_t s = idx.dimensions().back();
-  const int64_t entries = idx.element_count();
-  const int32_t* ix = idx.typed_data();
-  const float* wt = w.typed_data();
-  const float* g = dy.typed_data();
-  float* out = dv->typed_data();
-  ParallelFor(r, 256, [&](int64_t lo, int64_t hi) {
-    std::memset(out + lo * d, 0, (hi - lo) * d * sizeof(float));
-    for (int64_t j = 0; j < entries; ++j) {
-      if (j + kScatterPrefetch < entries) {
-        const int64_t ahead = ix[j + kScatterPrefetch];
-        if (ahead >= lo && ahead < hi) {
-          for (int64_t c = 0; c < d; c += 16) __builtin_prefetch(out + ahead * d + c, 1, 3);
-        }
-      }
-      const int64_t row = ix[j];
-      if (row < lo || row >= hi) continue;
-      const float wj = wt[j];
-      const float* gi = g + (j / s) * d;
-      float* o = out + row * d;
-      for (int64_t c = 0; c < d; ++c) o[c] += wj * gi[c];
-    }
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
+}  // namespace moescale
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleTopK, TopKImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleProductTopK, ProductTopKImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleProductTopKGrad, ProductTopKGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-// Both gathers take (values, idx, a float [t, ...] operand) and return one float buffer.
-static auto GatherBinding() {
-  return ffi::Ffi::Bind()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::S32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::Buffer<ffi::F32>>();
-}
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleGatherReduce, GatherReduceImpl, GatherBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleGatherDot, GatherDotImpl, GatherBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleScatterAdd, ScatterAddImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+using moescale::ffi::Ffi;
+namespace mk = moescale;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleTopK, mk::TopKImpl,
+                              Ffi::Bind()
+                                  .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
+                                  .Ret<mk::ffi::Buffer<mk::ffi::F32>>()
+                                  .Ret<mk::ffi::Buffer<mk::ffi::S32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleProductTopK, mk::ProductTopKImpl,
+                              Ffi::Bind()
+                                  .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
+                                  .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
+                                  .Ret<mk::ffi::Buffer<mk::ffi::F32>>()
+                                  .Ret<mk::ffi::Buffer<mk::ffi::S32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleProductTopKGrad, mk::ProductTopKGradImpl,
+                              Ffi::Bind()
+                                  .Arg<mk::ffi::Buffer<mk::ffi::S32>>()
+                                  .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
+                                  .Ret<mk::ffi::Buffer<mk::ffi::F32>>()
+                                  .Ret<mk::ffi::Buffer<mk::ffi::F32>>());
