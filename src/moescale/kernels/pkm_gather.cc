@@ -123,23 +123,22 @@ ffi::Error ScatterAddImpl(ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> w,
 }  // namespace
 }  // namespace moescale
 
-using moescale::ffi::Ffi;
-namespace mk = moescale;
+namespace ffi = xla::ffi;
 
 // Both gathers take (values, idx, a float [t, ...] operand) and return one float buffer.
 static auto GatherBinding() {
-  return Ffi::Bind()
-      .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
-      .Arg<mk::ffi::Buffer<mk::ffi::S32>>()
-      .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
-      .Ret<mk::ffi::Buffer<mk::ffi::F32>>();
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
 }
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleGatherReduce, mk::GatherReduceImpl, GatherBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleGatherDot, mk::GatherDotImpl, GatherBinding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleScatterAdd, mk::ScatterAddImpl,
-                              Ffi::Bind()
-                                  .Arg<mk::ffi::Buffer<mk::ffi::S32>>()
-                                  .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
-                                  .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
-                                  .Ret<mk::ffi::Buffer<mk::ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleGatherReduce, moescale::GatherReduceImpl, GatherBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleGatherDot, moescale::GatherDotImpl, GatherBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleScatterAdd, moescale::ScatterAddImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 

@@ -389,23 +389,22 @@ ffi::Error ProductTopKGradImpl(ffi::Buffer<ffi::S32> slots, ffi::Buffer<ffi::F32
 }  // namespace
 }  // namespace moescale
 
-using moescale::ffi::Ffi;
-namespace mk = moescale;
+namespace ffi = xla::ffi;
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleTopK, mk::TopKImpl,
-                              Ffi::Bind()
-                                  .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
-                                  .Ret<mk::ffi::Buffer<mk::ffi::F32>>()
-                                  .Ret<mk::ffi::Buffer<mk::ffi::S32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleProductTopK, mk::ProductTopKImpl,
-                              Ffi::Bind()
-                                  .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
-                                  .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
-                                  .Ret<mk::ffi::Buffer<mk::ffi::F32>>()
-                                  .Ret<mk::ffi::Buffer<mk::ffi::S32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleProductTopKGrad, mk::ProductTopKGradImpl,
-                              Ffi::Bind()
-                                  .Arg<mk::ffi::Buffer<mk::ffi::S32>>()
-                                  .Arg<mk::ffi::Buffer<mk::ffi::F32>>()
-                                  .Ret<mk::ffi::Buffer<mk::ffi::F32>>()
-                                  .Ret<mk::ffi::Buffer<mk::ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleTopK, moescale::TopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleProductTopK, moescale::ProductTopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MoescaleProductTopKGrad, moescale::ProductTopKGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
