@@ -13,9 +13,8 @@ top_k K = 4), against two `DenseFFN` modules on the same tokens:
 Each cell is one `timing.interleaved` call (all rows timed round after round, so the ratios
 see the same machine load; each round: dense, the σ-MoE backends, then the parameter-matched
 layer, whose GiB-sized buffers are skipped above MAX_PARAM_DENSE_FLOPS; with it, every call
-is settled: see `timing.interleaved`). The input is random
-normal, so routing is whatever the freshly initialised router picks (Csordás init, columns
-of equal norm: close to uniform).
+is settled: see `timing.interleaved`). The input is random normal, so routing is whatever the
+freshly initialised router picks (Csordás init, columns of equal norm: close to uniform).
 
 Rows: name 'sigma_moe', backend 'dense' | 'param_dense' | <dispatch backend spec>, e.g.
 'fused' (the XLA:CPU default), 'blocked' or 'fused:block_size=1024:granule=64' (see

@@ -166,7 +166,6 @@ void RankTopK(const float* row, int64_t n, int64_t k, float* v, int32_t* ix) {
   std::copy(sorted_i, sorted_i + k, ix);
 }
 
-
 inline void RowTopK(const float* row, int64_t n, int64_t k, float* v, int32_t* ix) {
   if (n <= kRankMaxN) {
     RankTopK(row, n, k, v, ix);
@@ -223,14 +222,14 @@ class ProductSearch {
     Open(0);
     opened_ = 8;
     while (static_cast<int64_t>(got_sum_.size()) < knn_) {
-      if (!Take()) return Fill(out, scores);
+      if (!Take(Best())) return Fill(out, scores);
     }
     // Sums can tie although a parent's slot is larger than its child's (x + -inf, or
     // rounding), so pairs come out in sum order but not always in slot order within equal
     // sums. Every pair with the last sum is taken, and the nearly sorted list is then
     // insertion-sorted into (sum, slot) order.
     const float last = got_sum_.back();
-    while (Best().sum == last && Take()) {}
+    for (Choice next = Best(); next.sum == last && Take(next); next = Best()) {}
     for (size_t p = 1; p < got_sum_.size(); ++p) {
       for (size_t q = p; q > 0 && Worse(q - 1, q); --q) {
         std::swap(got_sum_[q - 1], got_sum_[q]);
@@ -306,9 +305,8 @@ class ProductSearch {
 #endif
     return best;
   }
-  // Takes the best open pair and advances its row; false when none is open (NaN scores).
-  bool Take() {
-    const Choice best = Best();
+  // Takes `best` (from Best()) and advances its row; false when none was open (NaN scores).
+  bool Take(const Choice& best) {
     if (best.slot == kNoSlot) return false;
     const int64_t a = best.row;
     got_sum_.push_back(best.sum);

@@ -65,11 +65,6 @@ class CpuKernels(pkm_ops.XlaKernels):
       return super().product_topk(s1, s2, knn, form)
     return _product_topk(s1, s2, knn, s1.shape[-1])
 
-  def product_slots(self, s1, s2, knn, form):
-    if not _f32(s1, s2):
-      return super().product_slots(s1, s2, knn, form)
-    return _product_topk(s1, s2, knn, s1.shape[-1])[1]
-
   def gather_reduce(self, values, indices, weights, dtype, chunk):
     if not (_f32(values, weights) and jnp.dtype(dtype) == jnp.float32):
       return super().gather_reduce(values, indices, weights, dtype, chunk)
