@@ -26,6 +26,12 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # the xdist workers inherit t
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
+from moescale import host_memory  # noqa: E402
+
+# As the command line does (before JAX's CPU client starts): XLA:CPU's step temporaries stay
+# in the heap instead of being mmap'd and faulted in afresh at every call.
+host_memory.keep_heap()
+
 import jax  # noqa: E402
 
 # Exact fp32 matmuls so reference comparisons can use tight tolerances.

@@ -380,3 +380,24 @@ def test_ffn_and_attention_layers_for_cost_accounting():
   # cost() works on an abstract model (no parameter values read).
   abstract = nnx.eval_shape(lambda: _model(num_layers=2, sparse_ffn=DENSE, scan_layers=True))
   assert [f.cost().total_flops for _, f in abstract.ffn_layers()] == [4 * D * 32] * 2
+
+
+def test_layer_norm_vjp_matches_autodiff_of_the_formula():
+  from moescale.model.transformer import layer_norm
+
+  def formula(x, scale, bias):
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = 3.0 * jax.random.normal(keys[0], (2, 5, 16)) + 1.0
+  scale = 1.0 + 0.3 * jax.random.normal(keys[1], (16,))
+  bias = 0.3 * jax.random.normal(keys[2], (16,))
+  dy = jax.random.normal(keys[3], x.shape)
+  np.testing.assert_allclose(layer_norm(x, scale, bias, 1e-5), formula(x, scale, bias),
+                             rtol=1e-5, atol=1e-5)
+  ours = jax.grad(lambda *a: (layer_norm(*a, 1e-5) * dy).sum(), argnums=(0, 1, 2))(x, scale, bias)
+  ref = jax.grad(lambda *a: (formula(*a) * dy).sum(), argnums=(0, 1, 2))(x, scale, bias)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

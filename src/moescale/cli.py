@@ -151,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if name not in _COMMANDS:
     print(f"moescale: unknown command {name!r}; valid: {', '.join(_COMMANDS)}", file=sys.stderr)
     return 2
+  from moescale import host_memory
+  host_memory.keep_heap()  # before JAX starts its CPU client: see host_memory
   try:
     return _COMMANDS[name][0](rest)
   except (ValueError, FileNotFoundError) as e:

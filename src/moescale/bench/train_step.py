@@ -9,7 +9,9 @@ For each model (the CPU-sized shapes the tiny run and the small pairs ship: d_mo
     pkm        product-key memory (4 heads, 32² values, knn 32) in every layer
 
 one jitted `train_step` (AdamW update included, as the trainer runs it) is timed, interleaved
-with the others. On CPU the step splits its batch into PARALLEL_MICROBATCHES unrolled
+with the others and settled (an untimed step of the same model right before each timed one:
+a trainer runs one step over and over, and the first step after another model's pays for
+that model's memory; see `timing.interleaved`). On CPU the step splits its batch into PARALLEL_MICROBATCHES unrolled
 microbatches, as gin/runs/tiny.gin does (see `StepConfig.parallel_microbatches`); elsewhere 1.
 Reported per model:
 
@@ -46,7 +48,7 @@ SHAPE = dict(vocab_size=264, d_model=128, num_layers=4, num_heads=4, head_dim=32
              max_length=128, scale_embeddings=True, tie_embeddings=True)
 QUICK_SHAPE = dict(SHAPE, d_model=64, num_layers=2, num_heads=2, max_length=32)
 BATCH, QUICK_BATCH = 16, 4
-PARALLEL_MICROBATCHES = 4  # on CPU, as runs/tiny.gin
+PARALLEL_MICROBATCHES = 2  # on CPU, as runs/tiny.gin
 
 
 def _models(d_model: int) -> dict[str, tuple]:
@@ -154,7 +156,7 @@ def run(opts, log) -> list[dict]:
   # round's peak: the machine's speed drifts between runs (dev VM: peak 124-153 GFLOP/s,
   # dense step 224-326 ms), and a ratio taken side by side cancels most of it.
   peak = PeakMatmul(size)
-  times = timing.interleaved({'peak_matmul': peak, **steppers}, opts.repeats)
+  times = timing.interleaved({'peak_matmul': peak, **steppers}, opts.repeats, settle=True)
   peak_times = peak.times[-opts.repeats:]  # the timed rounds (interleaved also warms up)
   del times['peak_matmul']
   peak_seconds = statistics.median(peak_times)

@@ -5,8 +5,8 @@ h heads, k head_dim (logical axis 'kv'), r relative distances (as many as key po
 
 Both modules take the LayerNormed residual stream x: [batch, length, d_model] and return
 [batch, length, d_model]. Scores and softmax are computed in float32 whatever the compute dtype.
-Masking uses a large finite negative number, not -inf: a row is never fully masked (a token
-always sees itself), but a finite fill keeps the backward pass NaN-free even if it were.
+`Attention`'s core softmax(q k^T) v runs on the kernels `attention_kernels` picks (a C++ kernel
+on XLA:CPU, XLA's ops elsewhere); the mask is `attention_mask` either way.
 """
 
 from __future__ import annotations
@@ -17,45 +17,11 @@ from flax import nnx
 
 from moescale import sharding as shd
 from moescale.layers import common
+from moescale.model import attention_kernels
 from moescale.model import positions as positions_lib
+from moescale.model.attention_kernels import attention_mask, softmax_attend
 
-_MASKED = -1e30
-
-
-def attention_mask(segment_ids: jax.Array | None, qlen: int, mlen: int = 0) -> jax.Array:
-  """Which keys each query may see: [batch or 1, 1, qlen, mlen + qlen] bool.
-
-  Causal by index within the row: query i (the i-th current token) sees memory slots 0..mlen-1
-  and current tokens 0..i. With segment_ids [batch, qlen] (0 = padding, as seqio packs), a
-  current token sees only tokens of its own segment; padding sees only padding, so no real
-  token ever attends to padding and no row is empty. The memory (Transformer-XL, unpacked
-  streams) precedes the row and is visible to every non-padding query.
-  """
-  q_index = jnp.arange(qlen)[:, None]
-  k_index = jnp.arange(qlen)[None, :]
-  causal = (k_index <= q_index)[None, None]                       # [1, 1, q, q]
-  if segment_ids is None:
-    current = causal
-    mem_visible = jnp.ones((1, 1, qlen, mlen), bool)
-  else:
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]     # [b, q, q]
-    current = causal & same[:, None]
-    mem_visible = jnp.broadcast_to((segment_ids != 0)[:, None, :, None],
-                                   (segment_ids.shape[0], 1, qlen, mlen))
-  if mlen == 0:
-    return current
-  current = jnp.broadcast_to(current, mem_visible.shape[:1] + current.shape[1:])
-  return jnp.concatenate([mem_visible, current], axis=-1)
-
-
-def _softmax_attend(scores: jax.Array, mask: jax.Array, v: jax.Array, dropout: float,
-                    deterministic: bool, rngs: nnx.Rngs | None) -> jax.Array:
-  """scores: [b, h, q, t] float32 (already scaled); v: [b, t, h, k] -> [b, q, h, k]."""
-  scores = jnp.where(mask, scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1)
-  probs = common.dropout(probs, dropout, deterministic, rngs)
-  return jnp.einsum('bhqt,bthk->bqhk', probs.astype(v.dtype), v)
-
+__all__ = ['Attention', 'RelativeAttention', 'attention_mask']
 
 class Attention(nnx.Module):
   """Causal self-attention with q, k, v, o projections: `Attention(d_model, num_heads, ...)`.
@@ -67,12 +33,15 @@ class Attention(nnx.Module):
     rotary: rotate queries and keys by the `positions` feature (Su et al. 2021).
     use_bias: biases on all four projections (fairseq: yes; Csordás et al.: no).
     dropout: dropout on the attention probabilities (training only).
+    kernels: what computes softmax(q k^T) v: 'xla', 'cpu' (moescale's C++ kernel for XLA:CPU)
+      or 'auto' (cpu where it applies: see model.attention_kernels). Same results either way.
     dtype: compute dtype; param_dtype: storage dtype.
   """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int | None = None, *,
                rotary: bool = False, use_bias: bool = True, dropout: float = 0.0,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               kernels: str = 'auto', dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if head_dim is None:
       common.check_positive(d_model=d_model, num_heads=num_heads)
       if d_model % num_heads:
@@ -80,10 +49,13 @@ class Attention(nnx.Module):
                          'pass head_dim explicitly or choose a divisor of d_model')
       head_dim = d_model // num_heads
     common.check_positive(d_model=d_model, num_heads=num_heads, head_dim=head_dim)
+    if kernels not in attention_kernels.KERNELS:
+      raise ValueError(f'kernels={kernels!r} is not one of {list(attention_kernels.KERNELS)}')
     if rotary and head_dim % 2:
       raise ValueError(f'rotary positions need an even head_dim, got head_dim={head_dim}')
     self.d_model, self.num_heads, self.head_dim = d_model, num_heads, head_dim
     self.rotary = rotary
+    self.kernels = kernels
     self.dropout_rate = dropout
     self.dtype = dtype
     inner = num_heads * head_dim
@@ -131,11 +103,11 @@ class Attention(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
       q = positions_lib.apply_rotary(q, positions)
       k = positions_lib.apply_rotary(k, positions)
-    scores = jnp.einsum('bqhk,bthk->bhqt', q.astype(jnp.float32), k.astype(jnp.float32))
-    scores = scores * self.head_dim ** -0.5
-    mask = attention_mask(segment_ids, x.shape[1])
-    heads = _softmax_attend(scores, mask, v, self.dropout_rate, deterministic, self.rngs)
-    return self._output(heads)
+    kernels = attention_kernels.get_kernels(self.kernels)  # chosen under the caller's mesh
+    heads = kernels.attend(q, k, v, segment_ids, scale=self.head_dim ** -0.5,
+                           dropout=self.dropout_rate, deterministic=deterministic,
+                           rngs=self.rngs)
+    return self._output(heads.astype(self.dtype))
 
   def cost(self, context_length: int, query_length: int | None = None) -> common.Cost:
     """Forward FLOPs per token with `context_length` keys per query (2 per MAC).
@@ -202,7 +174,7 @@ class RelativeAttention(Attention):
     position = jnp.einsum('bqhk,rhk->bhqr', q + v_pos, r)
     scores = (content + positions_lib.rel_shift(position)) * self.head_dim ** -0.5
     mask = attention_mask(segment_ids, qlen, mlen)
-    heads = _softmax_attend(scores, mask, v, self.dropout_rate, deterministic, self.rngs)
+    heads = softmax_attend(scores, mask, v, self.dropout_rate, deterministic, self.rngs)
     return self._output(heads)
 
   def cost(self, context_length: int, query_length: int | None = None) -> common.Cost:

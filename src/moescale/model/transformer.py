@@ -34,6 +34,8 @@ token sees the whole memory.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Callable, Iterator, Sequence
 
@@ -73,6 +75,37 @@ class LMOutput:
   memory: list[jax.Array] | None = None
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis; x: [..., d], scale,
+  bias: [d]. The VJP is written out: autodiff of the three-pass form (mean, variance about
+  it, normalise) emits twice the passes over [..., d] (fwd+bwd of [4, 128, 128] on XLA:CPU:
+  568 us autodiff, 427 us this; 8 norms per microbatch in the bench's small models).
+
+    dx = r (g - mean(g) - xh mean(g xh)),  g = dy scale,  xh = (x - mean) r,  r = 1/std
+  """
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+  xc = x - x.mean(-1, keepdims=True)
+  r = jax.lax.rsqrt(jnp.square(xc).mean(-1, keepdims=True) + eps)
+  xh = xc * r
+  return xh * scale + bias, (xh, r, scale)
+
+
+def _layer_norm_bwd(eps, res, dy):
+  del eps
+  xh, r, scale = res
+  g = dy * scale
+  dx = r * (g - g.mean(-1, keepdims=True) - xh * (g * xh).mean(-1, keepdims=True))
+  batch_axes = tuple(range(dy.ndim - 1))
+  return dx, (dy * xh).sum(batch_axes), dy.sum(batch_axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm over d_model in float32, scale and bias with logical axis 'norm'."""
 
@@ -83,11 +116,8 @@ class LayerNorm(nnx.Module):
     self.bias = common.param(rngs, nnx.initializers.zeros, (dim,), ('norm',), param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    mean = x.mean(-1, keepdims=True)
-    var = jnp.square(x - mean).mean(-1, keepdims=True)
-    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    y = layer_norm(x.astype(jnp.float32), self.scale[...].astype(jnp.float32),
+                   self.bias[...].astype(jnp.float32), self.eps)
     return y.astype(self.dtype)
 
 
@@ -96,7 +126,8 @@ class Block(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int | None, ffn: FFNConstructor,
                *, positions: str, use_bias: bool, dropout: float, attention_dropout: float,
-               layernorm_eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+               layernorm_eps: float, dtype, param_dtype, rngs: nnx.Rngs,
+               attention_kernels: str = 'auto'):
     norm = dict(eps=layernorm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     attn = dict(use_bias=use_bias, dropout=attention_dropout, dtype=dtype,
                 param_dtype=param_dtype, rngs=rngs)
@@ -105,7 +136,8 @@ class Block(nnx.Module):
       self.attention = attention_lib.RelativeAttention(d_model, num_heads, head_dim, **attn)
     else:
       self.attention = attention_lib.Attention(d_model, num_heads, head_dim,
-                                               rotary=positions == 'rotary', **attn)
+                                               rotary=positions == 'rotary',
+                                               kernels=attention_kernels, **attn)
     self.ffn_norm = LayerNorm(d_model, **norm)
     # The model's precision governs every sublayer: one `dtype` switches the whole LM to bf16
     # compute (routers and scoring stay float32 inside the families).
@@ -194,6 +226,8 @@ class TransformerLM(nnx.Module):
     dropout: on embeddings and on both sublayer outputs; attention_dropout: on attention
       probabilities. (Dropout inside the FFN is the FFN constructor's business.)
     use_bias: biases in the attention projections.
+    attention_kernels: what computes softmax(q k^T) v ('auto', 'xla', 'cpu'; see
+      model.attention_kernels). Transformer-XL's relative attention always uses XLA's ops.
     aux_loss_weights: name -> weight of recorded auxiliary losses. A recorded name missing
       here raises a ValueError at trace time rather than being silently ignored; give it
       weight 0.0 to log it without training on it.
@@ -215,7 +249,7 @@ class TransformerLM(nnx.Module):
                positions: str = 'sinusoidal', max_length: int = 2048, mem_len: int = 0,
                scale_embeddings: bool = True, tie_embeddings: bool = True,
                dropout: float = 0.0, attention_dropout: float = 0.0, use_bias: bool = True,
-               layernorm_eps: float = 1e-5,
+               layernorm_eps: float = 1e-5, attention_kernels: str = 'auto',
                aux_loss_weights: dict[str, float] | None = None,
                remat: bool = False, scan_layers: bool = False,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -249,7 +283,8 @@ class TransformerLM(nnx.Module):
     block_kwargs = dict(d_model=d_model, num_heads=num_heads, head_dim=head_dim,
                         positions=positions, use_bias=use_bias, dropout=dropout,
                         attention_dropout=attention_dropout, layernorm_eps=layernorm_eps,
-                        dtype=dtype, param_dtype=param_dtype)
+                        attention_kernels=attention_kernels, dtype=dtype,
+                        param_dtype=param_dtype)
     ffns = [sparse_ffn if i in sparse else ffn for i in range(1, num_layers + 1)]
     if scan_layers:
       period = _period([i in sparse for i in range(1, num_layers + 1)])

@@ -1,0 +1,174 @@
+// Small dense matrix products and a vector exp for moescale's XLA:CPU kernels (attention.cc).
+//
+// The products are the ones one attention head needs on a few hundred positions: every operand
+// fits in L1/L2, so there is no packing and no cache blocking, only a register tile: 6 rows x 16
+// columns of C held in 12 AVX2 accumulators while k runs (per k: 2 loads of B, 6 broadcasts of
+// A, 12 FMAs, the ratio that keeps both FMA ports busy). Edge tiles use masked loads and
+// stores, so any M, N and K work. Without AVX2 the same loops run in scalar code.
+#ifndef MOESCALE_KERNELS_SMALL_GEMM_H_
+#define MOESCALE_KERNELS_SMALL_GEMM_H_
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MOESCALE_AVX2 1
+#endif
+
+namespace moescale {
+
+// Matrix operand views: element (r, c) of a row-major matrix with leading dimension ld, or of
+// its transpose (so A^T B needs no transposed copy of A).
+struct Mat {
+  const float* data;
+  int64_t ld;
+  bool transposed = false;
+  float at(int64_t r, int64_t c) const { return transposed ? data[c * ld + r] : data[r * ld + c]; }
+  const float* ptr(int64_t r, int64_t c) const {
+    return transposed ? data + c * ld + r : data + r * ld + c;
+  }
+};
+
+#ifdef MOESCALE_AVX2
+
+inline __m256i LaneMask(int64_t n) {  // lanes [0, n) on, n may be <= 0 or >= 8
+  const int lanes = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(8, n)));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// C[0:MR, 0:n] (=|+=) A[0:MR, :K] B[:K, 0:n], n in (0, 16]; B is row-major (not transposed).
+template <int MR>
+inline void Tile(int64_t K, const Mat& A, const float* B, int64_t ldb, float* C, int64_t ldc,
+                 int64_t n, bool accumulate) {
+  __m256 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const bool full = n == 16;
+  const __m256i m0 = LaneMask(n), m1 = LaneMask(n - 8);
+  // A's element (r, k) sits at a_row[r] + k * a_step: one pointer per row, one stride.
+  const float* a_row[MR];
+  for (int r = 0; r < MR; ++r) a_row[r] = A.ptr(r, 0);
+  const int64_t a_step = A.transposed ? A.ld : 1;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    const __m256 b0 = full ? _mm256_loadu_ps(b) : _mm256_maskload_ps(b, m0);
+    const __m256 b1 = full ? _mm256_loadu_ps(b + 8) : _mm256_maskload_ps(b + 8, m1);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(a_row[r] + k * a_step);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* c = C + r * ldc;
+    if (full) {
+      if (accumulate) {
+        acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(c));
+        acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(c + 8));
+      }
+      _mm256_storeu_ps(c, acc[r][0]);
+      _mm256_storeu_ps(c + 8, acc[r][1]);
+    } else {
+      if (accumulate) {
+        acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_maskload_ps(c, m0));
+        acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_maskload_ps(c + 8, m1));
+      }
+      _mm256_maskstore_ps(c, m0, acc[r][0]);
+      _mm256_maskstore_ps(c + 8, m1, acc[r][1]);
+    }
+  }
+}
+
+template <int MR>
+inline void RowBlock(int64_t N, int64_t K, const Mat& A, const float* B, int64_t ldb, float* C,
+                     int64_t ldc, bool accumulate) {
+  for (int64_t j = 0; j < N; j += 16) {
+    Tile<MR>(K, A, B + j, ldb, C + j, ldc, std::min<int64_t>(16, N - j), accumulate);
+  }
+}
+
+#endif  // MOESCALE_AVX2
+
+// C[M, N] = A[M, K] B[K, N] (or C += with accumulate). B row-major with leading dimension ldb.
+inline void Gemm(int64_t M, int64_t N, int64_t K, const Mat& A, const float* B, int64_t ldb,
+                 float* C, int64_t ldc, bool accumulate = false) {
+#ifdef MOESCALE_AVX2
+  constexpr int kRows = 6;
+  int64_t i = 0;
+  for (; i + kRows <= M; i += kRows) {
+    Mat a{A.ptr(i, 0), A.ld, A.transposed};
+    RowBlock<kRows>(N, K, a, B, ldb, C + i * ldc, ldc, accumulate);
+  }
+  Mat a{A.ptr(i, 0), A.ld, A.transposed};
+  switch (M - i) {  // the last rows, fewer than kRows
+    case 5: RowBlock<5>(N, K, a, B, ldb, C + i * ldc, ldc, accumulate); break;
+    case 4: RowBlock<4>(N, K, a, B, ldb, C + i * ldc, ldc, accumulate); break;
+    case 3: RowBlock<3>(N, K, a, B, ldb, C + i * ldc, ldc, accumulate); break;
+    case 2: RowBlock<2>(N, K, a, B, ldb, C + i * ldc, ldc, accumulate); break;
+    case 1: RowBlock<1>(N, K, a, B, ldb, C + i * ldc, ldc, accumulate); break;
+    default: break;
+  }
+#else
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    if (!accumulate) for (int64_t j = 0; j < N; ++j) c[j] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = A.at(i, k);
+      const float* b = B + k * ldb;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+#endif
+}
+
+// dst[c, r] = src[r, c] for r < rows, c < cols (leading dimensions lds, ldd).
+inline void Transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst,
+                      int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  }
+}
+
+#ifdef MOESCALE_AVX2
+// exp(x) on 8 lanes: Cephes' range reduction x = n ln2 + g, |g| <= ln2/2, and its degree-5
+// polynomial for e^g (relative error ~2e-7, as std::exp's float within a couple of ulp).
+// Inputs below -87.3 give 0 exactly (the masked scores rely on it), above 88.3 give +inf.
+inline __m256 Exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.33654f), hi = _mm256_set1_ps(88.3762626647949f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+  __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f),
+                                             _mm256_set1_ps(0.5f)));
+  __m256 g = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  g = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), g);
+  __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.3981999507E-3f));
+  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(8.3334519073E-3f));
+  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(4.1665795894E-2f));
+  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(1.6666665459E-1f));
+  p = _mm256_fmadd_ps(p, g, _mm256_set1_ps(5.0000001201E-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(g, g), _mm256_add_ps(g, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+inline float HorizontalMax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+#endif  // MOESCALE_AVX2
+
+}  // namespace moescale
+
+#endif  // MOESCALE_KERNELS_SMALL_GEMM_H_
