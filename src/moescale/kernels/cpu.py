@@ -159,3 +159,23 @@ def load() -> bool:
     log.warning('moescale C++ kernels unavailable, using XLA ops instead: %s', e)
     return False
   return True
+
+
+def choose(name: str, what: str, cpu_kernels, xla_kernels, valid=('auto', 'xla', 'cpu')):
+  """A family's kernels by name: 'xla', 'cpu' (raises RuntimeError naming why if these kernels
+  are unavailable) or 'auto': the C++ kernels on XLA:CPU when the current mesh (jax.set_mesh;
+  call this while tracing) has at most one device and they load, else XLA's. Why the mesh
+  matters: XLA cannot split a custom call, so under a multi-device mesh it would gather every
+  operand onto every device and repeat the whole call there."""
+  if name not in valid:
+    raise ValueError(f'unknown {what} {name!r}; valid: {list(valid)}')
+  if name == 'xla':
+    return xla_kernels
+  if name == 'cpu':
+    if not load():
+      raise RuntimeError(f"{what}='cpu' are unavailable: {failure()}; use 'auto' or 'xla'")
+    return cpu_kernels
+  mesh = jax.sharding.get_abstract_mesh()
+  if jax.default_backend() == 'cpu' and (mesh.empty or mesh.size <= 1) and load():
+    return cpu_kernels
+  return xla_kernels

@@ -126,16 +126,4 @@ CPU = CpuKernels()
 def get_kernels(name: str = 'auto') -> pkm_ops.XlaKernels:
   """The kernels by name; 'auto' as the module docstring says (call it while tracing, under
   the mesh the layer runs in)."""
-  if name not in KERNELS:
-    raise ValueError(f'unknown PKM kernels {name!r}; valid: {list(KERNELS)}')
-  if name == 'xla':
-    return pkm_ops.XLA
-  if name == 'cpu':
-    if not cpu.load():
-      raise RuntimeError(f"PKM kernels='cpu' are unavailable: {cpu.failure()}; use 'auto' "
-                         "or 'xla'")
-    return CPU
-  mesh = jax.sharding.get_abstract_mesh()
-  if jax.default_backend() == 'cpu' and (mesh.empty or mesh.size <= 1) and cpu.load():
-    return CPU
-  return pkm_ops.XLA
+  return cpu.choose(name, 'PKM kernels', CPU, pkm_ops.XLA, KERNELS)

@@ -138,16 +138,4 @@ CPU = CpuAttention()
 def get_kernels(name: str = 'auto') -> XlaAttention:
   """The attention kernels by name; 'auto' as the module docstring says (call it while
   tracing, under the mesh the model runs in)."""
-  if name not in KERNELS:
-    raise ValueError(f'unknown attention kernels {name!r}; valid: {list(KERNELS)}')
-  if name == 'xla':
-    return XLA
-  if name == 'cpu':
-    if not cpu.load():
-      raise RuntimeError(f"attention kernels='cpu' are unavailable: {cpu.failure()}; use "
-                         "'auto' or 'xla'")
-    return CPU
-  mesh = jax.sharding.get_abstract_mesh()
-  if jax.default_backend() == 'cpu' and (mesh.empty or mesh.size <= 1) and cpu.load():
-    return CPU
-  return XLA
+  return cpu.choose(name, 'attention kernels', CPU, XLA, KERNELS)
