@@ -11,8 +11,9 @@ For each model (the CPU-sized shapes the tiny run and the small pairs ship: d_mo
 one jitted `train_step` (AdamW update included, as the trainer runs it) is timed, interleaved
 with the others and settled (an untimed step of the same model right before each timed one:
 a trainer runs one step over and over, and the first step after another model's pays for
-that model's memory; see `timing.interleaved`). On CPU the step splits its batch into PARALLEL_MICROBATCHES unrolled
-microbatches, as gin/runs/tiny.gin does (see `StepConfig.parallel_microbatches`); elsewhere 1.
+that model's memory; see `timing.interleaved`). On CPU the step splits its batch into
+PARALLEL_MICROBATCHES unrolled microbatches, as gin/runs/tiny.gin does (see
+`StepConfig.parallel_microbatches`); elsewhere 1.
 Reported per model:
 
     mfu                model FLOPs / step time / peak FLOP/s. Model FLOPs are

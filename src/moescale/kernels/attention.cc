@@ -88,7 +88,9 @@ float SoftmaxRow(float* row, int64_t i, int64_t length, int64_t padded, const in
   }
   const float sum = HorizontalSum(total);
   const __m256 inv = _mm256_set1_ps(1.0f / sum);
-  for (int64_t c = 0; c < j; c += 8) _mm256_storeu_ps(row + c, _mm256_mul_ps(_mm256_loadu_ps(row + c), inv));
+  for (int64_t c = 0; c < j; c += 8) {
+    _mm256_storeu_ps(row + c, _mm256_mul_ps(_mm256_loadu_ps(row + c), inv));
+  }
   for (; j < padded; j += 8) _mm256_storeu_ps(row + j, _mm256_setzero_ps());
   (void)length;
 #else

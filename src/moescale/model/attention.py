@@ -23,6 +23,7 @@ from moescale.model.attention_kernels import attention_mask, softmax_attend
 
 __all__ = ['Attention', 'RelativeAttention', 'attention_mask']
 
+
 class Attention(nnx.Module):
   """Causal self-attention with q, k, v, o projections: `Attention(d_model, num_heads, ...)`.
 
