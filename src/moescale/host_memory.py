@@ -15,7 +15,7 @@ and the next step reuses its pages: 0.1 faults per step, the step 288 -> 232 ms.
 The cost: memory the process has freed is not returned to the system (up to the trim
 threshold), and threads share one malloc lock. A training process reaches its peak every
 step anyway. Call it before JAX starts its CPU client: threads that already hold an arena
-keep it (later calls still help what runs on new threads). The command line (`moescale
+keep it. The command line (`moescale
 train`, `moescale bench`, `make demo`) calls it; a notebook may. It does nothing off glibc,
 where an accelerator backend is selected or installed (its host side is not the bottleneck),
 or with MOESCALE_KEEP_HEAP=0.

@@ -51,11 +51,13 @@ struct Geometry {
   }
 };
 
-// Per-thread buffers for one head: scores (or probabilities) and a second [T, T] buffer for
-// the backward, a transposed [D, T] operand, and the row's segment ids padded to 8 lanes.
+// Per-thread buffers for one head: scores (or probabilities), the backward's second [T, T]
+// buffer (dP, then dS), a transposed [D, T] operand, and the row's segment ids padded to 8
+// lanes. Zero-initialised: the padding columns are read (see ScoreGradRow).
 struct Scratch {
-  explicit Scratch(const Geometry& g)
-      : s(g.length * g.padded), s2(g.length * g.padded), t(g.dim * g.padded), seg(g.padded) {}
+  Scratch(const Geometry& g, bool backward)
+      : s(g.length * g.padded), s2(backward ? g.length * g.padded : 0), t(g.dim * g.padded),
+        seg(g.padded) {}
   std::vector<float> s, s2, t;
   std::vector<int32_t> seg;
 };
@@ -206,7 +208,7 @@ ffi::Error AttentionImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   if (q.dimensions().size() < 3) return ffi::Error::InvalidArgument("attention: q rank < 3");
   const Geometry g = Geometry::Of(q);
   ParallelFor(g.batch * g.heads, kGrain, [&](int64_t begin, int64_t end) {
-    Scratch w(g);
+    Scratch w(g, /*backward=*/false);
     for (int64_t task = begin; task < end; ++task) {
       Forward(g, task, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), scale,
               o->typed_data(), lse->typed_data(), w);
@@ -223,7 +225,7 @@ ffi::Error AttentionGradImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   if (q.dimensions().size() < 3) return ffi::Error::InvalidArgument("attention: q rank < 3");
   const Geometry g = Geometry::Of(q);
   ParallelFor(g.batch * g.heads, kGrain, [&](int64_t begin, int64_t end) {
-    Scratch w(g);
+    Scratch w(g, /*backward=*/true);
     for (int64_t task = begin; task < end; ++task) {
       Backward(g, task, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(),
                lse.typed_data(), dout.typed_data(), scale, dq->typed_data(), dk->typed_data(),

@@ -3,10 +3,8 @@
     kernels = get_kernels('auto')          # or 'xla', 'cpu'
     product_key_topk(s1, s2, knn, kernels=kernels); gather_values(..., kernels=kernels)
 
-'auto' picks `CpuKernels` when the default backend is XLA:CPU, the current mesh (jax.set_mesh)
-has at most one device and the C++ kernels build (kernels/cpu.py); otherwise `pkm_ops.XLA`.
-Why the mesh matters: XLA cannot split a custom call, so under a multi-device mesh it would
-gather every operand onto every device and repeat the whole read there.
+'auto' picks `CpuKernels` on XLA:CPU under a mesh of at most one device, if the C++ kernels
+build, otherwise `pkm_ops.XLA` (the rule, and why the mesh matters: `kernels.cpu.choose`).
 
 Why C++ kernels on CPU (2-core dev VM, 16k tokens, 4 heads, knn 32, d 256, fp32, medians of
 interleaved runs in one process):

@@ -3,10 +3,8 @@
     kernels = get_kernels('auto')                     # or 'xla', 'cpu'
     heads = kernels.attend(q, k, v, segment_ids, scale=..., dropout=..., ...)
 
-'auto' picks `CpuAttention` when the default backend is XLA:CPU, the current mesh
-(jax.set_mesh) has at most one device and the C++ kernels build (kernels/cpu.py); otherwise
-`XLA`. Why the mesh matters: XLA cannot split a custom call, so under a multi-device mesh it
-would gather every operand onto every device and repeat the whole attention there.
+'auto' picks `CpuAttention` on XLA:CPU under a mesh of at most one device, if the C++ kernels
+build, otherwise `XLA` (the rule, and why the mesh matters: `kernels.cpu.choose`).
 
 Why a kernel on CPU (2-core dev VM, fp32): in the d_model 128 train steps of `moescale bench`
 (16 rows of 128 tokens, 4 heads of 32; MFU, median over rounds, side by side) the dense model
