@@ -139,12 +139,13 @@ def bench_dense_module(tokens: int, repeats: int) -> list[dict]:
 
 
 def parse_backend(spec: str) -> tuple[str, dict]:
-  """'blocked' or 'blocked:block_size=64:save_hidden=0' -> (name, {options as ints})."""
+  """'blocked:block_size=64:save_hidden=0' or 'fused:kernels=xla' -> (name, {options}): integer
+  values as ints, others as strings."""
   name, *opts = spec.split(':')
   options = {}
   for opt in opts:
     key, _, value = opt.partition('=')
-    options[key] = int(value)
+    options[key] = int(value) if value.lstrip('-').isdigit() else value
   return name, options
 
 

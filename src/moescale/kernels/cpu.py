@@ -4,7 +4,8 @@
     if cpu.load():                     # False: no compiler, or the build failed (logged once)
       ...jax.ffi.ffi_call(cpu.TOP_K, ...)
 
-The sources beside this file (pkm_search.cc, pkm_gather.cc, attention.cc and their headers) are
+The sources beside this file (pkm_search.cc, pkm_gather.cc, attention.cc, moe_ffn.cc and their
+headers) are
 compiled with the system C++ compiler ($CXX, else c++ / g++ / clang++) into one library,
 against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), for this machine's CPU
 (-march=native), into a cache directory: $MOESCALE_KERNEL_CACHE, else
@@ -38,10 +39,11 @@ log = logging.getLogger(__name__)
 
 _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'pkm_search.cc', _HERE / 'pkm_gather.cc',   # compiled into one library
-           _HERE / 'attention.cc')
-HEADERS = (_HERE / 'parallel.h', _HERE / 'small_gemm.h')
+           _HERE / 'attention.cc', _HERE / 'moe_ffn.cc')
+HEADERS = (_HERE / 'parallel.h', _HERE / 'small_gemm.h', _HERE / 'activations.h')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-pthread')
-# FFI target name -> the handler symbol in pkm_search.cc / pkm_gather.cc / attention.cc.
+# FFI target name -> the handler symbol in pkm_search.cc / pkm_gather.cc / attention.cc /
+# moe_ffn.cc.
 TOP_K = 'moescale_top_k'
 GATHER_REDUCE = 'moescale_gather_reduce'
 GATHER_DOT = 'moescale_gather_dot'
@@ -50,11 +52,14 @@ PRODUCT_TOP_K = 'moescale_product_top_k'
 PRODUCT_TOP_K_GRAD = 'moescale_product_top_k_grad'
 ATTENTION = 'moescale_attention'
 ATTENTION_GRAD = 'moescale_attention_grad'
+MOE_FFN = 'moescale_moe_ffn'
+MOE_FFN_GRAD = 'moescale_moe_ffn_grad'
 _SYMBOLS = {TOP_K: 'MoescaleTopK', PRODUCT_TOP_K: 'MoescaleProductTopK',
             PRODUCT_TOP_K_GRAD: 'MoescaleProductTopKGrad',
             GATHER_REDUCE: 'MoescaleGatherReduce',
             GATHER_DOT: 'MoescaleGatherDot', SCATTER_ADD: 'MoescaleScatterAdd',
-            ATTENTION: 'MoescaleAttention', ATTENTION_GRAD: 'MoescaleAttentionGrad'}
+            ATTENTION: 'MoescaleAttention', ATTENTION_GRAD: 'MoescaleAttentionGrad',
+            MOE_FFN: 'MoescaleMoeFfn', MOE_FFN_GRAD: 'MoescaleMoeFfnGrad'}
 
 
 class KernelBuildError(RuntimeError):

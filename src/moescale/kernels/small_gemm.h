@@ -1,4 +1,5 @@
-// Small dense matrix products and a vector exp for moescale's XLA:CPU kernels (attention.cc).
+// Small dense matrix products and a vector exp for moescale's XLA:CPU kernels (attention.cc,
+// moe_ffn.cc).
 //
 // The products are the ones one attention head needs on a few hundred positions: every operand
 // fits in L1/L2, so there is no packing and no cache blocking, only a register tile: 6 rows x 16
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -122,11 +124,190 @@ inline void Gemm(int64_t M, int64_t N, int64_t K, const Mat& A, const float* B, 
 #endif
 }
 
-// dst[c, r] = src[r, c] for r < rows, c < cols (leading dimensions lds, ldd).
+#ifdef MOESCALE_AVX2
+// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block, in registers.
+inline void Transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// The register tile of GemmPacked: C[0:ROWS, 0:n] (=|+=) Ap Bp over kc steps, Ap packed
+// [kc][6] (one A column of the tile per step, rows past ROWS zero), Bp packed [kc][16]: both
+// read strictly in sequence. ROWS is a template argument because a run-time row count would
+// index acc at run time, and the compiler then stores acc to the stack at every step (3x
+// slower, measured).
+template <int ROWS>
+inline void PackedTile(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc,
+                       int64_t n, bool accumulate) {
+  __m256 acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_loadu_ps(Bp + 16 * k), b1 = _mm256_loadu_ps(Bp + 16 * k + 8);
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 a = _mm256_broadcast_ss(Ap + 6 * k + r);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+    }
+  }
+  // Masked moves only at a ragged edge: AMD runs vmaskmovps stores microcoded, ~10x slower.
+  if (n == 16) {
+    for (int r = 0; r < ROWS; ++r) {
+      float* c = C + r * ldc;
+      if (accumulate) {
+        acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(c));
+        acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(c + 8));
+      }
+      _mm256_storeu_ps(c, acc[r][0]);
+      _mm256_storeu_ps(c + 8, acc[r][1]);
+    }
+    return;
+  }
+  const __m256i m0 = LaneMask(n), m1 = LaneMask(n - 8);
+  for (int r = 0; r < ROWS; ++r) {
+    float* c = C + r * ldc;
+    if (accumulate) {
+      acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_maskload_ps(c, m0));
+      acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_maskload_ps(c + 8, m1));
+    }
+    _mm256_maskstore_ps(c, m0, acc[r][0]);
+    _mm256_maskstore_ps(c + 8, m1, acc[r][1]);
+  }
+}
+
+inline void PackedTileRows(int64_t rows, int64_t kc, const float* Ap, const float* Bp, float* C,
+                           int64_t ldc, int64_t n, bool accumulate) {
+  switch (rows) {
+    case 6: PackedTile<6>(kc, Ap, Bp, C, ldc, n, accumulate); break;
+    case 5: PackedTile<5>(kc, Ap, Bp, C, ldc, n, accumulate); break;
+    case 4: PackedTile<4>(kc, Ap, Bp, C, ldc, n, accumulate); break;
+    case 3: PackedTile<3>(kc, Ap, Bp, C, ldc, n, accumulate); break;
+    case 2: PackedTile<2>(kc, Ap, Bp, C, ldc, n, accumulate); break;
+    case 1: PackedTile<1>(kc, Ap, Bp, C, ldc, n, accumulate); break;
+    default: break;
+  }
+}
+#endif  // MOESCALE_AVX2
+
+// Gemm for operands beyond L1 (an expert's weights, hundreds of rows), as BLIS does it: per
+// 256-deep slice of K, A is packed into 6-row panels and B into 16-column strips (each
+// [256][16], 16 KiB, L1-resident while every row panel of A passes over it), so the register
+// tile reads both in sequence, and a transposed view of A or B (dy w^T, x^T dy: no transposed
+// copies) costs only its packing, once per operand and slice. Measured on the dev
+// VM, one core, fp32: [512, 256] x [256, 512] 60-78 GFLOP/s (Gemm: 37-55), A^T B with
+// A [512, 256] 52-64 (Gemm: 27-36). `pack` is the caller's scratch (grown as needed).
+inline void GemmPacked(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat& B, float* C,
+                       int64_t ldc, bool accumulate, std::vector<float>& pack) {
+#ifdef MOESCALE_AVX2
+  constexpr int64_t kKc = 256, kNc = 512, kMr = 6;
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    }
+    return;
+  }
+  const int64_t panels = (M + kMr - 1) / kMr;
+  pack.resize(kKc * kNc + panels * kMr * kKc);
+  float* Bp = pack.data();
+  float* Ap = Bp + kKc * kNc;
+  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+    const int64_t kc = std::min(kKc, K - k0);
+    for (int64_t p = 0; p < panels; ++p) {  // rows past M are zeros
+      float* dst = Ap + p * kMr * kc;
+      const int64_t rows = std::min(kMr, M - p * kMr);
+      if (rows < kMr) std::fill(dst, dst + kMr * kc, 0.0f);
+      if (A.transposed) {  // a panel column is contiguous: k outer
+        for (int64_t k = 0; k < kc; ++k) {
+          const float* src = A.ptr(p * kMr, k0 + k);
+          for (int64_t r = 0; r < rows; ++r) dst[k * kMr + r] = src[r];
+        }
+      } else {             // a panel row is contiguous: r outer
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* src = A.ptr(p * kMr + r, k0);
+          for (int64_t k = 0; k < kc; ++k) dst[k * kMr + r] = src[k];
+        }
+      }
+    }
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t n0 = 0; n0 < N; n0 += kNc) {
+      const int64_t strips = (std::min(kNc, N - n0) + 15) / 16;
+      for (int64_t s = 0; s < strips; ++s) {  // columns past N are zeros
+        const int64_t col = n0 + 16 * s, width = std::min<int64_t>(16, N - col);
+        float* dst = Bp + s * 16 * kc;
+        if (!B.transposed && width == 16) {
+          const float* src = B.ptr(k0, col);
+          for (int64_t k = 0; k < kc; ++k) {
+            _mm256_storeu_ps(dst + 16 * k, _mm256_loadu_ps(src + k * B.ld));
+            _mm256_storeu_ps(dst + 16 * k + 8, _mm256_loadu_ps(src + k * B.ld + 8));
+          }
+        } else if (!B.transposed) {
+          const __m256i m0 = LaneMask(width), m1 = LaneMask(width - 8);
+          const float* src = B.ptr(k0, col);
+          for (int64_t k = 0; k < kc; ++k) {
+            _mm256_storeu_ps(dst + 16 * k, _mm256_maskload_ps(src + k * B.ld, m0));
+            _mm256_storeu_ps(dst + 16 * k + 8, _mm256_maskload_ps(src + k * B.ld + 8, m1));
+          }
+        } else {  // column c of the strip is a row of the stored matrix, read in sequence
+          int64_t k = 0;
+          if (width == 16) {  // 8 x 8 blocks transposed in registers
+            for (; k + 8 <= kc; k += 8) {
+              Transpose8x8(B.ptr(k0 + k, col), B.ld, dst + 16 * k, 16);
+              Transpose8x8(B.ptr(k0 + k, col + 8), B.ld, dst + 16 * k + 8, 16);
+            }
+          }
+          std::fill(dst + 16 * k, dst + 16 * kc, 0.0f);
+          for (int64_t c = 0; c < width; ++c) {
+            const float* src = B.ptr(k0, col + c);
+            for (int64_t kk = k; kk < kc; ++kk) dst[16 * kk + c] = src[kk];
+          }
+        }
+      }
+      for (int64_t s = 0; s < strips; ++s) {
+        const int64_t col = n0 + 16 * s, width = std::min<int64_t>(16, N - col);
+        for (int64_t p = 0; p < panels; ++p) {
+          PackedTileRows(std::min(kMr, M - p * kMr), kc, Ap + p * kMr * kc, Bp + s * 16 * kc,
+                         C + p * kMr * ldc + col, ldc, width, acc);
+        }
+      }
+    }
+  }
+#else
+  (void)pack;
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      float sum = accumulate ? C[i * ldc + j] : 0.0f;
+      for (int64_t k = 0; k < K; ++k) sum += A.at(i, k) * B.at(k, j);
+      C[i * ldc + j] = sum;
+    }
+  }
+#endif
+}
+
+// dst[c, r] = src[r, c] for r < rows, c < cols (leading dimensions lds, ldd), in 16 x 16
+// blocks so that both sides' cache lines are used whole.
 inline void Transpose(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst,
                       int64_t ldd) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) dst[c * ldd + r] = src[r * lds + c];
+  constexpr int64_t kB = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kB) {
+    for (int64_t c0 = 0; c0 < cols; c0 += kB) {
+      const int64_t r1 = std::min(rows, r0 + kB), c1 = std::min(cols, c0 + kB);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) dst[c * ldd + r] = src[r * lds + c];
+      }
+    }
   }
 }
 

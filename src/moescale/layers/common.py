@@ -124,6 +124,12 @@ def activation_fn(name: str) -> Callable[[Array], Array]:
         f'unknown activation {name!r}; valid: {sorted(_ACTIVATIONS)}') from None
 
 
+def activation_name(fn: Callable[[Array], Array]) -> str | None:
+  """The name under which `activation_fn` gives `fn`; None for any other callable (kernels
+  that implement the named activations themselves check this, and fall back otherwise)."""
+  return next((name for name, f in _ACTIVATIONS.items() if f is fn), None)
+
+
 def dropout(x: Array, rate: float, deterministic: bool, rngs: nnx.Rngs | None) -> Array:
   """Inverted dropout; `rngs.dropout()` supplies the key. No-op when deterministic or rate 0."""
   if deterministic or rate <= 0.0:

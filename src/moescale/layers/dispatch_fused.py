@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moescale.layers import dispatch_ops, dispatch_types
+from moescale.kernels import cpu
+from moescale.layers import common, dispatch_fused_cpu, dispatch_ops, dispatch_types
 from moescale.layers.dispatch_blocked import Blocked, _add_to_expert, _expert
 
 Array = jax.Array
@@ -196,24 +197,61 @@ def choose_block_size(num_assignments: int, num_experts: int) -> tuple[int, int]
   return block, max(16, block // classes)
 
 
+class XlaLoop:
+  """The loop of this module: any dtype, any activation, any platform."""
+  name = 'xla'
+
+  def __call__(self, x, weights, experts, s, activation, sizes):
+    t, k = weights.shape
+    block, granule = sizes(t * k, experts.num_experts, choose_block_size)
+    layout, plan = dispatch_ops.blocked_layout(s, (t, k), block, granule)
+    sched = schedule(layout, plan, k, block // granule)
+    return fused_ffn(x, weights, experts, sched, activation, granule, block)
+
+
+class CpuKernels(XlaLoop):
+  """The same computation as one C++ kernel (dispatch_fused_cpu) for float32 and the named
+  activations of layers.common; the XLA loop for anything else, call by call."""
+  name = 'cpu'
+
+  def __call__(self, x, weights, experts, s, activation, sizes):
+    act = common.activation_name(activation)
+    dtypes = {jnp.dtype(a.dtype) for a in (x, weights, *experts) if a is not None}
+    if act is None or dtypes != {jnp.dtype(jnp.float32)}:
+      return super().__call__(x, weights, experts, s, activation, sizes)
+    return dispatch_fused_cpu.grouped_ffn(x, weights, experts, s,
+                                          dispatch_fused_cpu.ACTIVATION_IDS[act])
+
+
+KERNELS = ('auto', 'xla', 'cpu')
+XLA, CPU = XlaLoop(), CpuKernels()
+
+
+def get_kernels(name: str = 'auto') -> XlaLoop:
+  """The kernels by name: 'xla', 'cpu' or 'auto' (the C++ kernel on XLA:CPU under a mesh of
+  at most one device; the rule: `kernels.cpu.choose`). Call it while tracing."""
+  return cpu.choose(name, "'fused' dispatch kernels", CPU, XLA, KERNELS)
+
+
 class Fused(Blocked):
   """'blocked' with the permute and combine fused into the loop (see the module docstring).
 
-  block_size / granule as for `Blocked` (None: `choose_block_size`). The pre-activations are
-  always kept for the backward ([t*k, f], as a dense layer's backward keeps its hidden).
+  block_size / granule as for `Blocked` (None: `choose_block_size`), for the XLA loop.
+  kernels: 'auto' | 'xla' | 'cpu' (`get_kernels`). The pre-activations are always kept for
+  the backward ([t*k, f], as a dense layer's backward keeps its hidden).
   """
   name = 'fused'
 
-  def __init__(self, block_size: int | None = None, granule: int | None = None):
+  def __init__(self, block_size: int | None = None, granule: int | None = None,
+               kernels: str = 'auto'):
     super().__init__(block_size, granule, save_hidden=True)
+    if kernels not in KERNELS:
+      raise ValueError(f"unknown 'fused' dispatch kernels {kernels!r}; valid: {list(KERNELS)}")
+    self.kernels = kernels
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
     del capacity  # Dropless.
     dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
-    t, k = expert_index.shape
-    block, granule = self.sizes(t * k, experts.num_experts, choose_block_size)
     s = dispatch_ops.sort_and_rank(expert_index, experts.num_experts)
-    layout, plan = dispatch_ops.blocked_layout(s, (t, k), block, granule)
-    sched = schedule(layout, plan, k, block // granule)
-    y = fused_ffn(x, weights, experts, sched, activation, granule, block)
+    y = get_kernels(self.kernels)(x, weights, experts, s, activation, self.sizes)
     return y.astype(x.dtype)

@@ -1,0 +1,120 @@
+"""The 'fused' dispatch as one C++ kernel on XLA:CPU (kernels/moe_ffn.cc), forward and backward.
+
+    y = grouped_ffn(x, weights, experts, sorted_assignments, activation_id)
+
+Same computation as dispatch_fused's XLA loop, on the sorted rows without block padding: per
+expert, gather its tokens' rows of x, two GEMMs through the activation, the weighted output
+rows in sorted order; then each token sums its k rows. The backward is the hand-written one of
+dispatch_fused (see there), with the pre-activations [t*k, f] kept from the forward.
+
+Why: the XLA loop spends, per block, a while-loop iteration with dynamic slices of the expert
+weights and a scatter-add into [t, d]; at 512 experts that is thousands of small steps. Here
+the experts are tasks shared by the threads (so one call uses every core, as XLA's dense
+matmul does), each expert's weights are read once per 512 rows, and no two threads write one
+row (the combine is a separate pass per token, in a fixed order).
+
+Only float32 and the four named activations (layers.common: relu, gelu, gelu_tanh, silu) run
+here; the 'fused' backend's kernel strategy (dispatch_fused.get_kernels) sends everything else
+to the XLA loop.
+
+Einsum letters: t tokens, k choices, n = t*k rows (sorted pairs), e expert, d d_model,
+f expert_size.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moescale.kernels import cpu
+from moescale.layers import dispatch_ops, dispatch_types
+
+Array = jax.Array
+
+# The ids kernels/activations.h gives the activations of layers.common.
+ACTIVATION_IDS = {'relu': 0, 'gelu': 1, 'gelu_tanh': 2, 'silu': 3}
+
+
+class Rows:
+  """The sorted rows a call runs on (all int32): token [n], group_start [e + 1], row_of [t, k]
+  (the row of pair (t, j); rows from group_start[e] on were dropped) and order [n] (the pair
+  of each row)."""
+
+  def __init__(self, s: dispatch_ops.SortedAssignments, k: int):
+    n = s.order.shape[0]
+    self.order = s.order
+    self.token = s.order // k
+    self.group_start = jnp.concatenate(
+        [jnp.zeros((1,), jnp.int32), jnp.cumsum(s.group_sizes).astype(jnp.int32)])
+    self.row_of = jnp.zeros((n,), jnp.int32).at[s.order].set(
+        jnp.arange(n, dtype=jnp.int32), unique_indices=True).reshape(-1, k)
+
+
+def _biases(experts: dispatch_types.ExpertWeights) -> tuple[Array, Array]:
+  e, d, f = experts.w_in.shape
+  b_in = experts.b_in if experts.b_in is not None else jnp.zeros((e, 0), jnp.float32)
+  b_out = experts.b_out if experts.b_out is not None else jnp.zeros((e, 0), jnp.float32)
+  return b_in, b_out
+
+
+def _row_weights(weights: Array, order: Array) -> Array:
+  return weights.reshape(-1)[order].astype(jnp.float32)
+
+
+def _forward(x, weights, experts, token, group_start, row_of, order, activation_id):
+  t, d = x.shape
+  n, f = token.shape[0], experts.w_in.shape[2]
+  out = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((n, f), jnp.float32),
+         jax.ShapeDtypeStruct((n, d), jnp.float32))
+  b_in, b_out = _biases(experts)
+  y, pre, _ = jax.ffi.ffi_call(cpu.MOE_FFN, out, vmap_method='sequential')(
+      x, experts.w_in, experts.w_out, b_in, b_out, token, _row_weights(weights, order),
+      group_start, row_of, activation=np.int32(activation_id))
+  return y, pre
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _grouped_ffn(x, weights, experts, token, group_start, row_of, order, activation_id):
+  return _forward(x, weights, experts, token, group_start, row_of, order, activation_id)[0]
+
+
+def _grouped_ffn_fwd(x, weights, experts, token, group_start, row_of, order, activation_id):
+  y, pre = _forward(x, weights, experts, token, group_start, row_of, order, activation_id)
+  return y, (x, weights, experts, token, group_start, row_of, order, pre)
+
+
+def _grouped_ffn_bwd(activation_id, res, dy):
+  x, weights, experts, token, group_start, row_of, order, pre = res
+  t, d = x.shape
+  e, _, f = experts.w_in.shape
+  n = token.shape[0]
+  b_in, b_out = _biases(experts)
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  out = (f32(t, d), f32(n), f32(e, d, f), f32(e, f, d), f32(*b_in.shape), f32(*b_out.shape),
+         f32(n, d))
+  dx, drow, dw_in, dw_out, db_in, db_out, _ = jax.ffi.ffi_call(
+      cpu.MOE_FFN_GRAD, out, vmap_method='sequential')(
+          x, dy.astype(jnp.float32), experts.w_in, experts.w_out, b_in, b_out, token,
+          _row_weights(weights, order), group_start, row_of, pre,
+          activation=np.int32(activation_id))
+  # Row r holds pair order[r]: the pair's gradient is its row's (dropped rows got 0).
+  dweights = drow[row_of].astype(weights.dtype)
+  grads = dispatch_types.ExpertWeights(
+      dw_in, dw_out, None if experts.b_in is None else db_in,
+      None if experts.b_out is None else db_out)
+  return dx, dweights, grads, None, None, None, None
+
+
+_grouped_ffn.defvjp(_grouped_ffn_fwd, _grouped_ffn_bwd)
+
+
+def grouped_ffn(x: Array, weights: Array, experts: dispatch_types.ExpertWeights,
+                s: dispatch_ops.SortedAssignments, activation_id: int) -> Array:
+  """x [t, d], weights [t, k] float32, the experts' float32 weights, their sort -> y [t, d]
+  float32: sum_j weights[t, j] FFN_{expert of (t, j)}(x[t]) over the kept pairs."""
+  rows = Rows(s, weights.shape[1])
+  return _grouped_ffn(x, weights, experts, rows.token, rows.group_start, rows.row_of,
+                      rows.order, activation_id)
