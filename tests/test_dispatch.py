@@ -53,10 +53,12 @@ BACKENDS = {
     'blocked_plain': lambda: Blocked(block_size=4, granule=4),    # plain padding to blocks
     'blocked_recompute': lambda: Blocked(block_size=8, granule=2, save_hidden=False),
     'blocked_default': lambda: dispatch.get_backend('blocked'),
-    'fused': lambda: dispatch.get_backend('fused', block_size=4, granule=2),
-    'fused_wide': lambda: dispatch.get_backend('fused', block_size=8, granule=2),
-    'fused_plain': lambda: dispatch.get_backend('fused', block_size=4, granule=4),
+    # The XLA loop of 'fused' with its block sizes; then its default and its C++ kernel.
+    'fused': lambda: dispatch.get_backend('fused', block_size=4, granule=2, kernels='xla'),
+    'fused_wide': lambda: dispatch.get_backend('fused', block_size=8, granule=2, kernels='xla'),
+    'fused_plain': lambda: dispatch.get_backend('fused', block_size=4, granule=4, kernels='xla'),
     'fused_default': lambda: dispatch.get_backend('fused'),
+    'fused_cpu': lambda: dispatch.get_backend('fused', kernels='cpu'),
     'ragged': lambda: dispatch.get_backend('ragged'),
     'slots': lambda: dispatch.get_backend('slots'),
     'onehot': lambda: dispatch.get_backend('onehot'),
@@ -67,7 +69,8 @@ CASES = ([('blocked', k, b) for k, b in ((1, False), (2, True), (4, False), (4, 
          + [('blocked_plain', 2, True), ('blocked_recompute', 4, True),
             ('blocked_recompute', 1, False), ('blocked_default', 2, False)]
          + [('fused', 1, False), ('fused', 2, True), ('fused_wide', 4, False),
-            ('fused_plain', 4, True), ('fused_default', 2, False)]
+            ('fused_plain', 4, True), ('fused_default', 2, False), ('fused_cpu', 1, True),
+            ('fused_cpu', 2, False), ('fused_cpu', 4, True)]
          + [(n, k, b) for n in ('ragged', 'slots', 'onehot')
             for k, b in ((1, True), (2, False), (4, True))])
 
@@ -257,6 +260,13 @@ def test_bench_helpers():
       'blocked', 512, 16384, 'cpu')
   assert bench_moe.parse_backend('blocked:block_size=64:save_hidden=0') == (
       'blocked', {'block_size': 64, 'save_hidden': 0})
+  # The same specs in get_backend (and so in gin bindings), with clear errors.
+  assert dispatch.get_backend('fused:kernels=xla:block_size=8').kernels == 'xla'
+  with pytest.raises(ValueError, match=r"'fused' does not take options \{'kernal': 'xla'\}.*"
+                                       r"'kernels'"):
+    dispatch.get_backend('fused:kernal=xla')
+  with pytest.raises(ValueError, match=r"option 'xla' in 'fused:xla' is not key=value"):
+    dispatch.get_backend('fused:xla')
   table = timing.format_table([timing.skipped('moe_top2', 'ragged', 512, 16384, 'dense',
                                               'ragged_dot is dense')])
   assert 'skipped' in table and 'ragged_dot is dense' in table

@@ -21,14 +21,15 @@ def test_fused_is_the_cpu_default_and_registered():
 def test_fused_duplicates_out_of_range_ids_all_dropped_and_one_expert():
   x, index, weights, experts, _ = _problem(t=9, k=3)
   index = index.at[0].set(jnp.array([1, 1, 2])).at[1].set(jnp.array([-1, E + 3, 0]))
-  run = jax.jit(lambda index: Fused(4, 2)(x, index, weights, experts, jax.nn.gelu))
+  run = jax.jit(lambda index: Fused(4, 2, 'xla')(x, index, weights, experts, jax.nn.gelu))
   want = jax.jit(lambda index: dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.gelu))
   np.testing.assert_allclose(run(index), want(index), atol=1e-5)
   np.testing.assert_array_equal(run(jnp.full_like(index, E)), 0.0)
   # Blocks larger than all the rows (one expert on one device of an expert-parallel mesh).
   one = dispatch.ExpertWeights(experts.w_in[:1], experts.w_out[:1])
   index1 = jnp.array([[0, 1]] * 6, jnp.int32)
-  got = jax.jit(lambda x: Fused(64, 16)(x, index1, weights[:6, :2], one, jax.nn.relu))(x[:6])
+  got = jax.jit(lambda x: Fused(64, 16, 'xla')(x, index1, weights[:6, :2], one, jax.nn.relu))(
+      x[:6])
   np.testing.assert_allclose(
       got, dispatch.ReferenceLoop()(x[:6], index1, weights[:6, :2], one, jax.nn.relu),
       rtol=1e-5, atol=1e-5)
@@ -42,7 +43,7 @@ def test_fused_keeps_no_weight_copies_and_no_row_buffers():
     grad = jax.grad(lambda x, w, e: jnp.vdot(backend(x, index, w, e, jax.nn.relu), cot),
                     argnums=(0, 1, 2))
     return set(_shapes_in(jax.make_jaxpr(grad)(x, weights, experts).jaxpr))
-  fused = shapes(Fused(4, 2))
+  fused = shapes(Fused(4, 2, 'xla'))  # the XLA loop (the C++ kernel: test_dispatch_fused_cpu)
   # No stacked expert weights (one copy per loop iteration, as autodiff of the loop would keep)
   assert not {s for s in fused if len(s) == 3 and s[1:] in ((D, F), (F, D)) and s[0] not in (1, E)}
   # and no permuted [rows >= t*k, d] buffer: only [t, d] (x, y, dx) and block-sized rows,

@@ -37,9 +37,10 @@ from moescale.layers import dense, dispatch, topk_moe
 D_MODEL, EXPERT_SIZE, TOP_K, CAPACITY_FACTOR = 256, 512, 2, 1.0
 FULL = {'experts': (8, 64, 256, 512), 'tokens': (4096, 16384)}
 QUICK = {'experts': (8,), 'tokens': (1024,)}
-# The XLA:CPU default first ('fused', dropless and at capacity 1.0), then the unfused loop, the
-# slot-buffer capacity paths and ragged_dot.
-BACKENDS = ('fused', 'fused@capacity', 'blocked', 'slots', 'ragged', 'onehot')
+# The XLA:CPU default first ('fused', dropless and at capacity 1.0; its C++ kernel there), its
+# XLA loop, then the unfused loop, the slot-buffer capacity paths and ragged_dot.
+BACKENDS = ('fused', 'fused@capacity', 'fused:kernels=xla', 'blocked', 'slots', 'ragged',
+            'onehot')
 CAPACITY_SUFFIX = '@capacity'   # the router drops over capacity first (see the docstring)
 SLOT_BACKENDS = ('slots', 'onehot')   # need a capacity: their buffers are [E, capacity, ...]
 MAX_COST_RATIO = 12.0       # skip a backend estimated at more than this x the dense layer
@@ -138,15 +139,9 @@ def bench_dense_module(tokens: int, repeats: int) -> list[dict]:
   return timing.ratio_records('dense_ffn', None, tokens, times, 'plain')
 
 
-def parse_backend(spec: str) -> tuple[str, dict]:
-  """'blocked:block_size=64:save_hidden=0' or 'fused:kernels=xla' -> (name, {options}): integer
-  values as ints, others as strings."""
-  name, *opts = spec.split(':')
-  options = {}
-  for opt in opts:
-    key, _, value = opt.partition('=')
-    options[key] = int(value) if value.lstrip('-').isdigit() else value
-  return name, options
+# 'blocked:block_size=64:save_hidden=0' -> ('blocked', {'block_size': 64, 'save_hidden': 0}): the
+# same specs `dispatch.get_backend` and gin bindings take.
+parse_backend = dispatch.parse_spec
 
 
 def run(opts, log) -> list[dict]:

@@ -35,7 +35,8 @@ from moescale.layers import dense, dispatch, sigma_moe
 D_MODEL, EXPERT_SIZE, TOP_K = 512, 128, 4
 FULL = {'experts': (8, 16, 32, 64, 128), 'tokens': (4096, 16384)}
 QUICK = {'experts': (16,), 'tokens': (1024,)}
-BACKENDS = ('fused', 'blocked')   # the XLA:CPU default first, then the unfused loop
+# The XLA:CPU default first (its C++ kernel there), its XLA loop, then the unfused loop.
+BACKENDS = ('fused', 'fused:kernels=xla', 'blocked')
 QUICK_BACKENDS = ('fused',)
 # Skip the parameter-matched dense layer above this many fwd+bwd matmul FLOPs per call
 # (2 TFLOP, i.e. up to 128 experts at 16k tokens: ~15-25 s per call on the 2-core dev VM).

@@ -127,6 +127,8 @@ def activation_fn(name: str) -> Callable[[Array], Array]:
 def activation_name(fn: Callable[[Array], Array]) -> str | None:
   """The name under which `activation_fn` gives `fn`; None for any other callable (kernels
   that implement the named activations themselves check this, and fall back otherwise)."""
+  if fn is jax.nn.gelu:  # called with one argument it is the tanh form
+    return 'gelu_tanh'
   return next((name for name, f in _ACTIVATIONS.items() if f is fn), None)
 
 

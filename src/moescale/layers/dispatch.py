@@ -20,7 +20,8 @@ exists for tests only (it runs every expert on every token: E times the work):
                (dispatch_blocked.py). Dropless.
     'fused'    'blocked' with permute and combine inside the loop: each block gathers its
                tokens' rows and scatter-adds its weighted output (dispatch_fused.py). Dropless.
-               The XLA:CPU default.
+               The XLA:CPU default, where it runs as one C++ kernel (dispatch_fused_cpu.py,
+               kernels/moe_ffn.cc; 'fused:kernels=xla' keeps the XLA loop).
     'ragged'   sort, `jax.lax.ragged_dot` (dispatch_ragged.py). Dropless. Native grouped
                matmul on GPU/TPU; lowered densely (E times the work) on XLA:CPU.
     'slots'    gather into [E, capacity, d] slots by index, batched matmul, gather back
@@ -34,6 +35,7 @@ layer; `default_backend_name` encodes what it found.
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 import jax
@@ -86,13 +88,29 @@ def default_backend_name(platform: str | None = None) -> str:
   return 'fused' if platform == 'cpu' else 'ragged'
 
 
+def parse_spec(spec: str) -> tuple[str, dict]:
+  """'blocked:block_size=64:save_hidden=0' or 'fused:kernels=xla' -> (name, {options}):
+  integer values as ints, others as strings."""
+  name, *opts = spec.split(':')
+  options = {}
+  for opt in opts:
+    key, eq, value = opt.partition('=')
+    if not (key and eq):
+      raise ValueError(f'dispatch backend option {opt!r} in {spec!r} is not key=value')
+    options[key] = int(value) if value.lstrip('-').isdigit() else value
+  return name, options
+
+
 def get_backend(backend: str | DispatchBackend = 'auto', **options) -> DispatchBackend:
   """A backend by name ('auto' picks by platform) or an instance passed through.
 
-  `options` go to the backend's constructor (e.g. `get_backend('blocked', block_size=64)`).
+  `options` go to the backend's constructor (e.g. `get_backend('blocked', block_size=64)`); a
+  name may carry them too, as a gin binding can: `TopKMoE.dispatch = 'fused:kernels=xla'`.
   """
   if not isinstance(backend, str):
     return expert_parallel.wrap_for_mesh(backend)
+  backend, spec_options = parse_spec(backend)
+  options = {**spec_options, **options}
   name = default_backend_name(jax.default_backend()) if backend == 'auto' else backend
   try:
     factory = _BACKENDS[name]
@@ -100,4 +118,10 @@ def get_backend(backend: str | DispatchBackend = 'auto', **options) -> DispatchB
     raise ValueError(
         f'unknown dispatch backend {backend!r}; valid: {available_backends()}') from None
   # Under a mesh with an `expert` axis (the trainer sets one), experts run expert-parallel.
-  return expert_parallel.wrap_for_mesh(factory(**options))
+  try:
+    made = factory(**options)
+  except TypeError as e:
+    valid = [p for p in inspect.signature(factory).parameters if p != 'self']
+    raise ValueError(f'dispatch backend {name!r} does not take options {options} ({e}); '
+                     f'its options: {valid}') from None
+  return expert_parallel.wrap_for_mesh(made)
