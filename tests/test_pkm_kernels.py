@@ -178,7 +178,7 @@ def test_library_name_follows_the_source_and_a_built_library_is_reused(kernels, 
   cached = cpu.library_path(tmp_path)
   assert cached.name == built.name and cached.parent == tmp_path
   shutil.copy(built, cached)
-  monkeypatch.setattr(cpu.subprocess, 'run', lambda *a, **k: pytest.fail('recompiled'))
+  monkeypatch.setattr(cpu.subprocess, 'Popen', lambda *a, **k: pytest.fail('recompiled'))
   assert cpu.build(tmp_path) == cached             # found, not compiled again
   edited = tmp_path / 'pkm_search.cc'
   edited.write_text(cpu.SOURCES[0].read_text() + '\n// edited\n')

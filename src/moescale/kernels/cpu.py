@@ -5,9 +5,9 @@
       ...jax.ffi.ffi_call(cpu.TOP_K, ...)
 
 The sources beside this file (pkm_search.cc, pkm_gather.cc, attention.cc, moe_ffn.cc and their
-headers) are
-compiled with the system C++ compiler ($CXX, else c++ / g++ / clang++) into one library,
-against the XLA FFI headers that jaxlib ships (`jax.ffi.include_dir()`), for this machine's CPU
+headers) are compiled with the system C++ compiler ($CXX, else c++ / g++ / clang++), side by
+side, and linked into one library, against the XLA FFI headers that jaxlib ships
+(`jax.ffi.include_dir()`), for this machine's CPU
 (-march=native), into a cache directory: $MOESCALE_KERNEL_CACHE, else
 ~/.cache/moescale/kernels (a temporary directory if that is not writable). The file name is a
 hash of the sources, the flags, the jaxlib version and the CPU's feature flags, so an edited
@@ -41,7 +41,9 @@ _HERE = pathlib.Path(__file__).parent
 SOURCES = (_HERE / 'pkm_search.cc', _HERE / 'pkm_gather.cc',   # compiled into one library
            _HERE / 'attention.cc', _HERE / 'moe_ffn.cc')
 HEADERS = (_HERE / 'parallel.h', _HERE / 'small_gemm.h', _HERE / 'activations.h')
-FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-pthread')
+COMPILE_FLAGS = ('-O3', '-march=native', '-std=c++17', '-fPIC', '-pthread')
+LINK_FLAGS = ('-shared', '-pthread')
+FLAGS = COMPILE_FLAGS + LINK_FLAGS
 # FFI target name -> the handler symbol in pkm_search.cc / pkm_gather.cc / attention.cc /
 # moe_ffn.cc.
 TOP_K = 'moescale_top_k'
@@ -107,7 +109,7 @@ def library_path(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
                _cpu_features().encode()):
     key.update(part)
   directory = pathlib.Path(cache_dir) if cache_dir is not None else _cache_dir()
-  return directory / f'moescale_pkm_cpu_{key.hexdigest()[:16]}.so'
+  return directory / f'moescale_cpu_{key.hexdigest()[:16]}.so'
 
 
 def build(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -122,20 +124,37 @@ def build(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
   if cxx is None:
     raise KernelBuildError('no C++ compiler found (set $CXX, or install c++ / g++ / clang++)')
   target.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=target.parent)
-  os.close(fd)
-  cmd = [cxx, *FLAGS, f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o', tmp]
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-  except (OSError, subprocess.TimeoutExpired) as e:
-    os.unlink(tmp)
-    raise KernelBuildError(f'{" ".join(cmd)} could not run: {e}') from None
-  if proc.returncode != 0:
-    os.unlink(tmp)
-    raise KernelBuildError(f'{" ".join(cmd)} failed ({proc.returncode}):\n'
-                           f'{proc.stderr[-4000:]}')
-  os.replace(tmp, target)  # atomic: a concurrent build of the same key wins or loses whole
+  with tempfile.TemporaryDirectory(dir=target.parent) as work:
+    # One compiler per source, side by side (the slowest source sets the time: ~20 s instead
+    # of ~35 s one after another on 2 cores), then one link into a temporary name.
+    objects = [os.path.join(work, f'{src.stem}.o') for src in SOURCES]
+    compiles = [[cxx, *COMPILE_FLAGS, f'-I{jax.ffi.include_dir()}', '-c', str(src), '-o', obj]
+                for src, obj in zip(SOURCES, objects)]
+    tmp = os.path.join(work, target.name)
+    _run_all(compiles)
+    _run_all([[cxx, *LINK_FLAGS, *objects, '-o', tmp]])
+    os.replace(tmp, target)  # atomic: a concurrent build of the same key wins or loses whole
   return target
+
+
+def _run_all(commands: list[list[str]]) -> None:
+  """Runs the commands at once; KernelBuildError naming the first that fails and its output."""
+  try:
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in commands]
+  except OSError as e:
+    raise KernelBuildError(f'{" ".join(commands[0])} could not run: {e}') from None
+  failed = None
+  for cmd, proc in zip(commands, procs):
+    try:
+      _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      _, err = proc.communicate()
+    if proc.returncode != 0 and failed is None:
+      failed = f'{" ".join(cmd)} failed ({proc.returncode}):\n{err[-4000:]}'
+  if failed:
+    raise KernelBuildError(failed)
 
 
 _failure: list[str] = []
