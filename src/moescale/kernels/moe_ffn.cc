@@ -31,7 +31,9 @@
 // b_in [E, F] or [E, 0], b_out [E, D] or [E, 0] (no biases); token [R] s32; weight [R];
 // group_start [E + 1] s32; row_of [T, K] s32; pre [R, F]; out / dx_rows [R, D] (scratch
 // results); dweight [R].
+#include <algorithm>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include "activations.h"
@@ -180,8 +182,15 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   float* dwt = dweight->typed_data();
   std::fill(dwt + p.kept(), dwt + p.R, 0.0f);  // dropped rows: no gradient
   // One task per expert: its weight gradients are summed by one thread, chunk after chunk, so
-  // no two threads add into one expert's gradient (nor in a thread-dependent order).
-  ParallelTasks(p.E, [&](int64_t e) {
+  // no two threads add into one expert's gradient (nor in a thread-dependent order). The
+  // largest experts go first (a trained router is uneven): the last task to start is short.
+  std::vector<int64_t> by_size(p.E);
+  std::iota(by_size.begin(), by_size.end(), 0);
+  std::stable_sort(by_size.begin(), by_size.end(), [&p](int64_t a, int64_t b) {
+    return p.end(a) - p.begin(a) > p.end(b) - p.begin(b);
+  });
+  ParallelTasks(p.E, [&](int64_t task) {
+    const int64_t e = by_size[task];
     float* gi = dw_in->typed_data() + e * D * F;
     float* go = dw_out->typed_data() + e * F * D;
     float* gbi = p.bias_in ? db_in->typed_data() + e * F : nullptr;
