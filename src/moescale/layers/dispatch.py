@@ -72,15 +72,15 @@ def available_backends() -> list[str]:
 def default_backend_name(platform: str | None = None) -> str:
   """The measured-best backend for a platform (see `python -m moescale.bench`).
 
-  XLA:CPU: 'fused' (ragged_dot is lowered densely there, E times the work). One `make bench`
-  on the 2-core dev VM, 16k tokens, fwd+bwd against the FLOP-matched dense layer, with the
-  command line's kept heap (host_memory: no page faults for fresh buffers, which had slowed
-  the dense baseline more than these): top-2 at 8 / 64 / 256 / 512 experts 'fused' 1.25x /
-  1.38x / 1.41x / 2.04x, 'blocked' 1.50x / 1.32x / 2.14x / 2.94x, 'slots' (capacity 1.0)
-  1.09x / 1.11x / 1.89x / 1.99x. At capacity 1.0 the router drops first and 'fused' computes
-  the rest (bench row 'fused@capacity'): 1.37x / 1.26x / 1.50x / 2.00x -- so 'slots' is the
-  faster capacity path up to 64 experts here; the choice is by platform only, for now.
-  σ-MoE (8-128 experts) 'fused' 1.47-2.47x, 'blocked' 1.65-2.99x.
+  XLA:CPU: 'fused' (ragged_dot is lowered densely there, E times the work), which runs there as
+  one C++ kernel (dispatch_fused_cpu). One `make bench` on the 2-core dev VM, 16k tokens,
+  fwd+bwd against the FLOP-matched dense layer: top-2 at 8 / 64 / 256 / 512 experts 'fused'
+  0.98x / 0.94x / 1.19x / 1.27x, its XLA loop ('fused:kernels=xla') 1.11x / 1.16x / 1.54x /
+  1.90x, 'blocked' 1.23x / 1.36x / 1.83x / 2.16x, 'slots' (capacity 1.0) 1.03x / 1.14x /
+  1.46x / 2.08x. At capacity 1.0 the router drops first and 'fused' computes the rest (bench
+  row 'fused@capacity'): 0.94x / 0.95x / 1.12x / 1.19x, the fastest capacity path at every
+  size. σ-MoE (8-128 experts) 'fused' 1.18-1.36x, its XLA loop 1.32-1.63x, 'blocked'
+  1.78-2.00x.
   GPU / TPU: 'ragged', native grouped matmul there -- to be confirmed by measurement on a GPU.
   """
   if platform is None:
