@@ -3,6 +3,8 @@ test_dispatch.py: every activation it implements, shapes that reach its edges (e
 more rows than one 512-row chunk, d_model past one 256-deep GEMM slice, ragged 16-column
 strips, empty experts), and the strategy that chooses it."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +24,8 @@ def _problem(t, d, f, e, k, bias, seed=0, drop=0.15):
   index[r.rand(t, k) < drop] = e                                   # dropped: the sentinel
   weights = (r.rand(t, k) * (index < e)).astype(np.float32)
   experts = dispatch.ExpertWeights(
-      (r.randn(e, d, f) / d**0.5).astype(np.float32), (r.randn(e, f, d) / f**0.5).astype(np.float32),
+      (r.randn(e, d, f) / d**0.5).astype(np.float32),
+      (r.randn(e, f, d) / f**0.5).astype(np.float32),
       r.randn(e, f).astype(np.float32) if bias else None,
       r.randn(e, d).astype(np.float32) if bias else None)
   return x, index, weights, experts
@@ -53,7 +56,7 @@ def _grads(backend, x, index, weights, experts, act, cot):
 
 NUMPY_ACTS = {
     'relu': lambda h: np.maximum(h, 0),
-    'gelu': lambda h: 0.5 * h * (1 + np.vectorize(__import__('math').erf)(h / 2**0.5)),
+    'gelu': lambda h: 0.5 * h * (1 + np.vectorize(math.erf)(h / 2**0.5)),
     'gelu_tanh': lambda h: 0.5 * h * (1 + np.tanh((2 / np.pi)**0.5 * (h + 0.044715 * h**3))),
     'silu': lambda h: h / (1 + np.exp(-h)),
 }
