@@ -40,46 +40,65 @@ inline __m256i LaneMask(int64_t n) {  // lanes [0, n) on, n may be <= 0 or >= 8
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// C[0:MR, 0:n] (=|+=) A[0:MR, :K] B[:K, 0:n], n in (0, 16]; B is row-major (not transposed).
-template <int MR>
-inline void Tile(int64_t K, const Mat& A, const float* B, int64_t ldb, float* C, int64_t ldc,
-                 int64_t n, bool accumulate) {
-  __m256 acc[MR][2];
-  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  const bool full = n == 16;
-  const __m256i m0 = LaneMask(n), m1 = LaneMask(n - 8);
-  // A's element (r, k) sits at a_row[r] + k * a_step: one pointer per row, one stride.
-  const float* a_row[MR];
-  for (int r = 0; r < MR; ++r) a_row[r] = A.ptr(r, 0);
-  const int64_t a_step = A.transposed ? A.ld : 1;
-  for (int64_t k = 0; k < K; ++k) {
-    const float* b = B + k * ldb;
-    const __m256 b0 = full ? _mm256_loadu_ps(b) : _mm256_maskload_ps(b, m0);
-    const __m256 b1 = full ? _mm256_loadu_ps(b + 8) : _mm256_maskload_ps(b + 8, m1);
-    for (int r = 0; r < MR; ++r) {
-      const __m256 a = _mm256_broadcast_ss(a_row[r] + k * a_step);
-      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    float* c = C + r * ldc;
-    if (full) {
+// C[0:ROWS, 0:n] (=|+=) the register tile acc, n in (0, 16]. Masked moves only at a ragged
+// edge: AMD runs vmaskmovps stores microcoded, ~10x slower than plain ones. Always inlined:
+// called out of line it would take acc by address, with the same stack stores as a rolled loop
+// (see PackedTile).
+template <int ROWS>
+__attribute__((always_inline)) inline void StoreTile(__m256 (&acc)[ROWS][2], float* C,
+                                                     int64_t ldc, int64_t n, bool accumulate) {
+  if (n == 16) {
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      float* c = C + r * ldc;
       if (accumulate) {
         acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(c));
         acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(c + 8));
       }
       _mm256_storeu_ps(c, acc[r][0]);
       _mm256_storeu_ps(c + 8, acc[r][1]);
-    } else {
-      if (accumulate) {
-        acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_maskload_ps(c, m0));
-        acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_maskload_ps(c + 8, m1));
-      }
-      _mm256_maskstore_ps(c, m0, acc[r][0]);
-      _mm256_maskstore_ps(c + 8, m1, acc[r][1]);
+    }
+    return;
+  }
+  const __m256i m0 = LaneMask(n), m1 = LaneMask(n - 8);
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r) {
+    float* c = C + r * ldc;
+    if (accumulate) {
+      acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_maskload_ps(c, m0));
+      acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_maskload_ps(c + 8, m1));
+    }
+    _mm256_maskstore_ps(c, m0, acc[r][0]);
+    _mm256_maskstore_ps(c + 8, m1, acc[r][1]);
+  }
+}
+
+// C[0:MR, 0:n] (=|+=) A[0:MR, :K] B[:K, 0:n], n in (0, 16]; B is row-major (not transposed).
+template <int MR>
+inline void Tile(int64_t K, const Mat& A, const float* B, int64_t ldb, float* C, int64_t ldc,
+                 int64_t n, bool accumulate) {
+  __m256 acc[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const bool full = n == 16;
+  const __m256i m0 = LaneMask(n), m1 = LaneMask(n - 8);
+  // A's element (r, k) sits at a_row[r] + k * a_step: one pointer per row, one stride.
+  const float* a_row[MR];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) a_row[r] = A.ptr(r, 0);
+  const int64_t a_step = A.transposed ? A.ld : 1;
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    const __m256 b0 = full ? _mm256_loadu_ps(b) : _mm256_maskload_ps(b, m0);
+    const __m256 b1 = full ? _mm256_loadu_ps(b + 8) : _mm256_maskload_ps(b + 8, m1);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m256 a = _mm256_broadcast_ss(a_row[r] + k * a_step);
+      acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
     }
   }
+  StoreTile<MR>(acc, C, ldc, n, accumulate);
 }
 
 template <int MR>
@@ -147,45 +166,27 @@ inline void Transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd)
 
 // The register tile of GemmPacked: C[0:ROWS, 0:n] (=|+=) Ap Bp over kc steps, Ap packed
 // [kc][6] (one A column of the tile per step, rows past ROWS zero), Bp packed [kc][16]: both
-// read strictly in sequence. ROWS is a template argument because a run-time row count would
-// index acc at run time, and the compiler then stores acc to the stack at every step (3x
-// slower, measured).
+// read strictly in sequence. ROWS is a template argument, and every loop over rows here and
+// in StoreTile / Tile is unrolled by pragma: a loop left rolled indexes acc at run time, and
+// GCC then keeps acc on the stack, storing it at every FMA step (a run-time row count was 2x
+// slower, measured; objdump of a 6-row tile compiled out of line showed the stores even with
+// the template, until the pragmas).
 template <int ROWS>
 inline void PackedTile(int64_t kc, const float* Ap, const float* Bp, float* C, int64_t ldc,
                        int64_t n, bool accumulate) {
   __m256 acc[ROWS][2];
+#pragma GCC unroll 8
   for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_loadu_ps(Bp + 16 * k), b1 = _mm256_loadu_ps(Bp + 16 * k + 8);
+#pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
       const __m256 a = _mm256_broadcast_ss(Ap + 6 * k + r);
       acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
       acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
     }
   }
-  // Masked moves only at a ragged edge: AMD runs vmaskmovps stores microcoded, ~10x slower.
-  if (n == 16) {
-    for (int r = 0; r < ROWS; ++r) {
-      float* c = C + r * ldc;
-      if (accumulate) {
-        acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_loadu_ps(c));
-        acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_loadu_ps(c + 8));
-      }
-      _mm256_storeu_ps(c, acc[r][0]);
-      _mm256_storeu_ps(c + 8, acc[r][1]);
-    }
-    return;
-  }
-  const __m256i m0 = LaneMask(n), m1 = LaneMask(n - 8);
-  for (int r = 0; r < ROWS; ++r) {
-    float* c = C + r * ldc;
-    if (accumulate) {
-      acc[r][0] = _mm256_add_ps(acc[r][0], _mm256_maskload_ps(c, m0));
-      acc[r][1] = _mm256_add_ps(acc[r][1], _mm256_maskload_ps(c + 8, m1));
-    }
-    _mm256_maskstore_ps(c, m0, acc[r][0]);
-    _mm256_maskstore_ps(c + 8, m1, acc[r][1]);
-  }
+  StoreTile<ROWS>(acc, C, ldc, n, accumulate);
 }
 
 inline void PackedTileRows(int64_t rows, int64_t kc, const float* Ap, const float* Bp, float* C,
@@ -220,7 +221,9 @@ inline void GemmPacked(int64_t M, int64_t N, int64_t K, const Mat& A, const Mat&
     return;
   }
   const int64_t panels = (M + kMr - 1) / kMr;
-  pack.resize(kKc * kNc + panels * kMr * kKc);
+  // Grown, never shrunk: a caller reusing `pack` across calls neither reallocates nor refills.
+  const size_t need = kKc * kNc + panels * kMr * kKc;
+  if (pack.size() < need) pack.resize(need);
   float* Bp = pack.data();
   float* Ap = Bp + kKc * kNc;
   for (int64_t k0 = 0; k0 < K; k0 += kKc) {

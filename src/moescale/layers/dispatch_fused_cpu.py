@@ -43,19 +43,14 @@ Array = jax.Array
 ACTIVATION_IDS = {'relu': 0, 'gelu': 1, 'gelu_tanh': 2, 'silu': 3}
 
 
-class Rows:
-  """The sorted rows a call runs on (all int32): token [n], group_start [e + 1], row_of [t, k]
-  (the row of pair (t, j); rows from group_start[e] on were dropped) and order [n] (the pair
-  of each row)."""
-
-  def __init__(self, s: dispatch_ops.SortedAssignments, k: int):
-    n = s.order.shape[0]
-    self.order = s.order
-    self.token = s.order // k
-    self.group_start = jnp.concatenate(
-        [jnp.zeros((1,), jnp.int32), jnp.cumsum(s.group_sizes).astype(jnp.int32)])
-    self.row_of = jnp.zeros((n,), jnp.int32).at[s.order].set(
-        jnp.arange(n, dtype=jnp.int32), unique_indices=True).reshape(-1, k)
+def _rows(s: dispatch_ops.SortedAssignments, k: int) -> tuple[Array, Array, Array, Array]:
+  """The sorted rows a call runs on (all int32): token [n], group_start [e + 1] (rows from
+  group_start[e] on were dropped), and the sorted layout's row_of [t, k] and pair_of_row [n]
+  (n for a dropped pair / row)."""
+  layout = dispatch_ops.sorted_layout(s, (s.order.shape[0] // k, k))
+  group_start = jnp.concatenate(
+      [jnp.zeros((1,), jnp.int32), jnp.cumsum(s.group_sizes).astype(jnp.int32)])
+  return layout.pair_of_row // k, group_start, layout.row_of, layout.pair_of_row
 
 
 def _biases(experts: dispatch_types.ExpertWeights) -> tuple[Array, Array]:
@@ -65,34 +60,38 @@ def _biases(experts: dispatch_types.ExpertWeights) -> tuple[Array, Array]:
   return b_in, b_out
 
 
-def _row_weights(weights: Array, order: Array) -> Array:
-  return weights.reshape(-1)[order].astype(jnp.float32)
-
-
-def _forward(x, weights, experts, token, group_start, row_of, order, activation_id):
+def _forward(x, w_rows, experts, token, group_start, row_of, activation_id):
   t, d = x.shape
   n, f = token.shape[0], experts.w_in.shape[2]
   out = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((n, f), jnp.float32),
          jax.ShapeDtypeStruct((n, d), jnp.float32))
   b_in, b_out = _biases(experts)
   y, pre, _ = jax.ffi.ffi_call(cpu.MOE_FFN, out, vmap_method='sequential')(
-      x, experts.w_in, experts.w_out, b_in, b_out, token, _row_weights(weights, order),
-      group_start, row_of, activation=np.int32(activation_id))
+      x, experts.w_in, experts.w_out, b_in, b_out, token, w_rows, group_start, row_of,
+      activation=np.int32(activation_id))
   return y, pre
 
 
+def _row_weights(weights: Array, pair_of_row: Array) -> Array:
+  """[n] float32: the combine weight of each row's pair (0 for a dropped row)."""
+  return weights.reshape(-1).at[pair_of_row].get(mode='fill', fill_value=0).astype(jnp.float32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _grouped_ffn(x, weights, experts, token, group_start, row_of, order, activation_id):
-  return _forward(x, weights, experts, token, group_start, row_of, order, activation_id)[0]
+def _grouped_ffn(x, weights, experts, token, group_start, row_of, pair_of_row, activation_id):
+  w_rows = _row_weights(weights, pair_of_row)
+  return _forward(x, w_rows, experts, token, group_start, row_of, activation_id)[0]
 
 
-def _grouped_ffn_fwd(x, weights, experts, token, group_start, row_of, order, activation_id):
-  y, pre = _forward(x, weights, experts, token, group_start, row_of, order, activation_id)
-  return y, (x, weights, experts, token, group_start, row_of, order, pre)
+def _grouped_ffn_fwd(x, weights, experts, token, group_start, row_of, pair_of_row,
+                     activation_id):
+  w_rows = _row_weights(weights, pair_of_row)
+  y, pre = _forward(x, w_rows, experts, token, group_start, row_of, activation_id)
+  return y, (x, weights, w_rows, experts, token, group_start, row_of, pre)
 
 
 def _grouped_ffn_bwd(activation_id, res, dy):
-  x, weights, experts, token, group_start, row_of, order, pre = res
+  x, weights, w_rows, experts, token, group_start, row_of, pre = res
   t, d = x.shape
   e, _, f = experts.w_in.shape
   n = token.shape[0]
@@ -102,11 +101,10 @@ def _grouped_ffn_bwd(activation_id, res, dy):
          f32(n, d))
   dx, drow, dw_in, dw_out, db_in, db_out, _ = jax.ffi.ffi_call(
       cpu.MOE_FFN_GRAD, out, vmap_method='sequential')(
-          x, dy.astype(jnp.float32), experts.w_in, experts.w_out, b_in, b_out, token,
-          _row_weights(weights, order), group_start, row_of, pre,
-          activation=np.int32(activation_id))
-  # Row r holds pair order[r]: the pair's gradient is its row's (dropped rows got 0).
-  dweights = drow[row_of].astype(weights.dtype)
+          x, dy.astype(jnp.float32), experts.w_in, experts.w_out, b_in, b_out, token, w_rows,
+          group_start, row_of, pre, activation=np.int32(activation_id))
+  # A pair's gradient is its row's (a dropped pair's row_of is n: 0).
+  dweights = drow.at[row_of].get(mode='fill', fill_value=0).astype(weights.dtype)
   grads = dispatch_types.ExpertWeights(
       dw_in, dw_out, None if experts.b_in is None else db_in,
       None if experts.b_out is None else db_out)
@@ -120,6 +118,4 @@ def grouped_ffn(x: Array, weights: Array, experts: dispatch_types.ExpertWeights,
                 s: dispatch_ops.SortedAssignments, activation_id: int) -> Array:
   """x [t, d], weights [t, k] float32, the experts' float32 weights, their sort -> y [t, d]
   float32: sum_j weights[t, j] FFN_{expert of (t, j)}(x[t]) over the kept pairs."""
-  rows = Rows(s, weights.shape[1])
-  return _grouped_ffn(x, weights, experts, rows.token, rows.group_start, rows.row_of,
-                      rows.order, activation_id)
+  return _grouped_ffn(x, weights, experts, *_rows(s, weights.shape[1]), activation_id)
