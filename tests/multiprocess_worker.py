@@ -36,10 +36,15 @@ def main():
       ffn=functools.partial(DenseFFN, d_ff=64),
       sparse_ffn=functools.partial(TopKMoE, num_experts=4, expert_size=32, top_k=2,
                                    capacity_factor=1.0))
+  # Plain SGD: parameters then move in proportion to the gradient, so a gradient summed
+  # instead of averaged over devices or processes cannot hide behind Adam's normalisation.
+  # One device in all: the reference run, no expert parallelism.
+  expert = 2 if jax.device_count() > 1 else 1
   cfg = trainer.TrainConfig(
       model_dir=model_dir, train_steps=4, batch_size=8, log_period=2, checkpoint_period=2,
-      mesh=trainer.MeshConfig(data=-1, expert=2), tensorboard=False, progress=False,
-      optimizer=optim.OptimizerConfig(learning_rate=1e-2, decay='constant'))
+      mesh=trainer.MeshConfig(data=-1, expert=expert), tensorboard=False, progress=False,
+      optimizer=optim.OptimizerConfig(name='sgd', learning_rate=0.5, decay='constant',
+                                      clip_norm=None))
   summary = trainer.train(model_fn, SyntheticData(vocab_size=32, length=16), cfg)
   params = nnx.to_flat_state(summary['state'].params)
   # Gather every parameter to host (fully replicated copy) for the comparison.

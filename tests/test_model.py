@@ -102,24 +102,26 @@ def test_swapping_ffn_family_is_only_a_constructor_argument():
 
 
 def _moe_families():
+  # (module, class, kwargs, the aux losses it records, the metrics it records)
   specs = [
       # The plain reference dispatch: this test is about plugging in, not about backends.
       ('moescale.layers.topk_moe', 'TopKMoE',
-       dict(num_experts=4, expert_size=8, top_k=2, dispatch='reference')),
+       dict(num_experts=4, expert_size=8, top_k=2, dispatch='reference'),
+       {'load_balance', 'router_z'}, {'expert_usage', 'fraction_dropped', 'router_entropy'}),
       ('moescale.layers.sigma_moe', 'SigmaMoE',
-       dict(num_experts=4, expert_size=8, top_k=2, dispatch='reference')),
-      ('moescale.layers.pkm', 'ProductKeyMemory', dict(num_heads=2, num_keys=4, knn=4)),
+       dict(num_experts=4, expert_size=8, top_k=2, dispatch='reference'),
+       {'entropy'}, {'expert_usage', 'router_entropy'}),
+      ('moescale.layers.pkm', 'ProductKeyMemory', dict(num_heads=2, num_keys=4, knn=4),
+       set(), {'value_usage'}),
   ]
-  return [pytest.param(module, name, kw, id=name) for module, name, kw in specs]
+  return [pytest.param(*spec, id=spec[1]) for spec in specs]
 
 
-@pytest.mark.parametrize('module,name,kw', _moe_families())
-def test_moe_families_plug_in_every_other_layer(module, name, kw):
-  try:
-    family = getattr(importlib.import_module(module), name)
-  except (ImportError, AttributeError) as e:
-    pytest.skip(f'{name} not available: {e}')
-  model = _model(sparse_ffn=functools.partial(family, **kw))
+@pytest.mark.parametrize('module,name,kw,losses,metrics', _moe_families())
+def test_moe_families_plug_in_every_other_layer(module, name, kw, losses, metrics):
+  family = getattr(importlib.import_module(module), name)
+  model = _model(sparse_ffn=functools.partial(family, **kw),
+                 aux_loss_weights={'load_balance': 0.5, 'router_z': 0.25, 'entropy': 0.125})
   assert [type(f).__name__ for _, f in model.ffn_layers()] == ['DenseFFN', name]
   tokens = _tokens()
   graphdef, state = nnx.split(model)
@@ -130,9 +132,14 @@ def test_moe_families_plug_in_every_other_layer(module, name, kw):
 
   out = forward(state, tokens)
   assert out.logits.shape == (2, 8, V)
-  assert np.all(np.isfinite(out.logits)) and np.isfinite(out.aux_loss)
-  assert set(out.aux_losses) <= {'load_balance', 'router_z', 'entropy'}
-  assert all(k.startswith('layer_02/') for k in out.metrics)
+  assert np.all(np.isfinite(out.logits))
+  # Exactly the family's records, from layer 2 only, each weighted into aux_loss once.
+  assert set(out.aux_losses) == losses
+  assert set(out.metrics) == {f'layer_02/{m}' for m in metrics}
+  weights = {'load_balance': 0.5, 'router_z': 0.25, 'entropy': 0.125}
+  want = sum(weights[k] * float(v) for k, v in out.aux_losses.items())
+  assert float(out.aux_loss) == pytest.approx(want, rel=1e-6)
+  assert all(float(v) != 0.0 for v in out.aux_losses.values())
 
 
 def test_every_other_puts_sparse_ffn_on_even_layers():

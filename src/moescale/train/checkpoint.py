@@ -41,8 +41,18 @@ def _abstract_keys_to_data(tree):
   return jax.tree.map(one, tree)
 
 
+def _key_impl(key):
+  """The PRNG implementation of a key array, concrete or abstract (a ShapeDtypeStruct, which
+  `jax.random.key_impl` refuses: it is asked of the traced key instead)."""
+  if isinstance(key, jax.Array):
+    return jax.random.key_impl(key)
+  impl = []
+  jax.eval_shape(lambda k: impl.append(jax.random.key_impl(k)) or k, key)
+  return impl[0]
+
+
 def _data_to_keys(tree, like):
-  return jax.tree.map(lambda x, l: jax.random.wrap_key_data(x, impl=jax.random.key_impl(l))
+  return jax.tree.map(lambda x, l: jax.random.wrap_key_data(x, impl=_key_impl(l))
                       if _is_key(l) else x, tree, like)
 
 

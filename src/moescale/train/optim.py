@@ -3,6 +3,8 @@
 All of it is optax; this file only wires the papers' recipes into one constructor:
 - Artetxe et al.: Adam(0.9, 0.98), linear warmup then linear decay, weight decay 0.01.
 - Csordás et al.: AdamW(0.9, 0.999) lr 2.5e-4, no weight decay, cosine to 0, clip 0.25.
+Plain SGD is there for checks whose answer must scale with the gradient (Adam's update is
+blind to a constant factor on every gradient: see tests/test_train_sharded.py).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import optax
 from flax import nnx
 
 _DECAYS = ('cosine', 'linear', 'rsqrt', 'constant')
+_NAMES = ('adamw', 'sgd')
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """Everything that defines the update rule. gin binds it; Python builds it directly.
 
+  name: 'adamw' (b1, b2, eps apply) or 'sgd' (plain gradient descent, no momentum).
   learning_rate: peak LR after warmup.
   decay: 'cosine' | 'linear' (to end_lr_fraction·peak at total_steps) | 'rsqrt' (∝ 1/sqrt(step)
     after warmup) | 'constant'.
@@ -32,6 +36,7 @@ class OptimizerConfig:
     {r'pkm.*values': 10.0} for PKM value tables (Lample et al. use a larger LR for values).
   """
   learning_rate: float = 3e-4
+  name: str = 'adamw'
   warmup_steps: int = 0
   decay: str = 'cosine'
   end_lr_fraction: float = 0.0
@@ -43,6 +48,8 @@ class OptimizerConfig:
   group_lr: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
   def __post_init__(self):
+    if self.name not in _NAMES:
+      raise ValueError(f'optimizer name={self.name!r}; valid: {_NAMES}')
     if self.decay not in _DECAYS:
       raise ValueError(f'decay={self.decay!r}; valid: {_DECAYS}')
     if self.learning_rate <= 0:
@@ -96,16 +103,20 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, params: nnx.State
   """(transformation, schedule) for `params` (an nnx.State of nnx.Param, abstract is fine)."""
   schedule = learning_rate_schedule(cfg, total_steps)
 
-  def adamw(lr):
+  def rule(lr):
+    if cfg.name == 'sgd':
+      # Decoupled decay, as AdamW's: lr * (g + wd * p) is a step of lr*wd*p towards zero.
+      return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+                         optax.sgd(lr))
     return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                        mask=decay_mask)
 
   if cfg.group_lr:
-    groups = {p: adamw(lambda s, m=m: schedule(s) * m) for p, m in cfg.group_lr.items()}
-    groups['__default__'] = adamw(schedule)
+    groups = {p: rule(lambda s, m=m: schedule(s) * m) for p, m in cfg.group_lr.items()}
+    groups['__default__'] = rule(schedule)
     opt = optax.multi_transform(groups, _group_labels(params, cfg.group_lr))
   else:
-    opt = adamw(schedule)
+    opt = rule(schedule)
   if cfg.clip_norm and cfg.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
   return opt, schedule
