@@ -25,6 +25,14 @@ def _run(*args, check=True):
   return r
 
 
+def _exit_code(argv):
+  """main's return value, or the status of the SystemExit an argparse error raises."""
+  try:
+    return main(argv)
+  except SystemExit as e:
+    return e.code
+
+
 def test_installed_entry_point_help_does_not_import_tensorflow():
   # The console script exists only if the package was installed (a missing install fails).
   r = _run(str(BIN / 'moescale'), '--help')
@@ -53,6 +61,130 @@ def test_count_json_matches_python_and_imports_no_tensorflow():
   assert out['active_params'] < out['total_params']  # top-2 of 8 experts in every other layer
 
 
+def test_unknown_command_exits_2_naming_it_and_the_valid_ones(capsys):
+  assert main(['trian', '--gin_file=runs/tiny.gin']) == 2
+  err = capsys.readouterr().err
+  assert "'trian'" in err
+  for cmd in ('train', 'demo', 'count', 'pairs', 'vocab', 'bench'):
+    assert cmd in err.split('valid:')[1], err
+
+
+def test_vocab_command_trains_a_lossless_sentencepiece_model(tmp_path, capfd):
+  # capfd, not capsys: SentencePiece silences its trainer by dup2-ing over sys.stderr's file
+  # descriptor, and capsys's sys.stderr has none ('moescale vocab: error: fileno').
+  # A few KB of text, 60 distinct words: enough for the BPE merges of 320 pieces (256 byte
+  # pieces + 3 special ids + the characters + merges).
+  words = [f'{a}{b}' for a in ('ex', 'ro', 'to', 'la', 'mo', 'de') for b in
+           ('pert', 'uter', 'ken', 'yer', 'del', 'nse', 'ss', 'ta', 'ga', 'ck')]
+  lines = [' '.join(words[(7 * i + 3 * j) % len(words)] for j in range(9)) + '.'
+           for i in range(60)]
+  text = tmp_path / 'text.txt'
+  text.write_text('\n'.join(lines) + '\n')
+  prefix = tmp_path / 'sp' / 'tiny'
+  assert main(['vocab', '--input', str(text), '--model_prefix', str(prefix),
+               '--vocab_size', '320', '--model_type', 'bpe']) == 0
+  assert capfd.readouterr().out.strip() == f'{prefix}.model'
+  import sentencepiece as spm
+  from sentencepiece import sentencepiece_model_pb2
+  sp = spm.SentencePieceProcessor(model_file=f'{prefix}.model')
+  proto = sentencepiece_model_pb2.ModelProto.FromString(sp.serialized_model_proto())
+  # Guards the flags reaching the trainer (--vocab_size, --model_type) and seqio's ids.
+  assert sp.get_piece_size() == 320
+  assert proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE
+  assert (sp.pad_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2)
+  sentence = 'the expert  token\tmodel, naïve 🙂'  # unseen characters and whitespace runs
+  ids = sp.encode(sentence)
+  assert sp.decode(ids) == sentence  # lossless: byte fallback, no normalisation
+  assert len(sp.encode('expert token model')) <= 6  # merged pieces, not characters
+
+
+class _Initialized(Exception):
+  """Raised by the fake jax.distributed.initialize: stops `train` before it reads data."""
+
+
+@pytest.fixture
+def fake_initialize(monkeypatch):
+  import jax
+  calls = []
+
+  def initialize(**kwargs):
+    calls.append(kwargs)
+    raise _Initialized
+
+  monkeypatch.setattr(jax.distributed, 'initialize', initialize)
+  return calls
+
+
+@pytest.mark.parametrize('flags,expected', [
+    (['--multiprocess'], (None, None, None)),  # TPU pod / SLURM: JAX detects all three
+    (['--coordinator_address=host0:1234', '--num_processes=4', '--process_id=3'],
+     ('host0:1234', 4, 3)),
+    (['--multiprocess', '--coordinator_address', 'h:1', '--num_processes', '2',
+      '--process_id', '0'], ('h:1', 2, 0)),
+])
+def test_train_multiprocess_flags_reach_jax_distributed_initialize(fake_initialize, flags,
+                                                                   expected):
+  # Guards the flags' plumbing (a swapped num_processes / process_id, a dropped flag) and
+  # that initialisation comes before anything else of the run.
+  with pytest.raises(_Initialized):
+    main(['train', '--gin_file=runs/tiny.gin', *flags])
+  assert fake_initialize == [dict(zip(('coordinator_address', 'num_processes', 'process_id'),
+                                      expected))]
+
+
+def test_train_without_multiprocess_flags_does_not_initialize(fake_initialize, capsys):
+  # Stops at the missing MODEL_DIR, after the point where it would have initialised.
+  assert main(['train', '--gin_file=runs/tiny.gin']) == 2
+  assert fake_initialize == [] and 'MODEL_DIR' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flags,message', [
+    # Without a coordinator these were silently ignored: N single-process runs, one model dir.
+    (['--num_processes=4', '--process_id=1'], 'without --coordinator_address'),
+    (['--multiprocess', '--num_processes=4'], 'without --coordinator_address, --process_id'),
+    (['--coordinator_address=h:1'], 'without --num_processes, --process_id'),
+    (['--coordinator_address=h:1', '--num_processes=4', '--process_id=4'],
+     '--process_id=4 must be in [0, --num_processes=4)'),
+    (['--coordinator_address=h:1', '--num_processes=0', '--process_id=0'],
+     '--process_id=0 must be in [0, --num_processes=0)'),
+])
+def test_train_bad_process_flags_are_a_clear_error(fake_initialize, capsys, flags, message):
+  assert _exit_code(['train', '--gin_file=runs/tiny.gin', *flags]) == 2
+  err = capsys.readouterr().err
+  assert message in err and 'Traceback' not in err, err
+  assert fake_initialize == []
+
+
+def test_demo_trains_writes_metrics_and_a_checkpoint_then_resumes(tmp_path, capsys):
+  # The demo as `make demo` runs it (tiny.gin on the embedded corpus), made smaller through
+  # the gin flags it passes on: 2 layers (the second a top-2 MoE), 32-token rows.
+  model_dir = tmp_path / 'demo'
+  small = ['--gin.NUM_LAYERS=2', '--gin.BATCH_SIZE=2', "--gin.TASK_FEATURE_LENGTHS={'targets': 32}",
+           '--gin.EVAL_STEPS=1', '--gin.PARALLEL_MICROBATCHES=1', '--gin.NUM_DEVICES=1',
+           # One eval split, not three: each is a seqio pipeline to build (test: 32 s -> 18-23 s).
+           "--gin_bindings=seqio_data.eval_splits = ('validation',)",
+           '--gin_bindings=TrainConfig.tensorboard = False']
+
+  def demo(steps):
+    assert main(['demo', '--steps', str(steps), '--model_dir', str(model_dir), *small]) == 0
+    out = capsys.readouterr().out
+    return dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+
+  summary = demo(2)  # guards --model_dir and --steps reaching MODEL_DIR and TRAIN_STEPS
+  assert (summary['start_step'], summary['final_step']) == ('0', '2')
+  records = [json.loads(l) for l in open(model_dir / 'metrics.jsonl')]
+  assert [r['step'] for r in records if 'loss' in r] == [2]
+  assert all(0 < r['loss'] < 10 for r in records if 'loss' in r)
+  assert (model_dir / 'checkpoints' / '2').is_dir()
+  assert str(model_dir) in (model_dir / 'config.gin').read_text()
+  # Again with one more step: resumes at step 2 (starting over would log step 2 again).
+  summary = demo(3)
+  assert (summary['start_step'], summary['final_step']) == ('2', '3')
+  records = [json.loads(l) for l in open(model_dir / 'metrics.jsonl')]
+  assert [r['step'] for r in records if 'loss' in r] == [2, 3]
+  assert (model_dir / 'checkpoints' / '3').is_dir()
+
+
 def test_split_gin_flags_t5x_style():
   files, bindings, paths, rest = gin_config.split_gin_flags(
       ['--gin_file=a.gin', '--gin_file', 'b.gin', "--gin.MODEL_DIR='x'",
@@ -76,10 +208,44 @@ def test_python_dash_m_moescale_train_is_the_train_command():
   assert r.returncode == 2 and 'MODEL_DIR' in r.stderr and 'Traceback' not in r.stderr
 
 
-def test_gin_typo_gives_a_clear_one_line_error(capsys):
+def test_gin_typo_gives_a_clear_one_line_error(capsys, tmp_path):
   rc = main(['count', '--gin_file=runs/tiny.gin', '--gin_bindings=TopKMoE.num_expertz = 3'])
   err = capsys.readouterr().err
   assert rc == 2 and 'num_expertz' in err and 'Traceback' not in err
+  # In a file: the message names the file and line, and a misspelt configurable fails too
+  # (guards main() catching gin's ValueError: without it, a traceback and no exit status 2).
+  for line in ('TopKMoE.num_expertz = 3', 'TopKMoEE.num_experts = 3'):
+    f = tmp_path / 'typo.gin'
+    f.write_text(f"include 'runs/tiny.gin'\n{line}\n")
+    rc = main(['count', f'--gin_file={f}'])
+    err = capsys.readouterr().err
+    assert rc == 2 and line in err and f'{f}", line 2' in err and 'Traceback' not in err
+
+
+def test_count_errors_name_what_is_missing(capsys, tmp_path):
+  # Each case guards one `p.error` of _count; without it the count crashes with a traceback
+  # (int(None) for the context, count(None) for the model).
+  with pytest.raises(SystemExit) as e:
+    main(['count'])
+  assert e.value.code == 2 and '--gin_file is required' in capsys.readouterr().err
+  # A setting binds its sizes and MAX_LENGTH but no MODEL: the user forgot the model file.
+  rc = _exit_code(['count', '--gin_file=models/csordas2023/enwik8/setting.gin'])
+  assert rc == 2 and 'bind no MODEL' in capsys.readouterr().err
+  model_only = tmp_path / 'model_only.gin'
+  model_only.write_text('MODEL = @TransformerLM\n')  # no MAX_LENGTH, no TASK_FEATURE_LENGTHS
+  assert _exit_code(['count', f'--gin_file={model_only}']) == 2
+  assert 'no context length' in capsys.readouterr().err
+
+
+def test_count_context_length_precedence(capsys):
+  # Attention FLOPs scale with the context: --context_length, else TASK_FEATURE_LENGTHS
+  # targets, else MAX_LENGTH (a swapped `or` chain would count tiny.gin at 2048 keys).
+  def context(*args):
+    assert main(['count', '--json', *args]) == 0
+    return json.loads(capsys.readouterr().out)['context_length']
+  assert context('--gin_file=runs/tiny.gin') == 128
+  assert context('--gin_file=runs/tiny.gin', '--context_length=32') == 32
+  assert context('--gin_file=models/decoder.gin', '--gin_file=ffn/dense.gin') == 2048
 
 
 def test_missing_gin_file_names_the_file(capsys):
@@ -95,15 +261,21 @@ def test_impossible_config_names_the_value(capsys):
 
 
 def _gin_sets():
-  """Every shipped gin file, as a parseable set: fragments (ffn/, sizes/) get a model."""
+  """Every shipped gin file but the pair files (gin/pairs/: they bind only `Pair`; every one is
+  loaded and checked by test_pairs), as a parseable set: fragments get a model to join."""
   sets = []
   for path in sorted(GIN.rglob('*.gin')):
-    rel = str(path.relative_to(GIN))
+    rel = path.relative_to(GIN).as_posix()
+    if rel.startswith('pairs/'):
+      continue
     if rel == 'runs/pretrain.gin':
       sets.append(['models/decoder.gin', 'ffn/dense.gin', rel])
-    elif rel.startswith(('ffn/', 'sizes/')):
-      sets.append(['models/decoder.gin', rel] if rel.startswith('ffn/')
-                  else ['models/decoder.gin', 'ffn/dense.gin', rel])
+    elif rel.startswith('ffn/'):
+      sets.append(['models/decoder.gin', rel])
+    elif rel.startswith('sizes/'):
+      sets.append(['models/decoder.gin', 'ffn/dense.gin', rel])
+    elif rel.endswith('/setting.gin'):  # Csordás's settings: macros a model file applies last
+      sets.append(['models/csordas2023/families/sigma_moe.gin', rel])
     else:
       sets.append([rel])
   return sets
@@ -114,9 +286,10 @@ def test_every_shipped_gin_file_parses_and_builds_abstractly(files):
   required = ["MODEL_DIR = '/tmp/unused'", "MIXTURE_OR_TASK_NAME = 'x'",
               "TASK_FEATURE_LENGTHS = {'targets': 64}", 'TRAIN_STEPS = 1']
   gin_config.parse(files, required)
+  # Never skipped: a model, run or fragment file that lost its MODEL binding (or its include
+  # of models/decoder.gin) fails here instead of passing as 'not a model'.
   model_fn = gin_config.query('MODEL')
-  if model_fn is None:
-    pytest.skip('binds no MODEL (pair files are checked by the pairs tests)')
+  assert model_fn is not None, f'{files} bind no MODEL'
   model = accounting.abstract_model(model_fn)
   assert accounting.count(model, 64).total_params > 0
 

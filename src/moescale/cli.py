@@ -32,6 +32,24 @@ def _gin_args(argv: Sequence[str]):
   return files, bindings, paths, rest
 
 
+_PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
+
+
+def _check_process_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """The explicit cluster flags go together: with only some of them, each process would
+  either run alone (--num_processes without a coordinator never initialises anything) or hang
+  waiting for peers that do not agree on the cluster. --multiprocess alone auto-detects."""
+  given = [f for f in _PROCESS_FLAGS if getattr(args, f) is not None]
+  if given and len(given) < len(_PROCESS_FLAGS):
+    missing = ', '.join(f'--{f}' for f in _PROCESS_FLAGS if f not in given)
+    p.error(f"{', '.join(f'--{f}' for f in given)} without {missing}: pass all of "
+            '--coordinator_address, --num_processes and --process_id, or --multiprocess alone '
+            'to let JAX detect them (TPU pod, SLURM)')
+  if given and not 0 <= args.process_id < args.num_processes:
+    p.error(f'--process_id={args.process_id} must be in [0, --num_processes='
+            f'{args.num_processes})')
+
+
 @command('train', 'train (or resume) a model from gin files, t5x style')
 def _train(argv: Sequence[str]) -> int:
   files, bindings, paths, rest = _gin_args(argv)
@@ -39,10 +57,12 @@ def _train(argv: Sequence[str]) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--multiprocess', action='store_true',
                  help='call jax.distributed.initialize() (auto-detects TPU pods / SLURM)')
-  p.add_argument('--coordinator_address', default=None)
+  p.add_argument('--coordinator_address', default=None,
+                 help='host:port of process 0; with --num_processes and --process_id')
   p.add_argument('--num_processes', type=int, default=None)
-  p.add_argument('--process_id', type=int, default=None)
+  p.add_argument('--process_id', type=int, default=None, help='0 .. num_processes - 1')
   args = p.parse_args(rest)
+  _check_process_flags(p, args)
   if not files:
     p.error('at least one --gin_file is required, e.g. --gin_file=runs/tiny.gin')
   if args.multiprocess or args.coordinator_address:
