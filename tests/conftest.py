@@ -1,6 +1,10 @@
-"""Test setup: 8 fake CPU devices (before jax is imported), fp32 matmuls, no TF noise."""
+"""Test setup: 8 fake CPU devices (before jax is imported), fp32 matmuls, no TF noise; the
+`cpu_kernels` marker of the tests that need moescale's C++ kernels."""
 
+import functools
 import os
+import platform
+import sys
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 if '--xla_force_host_platform_device_count' not in os.environ['XLA_FLAGS']:
@@ -36,6 +40,48 @@ import jax  # noqa: E402
 
 # Exact fp32 matmuls so reference comparisons can use tight tolerances.
 jax.config.update('jax_default_matmul_precision', 'highest')
+
+import pytest  # noqa: E402
+
+
+@functools.cache
+def cpu_kernels_unexpected() -> str | None:
+  """Why moescale's C++ kernels are not expected to build here, or None where they are.
+
+  They are expected where kernels/cpu.py builds them: x86-64 Linux (-march=native, the AVX2
+  paths) with a C++ compiler. Decided from the platform alone (once), never by building: a build
+  that fails where the kernels are expected is a test failure (pytest_runtest_setup), not a
+  skip, so a broken kernel source cannot pass as 'skipped'.
+  """
+  if not sys.platform.startswith('linux') or platform.machine() != 'x86_64':
+    return f'the C++ kernels build on x86-64 Linux, not {sys.platform} {platform.machine()}'
+  from moescale.kernels import cpu
+  if cpu.compiler() is None:
+    return 'no C++ compiler ($CXX, c++, g++ or clang++)'
+  return None
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', "cpu_kernels: needs moescale's C++ kernels: skipped where they are not expected "
+      '(conftest.cpu_kernels_unexpected), failed with the build log where they do not build')
+
+
+def pytest_collection_modifyitems(config, items):
+  marked = [item for item in items if item.get_closest_marker('cpu_kernels')]
+  reason = cpu_kernels_unexpected() if marked else None
+  for item in marked if reason else ():
+    item.add_marker(pytest.mark.skip(reason=f'C++ kernels not expected here: {reason}'))
+
+
+def pytest_runtest_setup(item):
+  # Skipped items never get here (the skip marker is evaluated first); for the others the
+  # kernels are expected, so a failed build or load fails the test with the compiler's log.
+  if item.get_closest_marker('cpu_kernels') and not cpu_kernels_unexpected():
+    from moescale.kernels import cpu
+    if not cpu.load():
+      pytest.fail(f"moescale's C++ kernels are expected here but did not load:\n{cpu.failure()}",
+                  pytrace=False)
 
 
 def pytest_sessionfinish(session):

@@ -1,7 +1,8 @@
 """The 'fused' dispatch's C++ kernel (kernels/moe_ffn.cc) beyond the shared reference tests of
 test_dispatch.py: every activation it implements, shapes that reach its edges (experts with
-more rows than one 512-row chunk, d_model past one 256-deep GEMM slice, ragged 16-column
-strips, empty experts), and the strategy that chooses it."""
+more rows than one 512-row chunk, every GEMM past one 256-deep slice of K and one 512-column
+block of small_gemm.h's GemmPacked, ragged 16-column strips, empty experts), and the strategy
+that chooses it."""
 
 import math
 
@@ -14,7 +15,8 @@ from moescale import sharding as shd
 from moescale.kernels import cpu
 from moescale.layers import common, dispatch, dispatch_fused
 
-pytestmark = pytest.mark.skipif(not cpu.load(), reason=f'no C++ kernels: {cpu.failure()}')
+# Skipped only where the kernels are not expected; a failed build fails (conftest.py).
+pytestmark = pytest.mark.cpu_kernels
 
 
 def _problem(t, d, f, e, k, bias, seed=0, drop=0.15):
@@ -70,7 +72,30 @@ NUMPY_ACTS = {
 ])
 def test_kernel_matches_a_numpy_loop_and_the_reference_gradients(act, t, d, f, e, k, bias):
   x, index, weights, experts = _problem(t, d, f, e, k, bias, seed=t)
+  _check_kernel(x, index, weights, experts, act)
+
+
+def test_every_gemm_past_a_256_deep_slice_and_a_512_column_block():
+  """d = 520 and f = 528, two experts of > 256 rows each: each of the kernel's GEMMs (forward
+  x w_in [K d, N f] and act w_out [K f, N d]; backward dy w_out^T [K d, N f], x^T dpre [K rows,
+  N f], (w act)^T dy [K rows, N d], dpre w_in^T [K f, N d]) runs a second and third 256-deep
+  slice of K and a second 512-column block of N (8 and 16 columns: a ragged and a full strip,
+  so both packings of a transposed B). The other cases never pass 512 columns, nor K = f >
+  256. Kills GemmPacked's strip column `n0 + 16 * s` written `16 * s` (every column block
+  written over the first), which every other case of this file passes (checked on a mutated
+  build). One activation: the GEMMs do not depend on it."""
+  t, d, f, e = 280, 520, 528, 2
+  x, index, weights, experts = _problem(t, d, f, e, 2, True, seed=5, drop=0.04)
+  assert (np.bincount(index[index < e], minlength=e) > 256).all()
+  _check_kernel(x, index, weights, experts, 'silu')
+
+
+def _check_kernel(x, index, weights, experts, act):
+  """The kernel's forward against `_numpy_loop`, its gradients against ReferenceLoop's (x,
+  weights, every expert weight and bias), and exactly zero gradient for dropped weights."""
   fn = common.activation_fn(act)
+  t, d = x.shape
+  e = experts.w_in.shape[0]
   kernel = dispatch.get_backend('fused', kernels='cpu')
   y = jax.jit(lambda x: kernel(x, index, weights, experts, fn))(x)
   np.testing.assert_allclose(y, _numpy_loop(x, index, weights, experts, NUMPY_ACTS[act]),

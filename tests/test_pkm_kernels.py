@@ -15,14 +15,13 @@ from moescale import sharding as shd
 from moescale.kernels import cpu
 from moescale.layers import ProductKeyMemory, pkm_kernels, pkm_ops
 
-pytestmark = pytest.mark.skipif(cpu.compiler() is None,
-                                reason='no C++ compiler: the kernels cannot be built here')
+# Skipped only where the kernels are not expected; a failed build fails (conftest.py).
+pytestmark = pytest.mark.cpu_kernels
 
 
 @pytest.fixture(scope='module')
 def kernels():
-  assert cpu.load(), cpu.failure()  # a compiler is present, so the build must succeed
-  return pkm_kernels.get_kernels('cpu')
+  return pkm_kernels.get_kernels('cpu')   # loaded: conftest.py failed the test otherwise
 
 
 # n <= 256 takes the rank-counting top-k, longer rows the insertion one (pkm_search.cc).

@@ -207,7 +207,8 @@ class Blocked:
     elif self.granule:
       block, granule = -(-max(block, self.granule) // self.granule) * self.granule, self.granule
     # A block larger than all the rows (tiny or per-device problems) only adds switch branches.
-    return min(block, -(-num_assignments // granule) * granule), granule
+    # At least one granule: no assignments at all (t = 0) would otherwise give blocks of 0 rows.
+    return min(block, max(1, -(-num_assignments // granule)) * granule), granule
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
     del capacity  # Dropless: the loop bound comes from the actual group sizes.

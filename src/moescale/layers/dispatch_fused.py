@@ -92,6 +92,10 @@ def _class_loops(sched: Schedule, granule: int, block_size: int, body, init):
 
 
 def _gather(a: Array, token: Array) -> Array:
+  # Out-of-range indices read zeros. With nothing to read (t = 0 tokens) every index is out of
+  # range, and a gather from an empty axis does not compile: build the zeros here.
+  if a.shape[0] == 0:
+    return jnp.zeros(token.shape + a.shape[1:], a.dtype)
   return a.at[token].get(mode='fill', fill_value=0)
 
 
@@ -112,7 +116,7 @@ def fused_ffn(x: Array, weights: Array, experts: dispatch_types.ExpertWeights, s
 
 
 def _forward(x, weights, experts, sched, activation, granule, block_size):
-  w_rows = weights.reshape(-1).at[sched.pair].get(mode='fill', fill_value=0)     # [R]
+  w_rows = _gather(weights.reshape(-1), sched.pair)                              # [R]
   y = jnp.zeros(x.shape, jnp.float32)
   hidden = jnp.zeros((sched.token.shape[0], experts.w_in.shape[2]), x.dtype)
 

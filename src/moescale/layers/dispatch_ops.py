@@ -172,7 +172,10 @@ def blocked_layout(s: SortedAssignments, shape: tuple[int, int], block_size: int
 
 
 def _take(a: Array, idx: Array) -> Array:
-  # Out-of-range indices (padding, dropped) read zeros.
+  # Out-of-range indices (padding, dropped) read zeros. With no rows to read (t = 0 tokens)
+  # every index is out of range; jnp.take refuses an empty axis, so build the zeros here.
+  if a.shape[0] == 0:
+    return jnp.zeros(idx.shape + a.shape[1:], a.dtype)
   return jnp.take(a, idx, axis=0, mode='fill', fill_value=0)
 
 

@@ -210,7 +210,8 @@ class ProductKeyMemory(nnx.Module):
       # Heads summed before the activation: sum_h (s1_h (+) s2_h) = (sum_h s1_h) (+) (sum_h s2_h).
       # (Without a query projection the heads share q, so this is one head with keys summed
       # over heads: redundant parameters, but what the authors' code computes.)
-      z = (s1.sum(1)[:, :, None] + s2.sum(1)[:, None, :]).reshape(b * l, -1)
+      # Explicit sizes, no -1: reshape cannot infer one when b * l = 0.
+      z = (s1.sum(1)[:, :, None] + s2.sum(1)[:, None, :]).reshape(b * l, self.num_keys ** 2)
       w = jax.nn.softmax(z, axis=-1) if self.score_fn == 'softmax' else jax.nn.relu(z)
       w = common.dropout(w, self.rates['dropout'], deterministic, self.rngs)
       w = jnp.where(mask[:, None], w, 0)
@@ -221,8 +222,9 @@ class ProductKeyMemory(nnx.Module):
       scores, idx = product_key_topk(s1, s2, self.knn, kernels=kernels)      # [t, h, knn]
       w = score_weights(scores, self.score_fn, self.joint)
       w = common.dropout(w, self.rates['dropout'], deterministic, self.rngs)
-      w = jnp.where(mask[:, None, None], w, 0).reshape(b * l, -1)
-      idx = idx.reshape(b * l, -1)
+      slots = self.num_heads * self.knn      # not -1: b * l may be 0
+      w = jnp.where(mask[:, None, None], w, 0).reshape(b * l, slots)
+      idx = idx.reshape(b * l, slots)
       y = gather_values(self.values[...], idx, w, self.dtype, self.value_chunk_size, kernels)
       hits = jnp.zeros((self.num_keys ** 2,), jnp.int32).at[idx.reshape(-1)].add(
           (w != 0).reshape(-1).astype(jnp.int32))

@@ -301,6 +301,6 @@ def score_weights(scores: jax.Array, score_fn: str, joint: bool) -> jax.Array:
   if score_fn == 'relu':
     return jax.nn.relu(scores)
   if joint:
-    t = scores.shape[0]
-    return jax.nn.softmax(scores.reshape(t, -1), axis=-1).reshape(scores.shape)
+    t, h, k = scores.shape  # sizes, not -1: reshape cannot infer one when t = 0
+    return jax.nn.softmax(scores.reshape(t, h * k), axis=-1).reshape(scores.shape)
   return jax.nn.softmax(scores, axis=-1)

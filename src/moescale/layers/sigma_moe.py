@@ -135,7 +135,11 @@ def entropy_regularizer(logits: Array, token_mask: Array | None = None) -> Array
   batch's probability mass over all experts. Padding rows (token_mask False) are excluded.
   """
   logp, n = _masked_log_softmax(logits, token_mask)
-  log_mean = jax.nn.logsumexp(logp, axis=0) - jnp.log(jnp.maximum(n, 1.0))   # [e]
+  # Floored at the dtype's lowest finite value: with no tokens at all (t = 0) logsumexp over
+  # the empty axis is -inf, and p̄ log p̄ would be 0 * -inf = NaN (the floor gives 0, as an
+  # all-padding batch does). A no-op for any t > 0: every logp is already >= that value.
+  lse = jnp.maximum(jax.nn.logsumexp(logp, axis=0), jnp.finfo(logp.dtype).min)
+  log_mean = lse - jnp.log(jnp.maximum(n, 1.0))   # [e]
   return jnp.sum(jnp.exp(log_mean) * log_mean)
 
 
@@ -284,8 +288,10 @@ class SigmaMoE(nnx.Module):
                                          self.w_out[...].astype(self.dtype))
     backend = dispatch_lib.get_backend(self.dispatch)
     # Dropless: nothing was dropped for capacity. The hint is the true bound, t assignments per
-    # expert (a token picks an expert at most once), so slot-based backends drop nothing either.
-    y = backend(x_flat, expert_index, weights, experts, self.act, capacity=batch * length)
+    # expert (a token picks an expert at most once), so slot-based backends drop nothing either;
+    # at least 1, the fewest slots those backends take (t = 0 tokens).
+    y = backend(x_flat, expert_index, weights, experts, self.act,
+                capacity=max(1, batch * length))
     return y.reshape(batch, length, d)
 
   def cost(self) -> common.Cost:

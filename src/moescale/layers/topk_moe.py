@@ -333,7 +333,9 @@ class TopKMoE(nnx.Module):
     if d != self.d_model:
       raise ValueError(f'x has d_model={d}, layer expects {self.d_model}')
     t, e, k = b * l, self.num_experts, self.top_k
-    group = t if self.group_size is None else self.group_size
+    # The whole batch is one group; with no tokens (t = 0) a group of 1, so that nothing
+    # divides by 0 (zero groups are routed either way).
+    group = max(t, 1) if self.group_size is None else self.group_size
     if t % group:
       raise ValueError(f'batch * length = {b} * {l} = {t} is not divisible by '
                        f'group_size={self.group_size}; use a divisor of {t} or None')
@@ -383,8 +385,9 @@ class TopKMoE(nnx.Module):
         None if self.b_out is None else self.b_out[...].astype(self.dtype))
     # The backend sees all groups at once: an expert gets at most capacity slots per group, and
     # never more than t assignments (a token picks an expert at most once).
-    num_groups = t // (self.group_size or t)
-    hint = None if r.capacity is None else min(r.capacity * num_groups, t)
+    # At least 1: the slot backends need a slot per expert even when t = 0 leaves none in use.
+    num_groups = t // (self.group_size or max(t, 1))
+    hint = None if r.capacity is None else max(1, min(r.capacity * num_groups, t))
     y = dispatch_lib.get_backend(self.dispatch)(
         x.reshape(t, d).astype(self.dtype), r.expert_index, r.weights, experts, self.act,
         capacity=hint)
