@@ -1,5 +1,5 @@
 """The papers' configurations as shipped gin files: sizes, compute and settings agree with
-papers.md (Artetxe et al. 2022; Csordás et al. 2023), and the CPU-sized versions stay small.
+docs/sources.md (Artetxe et al. 2022; Csordás et al. 2023), and the CPU-sized versions stay small.
 All counting is abstract (nothing materialised), so the 1.1T model costs about a second."""
 
 import functools
@@ -26,7 +26,8 @@ def _model(gin_file):
                                                      scan_layers=True))
 
 
-# papers.md: layers, d_model, total params (derived), plotted training ZFLOPs (300B tokens).
+# docs/sources.md#artetxe-et-al-2022-model-table: layers, d_model, total params (derived),
+# plotted training ZFLOPs (300B tokens, derived from the compute formula).
 ARTETXE = {
     'dense_125m': (12, 768, 0.124e9, 0.36), 'dense_355m': (24, 1024, 0.354e9, 1.06),
     'dense_1_3b': (24, 2048, 1.31e9, 3.57), 'dense_2_7b': (32, 2560, 2.65e9, 7.08),
@@ -100,7 +101,8 @@ def test_fast_paths_count_exactly_what_the_plain_build_counts():
   assert plain == fast
 
 
-# papers.md: setting -> (total params, d_model, d_ff, N_E, G, K, dropout, δ, γ, segment,
+# docs/sources.md#csordas-et-al-2023-settings-table: setting -> (total params, d_model, d_ff,
+# N_E, G, K, dropout, δ, γ, segment,
 # parameter-matched PKM keys).
 CSORDAS = {
     'wt103_small': (47.3e6, 412, 2053, 16, 128, 4, 0.1, 0.0, 1e-3, 256, 62),

@@ -144,7 +144,8 @@ def test_papers_matching_reproduces_the_shipped_derivations():
   # gin/pairs/compute_matched/small_artetxe_dense_vs_moe.gin binds EXPERT_SIZE = 254.
   assert exps['small/moe'].meta['matched']['value'] == 254
   exps = {e.name: e for e in CSORDAS.make_study('total_params').expand(['wt103_small'])}
-  assert exps['wt103_small/dense'].meta['matched']['value'] == 2053     # papers.md
+  # The paper's dense d_ff (docs/sources.md#csordas-et-al-2023-parameter-matching).
+  assert exps['wt103_small/dense'].meta['matched']['value'] == 2053
   assert exps['wt103_small/pkm_relu_matched'].meta['matched']['value'] == 62
 
 
