@@ -11,9 +11,10 @@ the experts until each MoE costs what its twin does.
 
 Paper-scale runs need data this project does not ship: register a seqio task for the
 training mix (ARTETXE_TASK) and pass its vocabulary (the GPT-2 BPE of 50261 ids) with
---vocabulary. Batch sizes and learning rates are the fairseq GPT-3 recipe values (batches
-of 0.5M-2M tokens, learning rates 6e-4 to 1e-4); papers.md does not list them: verify them
-before a real run.
+--vocabulary. Batch sizes and learning rates are GPT-3's per-size values (Brown et al. 2020,
+Table 2.1: batches of 0.5M-2M tokens, learning rates 6e-4 to 1e-4); they were not checked
+against Artetxe et al.'s paper or fairseq (docs/sources.md#artetxe-et-al-2022-training-settings):
+verify them before a real run.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ SEQ_LEN = 2048
 TOKENS = 300e9
 ARTETXE_TASK = 'artetxe2022_pretrain'
 
-# name -> shape; 'moe' names the MoE that has this shape (papers.md's table), whose experts
-# have expert_size units (= d_ff: the shape twins).
+# name -> shape (docs/sources.md#artetxe-et-al-2022-model-table); 'moe' names the MoE that has
+# this shape, whose experts have expert_size units (= d_ff: the shape twins).
 SIZES = {
     '125m': dict(num_layers=12, d_model=768, num_heads=12, d_ff=3072, expert_size=3072,
                  moe='15b', batch_tokens=2**19, lr=6e-4),
@@ -74,11 +75,11 @@ def moe_model(size) -> ModelSpec | None:
   cf = 1.0
   return dense_model(size).replace(
       sparse_layers='every_other',
-      aux_loss_weights={'load_balance': 0.01, 'router_z': 0.0},
       sparse_ffn=Component('TopKMoE', num_experts=size.get('num_experts', 512),
                            expert_size=size.get('expert_size', size['d_ff']), top_k=2,
                            capacity_factor=cf, eval_capacity_factor=cf, second_policy='all',
-                           activation='gelu', use_bias=True, renormalize=True))
+                           activation='gelu', use_bias=True, renormalize=True,
+                           load_balance_weight=0.01, router_z_weight=0.0))
 
 
 FAMILIES = (Family('dense', dense_model, knob='d_ff'),
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   study = make_study(args.match, args.small, args.vocabulary or REQUIRED, args.task,
                      args.train_steps)
-  return run_from_args(study, args.root, args.only, args.families, args.dry_run, convention='artetxe')
+  return run_from_args(study, args.root, args.only, args.families, args.dry_run,
+                       convention='artetxe')
 
 
 if __name__ == '__main__':

@@ -24,7 +24,8 @@ import sys
 from moescale.study import (REQUIRED, Component, DataSpec, Family, Matching, ModelSpec,
                             ScalingStudy, run_from_args)
 
-# papers.md's table; PKM sizes: see gin/models/csordas2023/<setting>/setting.gin.
+# docs/sources.md#csordas-et-al-2023-settings-table; PKM sizes: see
+# gin/models/csordas2023/<setting>/setting.gin and docs/sources.md#csordas-et-al-2023-pkm.
 SIZES = {
     'wt103_small': dict(vocab_size=8000, d_model=412, num_layers=16, num_heads=10, head_dim=41,
                         d_ff=2053, dropout=0.1, segment=256, n_e=16, g=128, k=4, delta=0.0,
@@ -76,20 +77,21 @@ def topk_activation(size):
 
 
 def sigma_moe(size):
-  return _base(size, sparse_layers='all', aux_loss_weights={'entropy': size['gamma']},
+  return _base(size, sparse_layers='all',
                sparse_ffn=Component('SigmaMoE', num_experts=size['n_e'], expert_size=size['g'],
                                     top_k=size['k'], expert_dropout=size['delta'],
+                                    entropy_weight=size['gamma'],
                                     selection='sigmoid', init='csordas',
                                     num_layers=size['num_layers'], activation='relu'))
 
 
 def switch(size):
   return _base(size, sparse_layers='all',
-               aux_loss_weights={'load_balance': 0.01, 'router_z': 0.0},
                sparse_ffn=Component('TopKMoE', num_experts=size['switch_experts'],
                                     expert_size=size['switch_size'], top_k=1,
                                     capacity_factor=0.0, eval_capacity_factor=0.0,
-                                    second_policy='all', activation='relu', use_bias=False))
+                                    second_policy='all', activation='relu', use_bias=False,
+                                    load_balance_weight=0.01, router_z_weight=0.0))
 
 
 def _pkm(size, keys, score_fn, value_init):

@@ -30,11 +30,11 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # the xdist workers inherit t
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
-from moescale import host_memory  # noqa: E402
+from moescale.cpu import heap  # noqa: E402
 
 # As the command line does (before JAX's CPU client starts): XLA:CPU's step temporaries stay
 # in the heap instead of being mmap'd and faulted in afresh at every call.
-host_memory.keep_heap()
+heap.keep_heap()
 
 import jax  # noqa: E402
 
@@ -48,15 +48,15 @@ import pytest  # noqa: E402
 def cpu_kernels_unexpected() -> str | None:
   """Why moescale's C++ kernels are not expected to build here, or None where they are.
 
-  They are expected where kernels/cpu.py builds them: x86-64 Linux (-march=native, the AVX2
+  They are expected where moescale/cpu/build.py builds them: x86-64 Linux (-march=native, the AVX2
   paths) with a C++ compiler. Decided from the platform alone (once), never by building: a build
   that fails where the kernels are expected is a test failure (pytest_runtest_setup), not a
   skip, so a broken kernel source cannot pass as 'skipped'.
   """
   if not sys.platform.startswith('linux') or platform.machine() != 'x86_64':
     return f'the C++ kernels build on x86-64 Linux, not {sys.platform} {platform.machine()}'
-  from moescale.kernels import cpu
-  if cpu.compiler() is None:
+  from moescale.cpu import build
+  if build.compiler() is None:
     return 'no C++ compiler ($CXX, c++, g++ or clang++)'
   return None
 
@@ -78,9 +78,10 @@ def pytest_runtest_setup(item):
   # Skipped items never get here (the skip marker is evaluated first); for the others the
   # kernels are expected, so a failed build or load fails the test with the compiler's log.
   if item.get_closest_marker('cpu_kernels') and not cpu_kernels_unexpected():
-    from moescale.kernels import cpu
-    if not cpu.load():
-      pytest.fail(f"moescale's C++ kernels are expected here but did not load:\n{cpu.failure()}",
+    from moescale.cpu import build
+    if not build.load():
+      pytest.fail("moescale's C++ kernels are expected here but did not load:\n"
+                  f"{build.failure()}",
                   pytrace=False)
 
 

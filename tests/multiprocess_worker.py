@@ -46,7 +46,7 @@ def main():
       optimizer=optim.OptimizerConfig(name='sgd', learning_rate=0.5, decay='constant',
                                       clip_norm=None))
   summary = trainer.train(model_fn, SyntheticData(vocab_size=32, length=16), cfg)
-  params = nnx.to_flat_state(summary['state'].params)
+  params = nnx.to_flat_state(summary.state.params)
   # Gather every parameter to host (fully replicated copy) for the comparison.
   flat = {'/'.join(map(str, p)): np.asarray(jax.experimental.multihost_utils
                                              .process_allgather(v[...], tiled=True)).tolist()

@@ -2,11 +2,12 @@
 machinery (no nnx.value_and_grad over a merged model, no microbatch loop of its own, no
 sharding): the independent side of the train-step, sharded and multi-process tests.
 
-    objective = Σ_tokens w·xent / Σ w  +  z_loss · Σ w·log(Z)² / Σ w  +  Σ_name c_name · aux_name
+    objective = Σ w·xent / Σ w  +  z_loss · Σ w·log(Z)² / Σ w  +  Σ_name c_name · aux_name
 
-w are the loss weights (0 on padding), and aux_name is a sublayer's recorded auxiliary loss
-summed over layers and averaged over microbatches (per-batch statistics such as the
-load-balancing loss are per microbatch; see moescale.train.step.StepConfig).
+w are the loss weights (0 on padding), c_name the weight the test gave a family's auxiliary
+loss, and aux_name that loss as the sublayers report it unweighted among their metrics, summed
+over layers and averaged over microbatches (per-batch statistics such as the load-balancing
+loss are per microbatch; see moescale.train.step.StepConfig).
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ def token_terms(logits, targets, weights):
 def objective(graphdef, params, rest, batch, aux_weights, z_loss=0.0, grad_accum_steps=1,
               parallel_microbatches=1, deterministic=False):
   """(objective, parts) of `batch` as the docstring above defines it. parts: 'xent', 'z',
-  'aux' (weighted) and 'aux/<name>' (unweighted, layers summed, microbatches averaged)."""
+  'aux' and 'aux/<name>' (weighted, layers summed, microbatches averaged)."""
   size = batch['decoder_input_tokens'].shape[0]
   parts = microbatch_rows(size, grad_accum_steps, parallel_microbatches)
   total_weight = jnp.maximum(jnp.sum(batch['decoder_loss_weights'].astype(jnp.float32)), 1.0)
-  xent = z = aux = 0.0
-  unweighted: dict[str, jax.Array] = {}
+  xent = z = 0.0
+  weighted: dict[str, jax.Array] = {}
   for rows in parts:
     mb = {k: v[rows] for k, v in batch.items()}
     out = nnx.merge(graphdef, params, rest)(
@@ -51,12 +52,16 @@ def objective(graphdef, params, rest, batch, aux_weights, z_loss=0.0, grad_accum
         positions=mb.get('decoder_positions'), deterministic=deterministic)
     x, zz, _ = token_terms(out.logits, mb['decoder_target_tokens'], mb['decoder_loss_weights'])
     xent, z = xent + x / total_weight, z + zz / total_weight
-    for name, value in out.aux_losses.items():
-      aux = aux + aux_weights[name] * value / len(parts)
-      unweighted[name] = unweighted.get(name, 0.0) + value / len(parts)
+    # The unweighted losses every sublayer reports as metrics ('layer_02/load_balance'),
+    # weighted here by the weights the test gave the families.
+    for key, value in out.metrics.items():
+      name = key.split('/', 1)[1]
+      if name in aux_weights:
+        weighted[name] = weighted.get(name, 0.0) + aux_weights[name] * value / len(parts)
+  aux = sum(weighted.values(), 0.0)
   total = xent + z_loss * z + aux
   return total, {'xent': xent, 'z': z, 'aux': aux,
-                 **{f'aux/{k}': v for k, v in unweighted.items()}}
+                 **{f'aux/{k}': v for k, v in weighted.items()}}
 
 
 def sgd_steps(graphdef, params, rest, batches, aux_weights, learning_rate, z_loss=0.0):
@@ -101,3 +106,31 @@ class ExactLoop:
         out = out + experts.b_out[e]
       y = y + jnp.sum(jnp.where(expert_index == e, weights, 0.0), -1)[:, None] * out
     return y
+
+
+def scanned_from_looped(looped: dict[str, np.ndarray], period: int) -> dict[str, np.ndarray]:
+  """Flat parameters of a looped TransformerLM ('blocks/<layer>/...') as those of the same
+  model with scan_layers=True ('groups/blocks/<j>/...', stacked over groups: layer =
+  group·period + j); other parameters as they are."""
+  out, stacks = {}, {}
+  for name, value in looped.items():
+    parts = name.split('/')
+    if parts[0] != 'blocks':
+      out[name] = value
+      continue
+    layer = int(parts[1])
+    key = '/'.join(['groups', 'blocks', str(layer % period), *parts[2:]])
+    stacks.setdefault(key, {})[layer // period] = value
+  for key, by_group in stacks.items():
+    out[key] = np.stack([by_group[g] for g in range(len(by_group))])
+  return out
+
+
+def set_params(state, values: dict[str, np.ndarray]):
+  """`state` (an nnx.State of Params) with every leaf replaced by values[path], keeping each
+  leaf's sharding."""
+  for path, var in nnx.to_flat_state(state):
+    name = '/'.join(map(str, path))
+    old = var[...]
+    var[...] = jax.device_put(jnp.asarray(values[name], old.dtype), old.sharding)
+  return state

@@ -55,8 +55,10 @@ def _xla_flops(fn, *args):
 
 def test_dense_forward_flops_match_xla_cost_analysis():
   length, batch, layers, heads, d, f = 64, 2, 2, 4, 64, 128
-  # XLA's attention ops: XLA's cost analysis cannot see into the C++ kernel's custom call.
-  model_fn = _model_fn(None, d_model=d, vocab_size=256, attention_kernels='xla')
+  # XLA's attention ops: XLA's cost analysis cannot see into the C++ kernel's custom call;
+  # looped layers: it counts a scan's body once, not once per layer.
+  model_fn = _model_fn(None, d_model=d, vocab_size=256, attention_kernels='xla',
+                       scan_layers=False)
   model = model_fn(rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   tokens = jnp.zeros((batch, length), jnp.int32)

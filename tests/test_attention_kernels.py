@@ -1,9 +1,12 @@
-"""The C++ attention kernel (kernels/attention.cc) against XLA's form, and the strategy's choice.
+"""The C++ attention kernel (cpu/attention.cc via cpu/attention.py) against XLA's form, and the
+registry's choice of it ('attention' op).
 
 Its products run small_gemm.h's plain Gemm (register tiles of 6 rows x 16 columns, no slices of
 K nor blocks of columns, unlike moe_ffn.cc's GemmPacked): T = 37 and D = 12 already reach its
 ragged row and column tiles, so no case needs the 256-deep / 512-column shapes of
-test_dispatch_fused_cpu."""
+test_dispatch_fused_cpu (the kernels live in moescale/cpu/)."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moescale import kernel_registry
 from moescale import sharding as shd
+from moescale.cpu import attention as cpu_attention
+from moescale.cpu import build
 from moescale.model import attention_kernels as ak
 from moescale.model.attention import Attention
+
+CPU = cpu_attention.CPU
 
 # Skipped only where the kernels are not expected; a failed build fails (conftest.py).
 pytestmark = pytest.mark.cpu_kernels
@@ -62,7 +70,7 @@ def test_kernel_matches_xla_and_a_reference_loop(shape, segments):
     grads = jax.jit(jax.grad(lambda *a: (f(*a) * dout).sum(), argnums=(0, 1, 2)))(q, k, v)
     return out, grads
 
-  (out_c, grads_c), (out_x, grads_x) = run(ak.CPU), run(ak.XLA)
+  (out_c, grads_c), (out_x, grads_x) = run(CPU), run(ak.XLA)
   np.testing.assert_allclose(out_c, _reference_loop(q, k, v, seg, scale), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out_c, out_x, rtol=1e-5, atol=1e-5)
   for gc, gx in zip(grads_c, grads_x):
@@ -72,10 +80,10 @@ def test_kernel_matches_xla_and_a_reference_loop(shape, segments):
 def test_padding_sees_only_padding_and_documents_do_not_mix():
   q, k, v, _ = _qkv(2, 37, 3, 12, seed=3)
   seg = jnp.asarray(PACKED)
-  out = ak.CPU.attend(q, k, v, seg, scale=0.3)
+  out = CPU.attend(q, k, v, seg, scale=0.3)
   # Changing the second document's values leaves the first document's outputs alone.
   v2 = v.at[0, 10:30].add(5.0)
-  out2 = ak.CPU.attend(q, k, v2, seg, scale=0.3)
+  out2 = CPU.attend(q, k, v2, seg, scale=0.3)
   np.testing.assert_array_equal(out[0, :10], out2[0, :10])
   assert not np.allclose(out[0, 10:30], out2[0, 10:30])
   np.testing.assert_array_equal(out[0, 30:], out2[0, 30:])
@@ -85,7 +93,7 @@ def test_vmap_is_one_call_on_the_batch():
   q, k, v, _ = _qkv(6, 16, 2, 8)
   seg = jnp.ones((6, 16), jnp.int32)
   qs, ks, vs, ss = (a.reshape(2, 3, *a.shape[1:]) for a in (q, k, v, seg))
-  f = lambda q, k, v, s: ak.CPU.attend(q, k, v, s, scale=0.5)
+  f = lambda q, k, v, s: CPU.attend(q, k, v, s, scale=0.5)
   np.testing.assert_allclose(jax.vmap(f)(qs, ks, vs, ss).reshape(q.shape), f(q, k, v, seg),
                              rtol=1e-6, atol=1e-6)
 
@@ -93,22 +101,43 @@ def test_vmap_is_one_call_on_the_batch():
 def test_dropout_and_other_dtypes_take_xlas_ops():
   q, k, v, _ = _qkv(2, 16, 2, 8)
   rngs_a, rngs_b = nnx.Rngs(dropout=7), nnx.Rngs(dropout=7)
-  a = ak.CPU.attend(q, k, v, None, scale=0.5, dropout=0.5, deterministic=False, rngs=rngs_a)
+  a = CPU.attend(q, k, v, None, scale=0.5, dropout=0.5, deterministic=False, rngs=rngs_a)
   b = ak.XLA.attend(q, k, v, None, scale=0.5, dropout=0.5, deterministic=False, rngs=rngs_b)
   np.testing.assert_array_equal(a, b)
   lo = [x.astype(jnp.bfloat16) for x in (q, k, v)]
-  out = ak.CPU.attend(*lo, None, scale=0.5)
+  out = CPU.attend(*lo, None, scale=0.5)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_array_equal(out, ak.XLA.attend(*lo, None, scale=0.5))
+
+
+def _module_custom_calls(dropout=0.0, deterministic=True):
+  """The moescale custom calls in the program of an Attention module's forward and backward
+  (kernels='auto'), traced under the current mesh."""
+  m = Attention(16, 2, kernels='auto', dropout=dropout, rngs=nnx.Rngs(0))
+  g, p, rest = nnx.split(m, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+
+  def loss(p, x):
+    return (nnx.merge(g, p, rest, copy=True)(x, deterministic=deterministic) ** 2).sum()
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(p, x).as_text()
+  return {c for c in re.findall(r'custom_call @([\w.$-]+)', text) if c.startswith('moescale')}
 
 
 def test_kernel_choice():
   with pytest.raises(ValueError, match=r"unknown attention kernels 'cuda'.*'auto', 'xla', 'cpu'"):
     ak.get_kernels('cuda')
-  assert ak.get_kernels('xla') is ak.XLA and ak.get_kernels('cpu') is ak.CPU
-  assert ak.get_kernels('auto') is ak.CPU          # XLA:CPU, no mesh
+  assert ak.get_kernels('xla') is ak.XLA and ak.get_kernels('cpu') is CPU
+  on_host = lambda: kernel_registry.on_host('attention', 'auto', ak.XLA)
+  assert on_host() is CPU                          # XLA:CPU, no mesh
+  assert _module_custom_calls() == {build.ATTENTION, build.ATTENTION_GRAD}
+  # Attention dropout in training: XLA's ops (its RNG draws stay out of a platform branch).
+  assert ak.get_kernels('auto', dropping=True) is ak.XLA
+  assert ak.get_kernels('cpu', dropping=True) is ak.XLA
+  assert _module_custom_calls(dropout=0.1, deterministic=False) == set()
+  assert _module_custom_calls(dropout=0.1) == {build.ATTENTION, build.ATTENTION_GRAD}
   with jax.set_mesh(shd.make_mesh(devices=jax.devices()[:2])):
-    assert ak.get_kernels('auto') is ak.XLA        # a custom call cannot be split over devices
+    assert on_host() is ak.XLA                     # a custom call cannot be split over devices
+    assert _module_custom_calls() == set()
   with pytest.raises(ValueError, match=r"kernels='fast' is not one of"):
     Attention(16, 2, kernels='fast', rngs=nnx.Rngs(0))
 

@@ -2,9 +2,10 @@ import math
 
 from flax import nnx
 
+from moescale import kernel_registry
 from moescale.bench import Options, timing
 from moescale.bench import pkm as bench_pkm
-from moescale.layers import pkm_kernels
+from moescale.layers import pkm_ops
 
 
 def test_flop_matched_d_ff_comes_from_the_module_cost():
@@ -19,8 +20,9 @@ def test_flop_matched_d_ff_comes_from_the_module_cost():
 def test_quick_run_returns_stable_records():
   logged = []
   records = bench_pkm.run(Options(quick=True, repeats=1), logged.append)
-  # 'sparse@xla' only where the default kernels are not XLA's (XLA:CPU with a compiler).
-  kernels = pkm_kernels.get_kernels('auto').name
+  # 'sparse@xla' only where the default kernels are not XLA's (XLA:CPU with a compiler): those
+  # a program built for this host runs.
+  kernels = kernel_registry.on_host('pkm', 'auto', pkm_ops.XLA).name
   extra = [] if kernels == 'xla' else ['sparse@xla']
   assert [r['backend'] for r in records] == ['dense', 'sparse', *extra, 'param_matched']
   for r in records:

@@ -1,6 +1,6 @@
 """`moescale bench --sections sigma`: record schema, ratios, speedups; and the σ-MoE layer on
-its fast path ('fused', the XLA:CPU default) against the reference loop, forward and every
-gradient (router included). Tiny shapes."""
+its fast path ('fused', what 'auto' runs on XLA:CPU) against the reference loop, forward and
+every gradient (router included). Tiny shapes."""
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +22,8 @@ def _quick(**kw):
 
 
 def test_quick_run_records_schema_ratios_and_speedup():
-  records = _quick(backends=('fused', 'blocked'))
-  assert [r['backend'] for r in records] == ['dense', 'param_dense', 'fused', 'blocked']
+  records = _quick(backends=('fused', 'fused:kernels=xla'))
+  assert [r['backend'] for r in records] == ['dense', 'param_dense', 'fused', 'fused:kernels=xla']
   for r in records:
     assert set(timing.RECORD_KEYS) <= set(r) <= set(timing.RECORD_KEYS) | SIGMA_EXTRAS
     assert (r['name'], r['num_experts'], r['tokens'], r['baseline']) == (
@@ -56,7 +56,7 @@ def _layer_value_and_grads(dispatch_name, x, segment_ids, dy):
   graphdef, params = nnx.split(layer)
 
   def loss(params, x):
-    y = nnx.merge(graphdef, params)(x, deterministic=True, segment_ids=segment_ids)
+    y, _ = nnx.merge(graphdef, params)(x, deterministic=True, segment_ids=segment_ids)
     return jnp.vdot(y, dy), y
   (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
   return y, grads
@@ -77,4 +77,18 @@ def test_sigma_moe_fused_matches_reference_loop(padded):
     np.testing.assert_array_equal(got_y[0, 5:], 0.0)
   # The router gets its gradient through the combine weights (sigmoid scores).
   assert float(jnp.abs(got_g[0]['w_router'][...]).sum()) > 0
-  assert dispatch.get_backend('auto').name == 'fused'
+
+
+def test_sigma_moe_default_dispatch_is_auto_and_runs_fused_on_cpu():
+  """The layer's default dispatch is 'auto', which in a program built for CPU is the 'fused'
+  path (its C++ kernel where it builds, else its XLA loop) and never ragged_dot (dense on
+  XLA:CPU: E times the work)."""
+  layer = sigma_moe.SigmaMoE(16, 6, 8, 4, rngs=nnx.Rngs(3))
+  assert layer.dispatch.backend == 'auto'
+  assert isinstance(dispatch.get_backend(layer.dispatch.backend), dispatch.Auto)
+  graphdef, params = nnx.split(layer)
+  x = jax.random.normal(jax.random.key(0), (2, 7, 16))
+  fn = jax.jit(lambda params, x: nnx.merge(graphdef, params)(x, deterministic=True)[0])
+  text = fn.lower(params, x).as_text(debug_info=True)
+  assert 'dispatch_fused.py' in text
+  assert 'ragged_dot' not in text and 'dispatch_ragged.py' not in text

@@ -305,8 +305,9 @@ def test_bench_quick_runs_from_the_command_line_without_tensorflow():
   out = _run(sys.executable, '-c', code).stdout
   records = json.loads(out[out.index('['):])
   names = {(r['name'], r['backend']) for r in records}
-  assert {('moe_top2', 'fused'), ('moe_top2', 'fused@capacity'), ('moe_top2', 'blocked'),
-          ('dense_ffn', 'DenseFFN'), ('peak_matmul', 'fp32_square'), ('train_step', 'dense'),
+  assert {('moe_top2', 'fused'), ('moe_top2', 'fused@capacity'),
+          ('moe_top2', 'fused:kernels=xla'), ('dense_ffn', 'DenseFFN'),
+          ('peak_matmul', 'fp32_square'), ('train_step', 'dense'),
           ('train_step', 'topk_moe')} <= names
   assert all(r['ratio'] is None or r['ratio'] > 0 for r in records)
   for r in records:

@@ -5,6 +5,7 @@ vocabulary unless a test is about SentencePiece.
 """
 
 import collections
+import io
 import json
 import os
 import subprocess
@@ -194,6 +195,23 @@ def test_sentencepiece_train_and_roundtrip(tmp_path):
       name, None, _write_paragraphs(tmp_path / 'v.txt', docs), model)
   assert pipeline.count_tokens(name, 'validation') == sum(
       len(v.encode(d)) + 1 for d in docs)
+
+
+def test_sentencepiece_trains_when_stderr_has_no_file_descriptor(tmp_path, monkeypatch):
+  # The trainer's log is silenced by dup2-ing /dev/null over sys.stderr's file descriptor; a
+  # sys.stderr without one (pytest's capsys, notebooks) failed with "fileno".
+  import sentencepiece as spm
+  from moescale.data import vocab
+  text = tmp_path / 'train.txt'
+  text.write_text('\n'.join(corpus.pydoc_topics()[:30]), encoding='utf-8')
+  stderr = io.StringIO()
+  monkeypatch.setattr(sys, 'stderr', stderr)
+  model = vocab.train_sentencepiece(
+      [str(text)], str(tmp_path / 'tiny'), 100, byte_fallback=False,
+      character_coverage=0.995, num_threads=1)
+  assert model.endswith('.model') and os.path.isfile(model)
+  assert spm.SentencePieceProcessor(model_file=model).get_piece_size() == 100
+  assert sys.stderr is stderr
 
 
 def test_missing_files_raise_errors_naming_the_path(tmp_path):

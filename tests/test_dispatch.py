@@ -1,8 +1,11 @@
 """Every dispatch backend against ReferenceLoop (forward and all gradients), plus the layouts,
-the backend registry and the benchmark's helpers. Tiny shapes: compile time dominates."""
+the backend registry ('auto' follows the platform a program is built for), the backends under
+jax.jacrev and vmapped gradients, and the benchmark's helpers. Tiny shapes: compile time
+dominates."""
 
 import functools
 import json
+import re
 
 import jax
 import jax.extend
@@ -11,10 +14,10 @@ import numpy as np
 import pytest
 
 from moescale import bench
+from moescale import sharding as shd
 from moescale.bench import moe as bench_moe
-from moescale.bench import timing
+from moescale.bench import report, timing
 from moescale.layers import dispatch, dispatch_ops
-from moescale.layers.dispatch_blocked import Blocked, choose_block_size
 
 E, D, F = 5, 6, 10
 EMPTY = 3  # no token is routed here in _problem: an expert with an empty group
@@ -49,11 +52,8 @@ def _value_and_grads(backend, x, index, weights, experts, cotangent, capacity=No
 
 
 BACKENDS = {
-    'blocked': lambda: Blocked(block_size=4, granule=2),          # remainder blocks of 2 and 4
-    'blocked_plain': lambda: Blocked(block_size=4, granule=4),    # plain padding to blocks
-    'blocked_recompute': lambda: Blocked(block_size=8, granule=2, save_hidden=False),
-    'blocked_default': lambda: dispatch.get_backend('blocked'),
-    # The XLA loop of 'fused' with its block sizes; then its default and its C++ kernel.
+    # The XLA loop of 'fused' with its block sizes (remainder blocks of 2 and 4, blocks wider
+    # than the groups, plain padding to blocks); then its default and its C++ kernel.
     'fused': lambda: dispatch.get_backend('fused', block_size=4, granule=2, kernels='xla'),
     'fused_wide': lambda: dispatch.get_backend('fused', block_size=8, granule=2, kernels='xla'),
     'fused_plain': lambda: dispatch.get_backend('fused', block_size=4, granule=4, kernels='xla'),
@@ -62,19 +62,17 @@ BACKENDS = {
     'ragged': lambda: dispatch.get_backend('ragged'),
     'slots': lambda: dispatch.get_backend('slots'),
     'onehot': lambda: dispatch.get_backend('onehot'),
+    # 'fused' in a program built for CPU (this one), 'ragged' elsewhere.
+    'auto': lambda: dispatch.get_backend('auto'),
 }
-# k = 1, 2, 4 for every backend, biases on and off for each; blocked and fused variants (plain
-# padding, recompute, default sizes) one or two cases each.
-CASES = ([('blocked', k, b) for k, b in ((1, False), (2, True), (4, False), (4, True))]
-         + [('blocked_plain', 2, True), ('blocked_recompute', 4, True),
-            ('blocked_recompute', 1, False), ('blocked_default', 2, False)]
-         + [('fused', 1, False), ('fused', 2, True), ('fused_wide', 4, False),
-            ('fused_plain', 4, True), ('fused_default', 2, False), ('fused_cpu', 1, True),
-            ('fused_cpu', 2, False), ('fused_cpu', 4, True)]
+# k = 1, 2, 4 for every backend, biases on and off for each; fused variants (plain padding,
+# wide blocks, default sizes) one or two cases each.
+CASES = ([('fused', 1, False), ('fused', 2, True), ('fused_wide', 4, False),
+          ('fused_plain', 4, True), ('fused_default', 2, False), ('fused_cpu', 1, True),
+          ('fused_cpu', 2, False), ('fused_cpu', 4, True)]
          + [(n, k, b) for n in ('ragged', 'slots', 'onehot')
-            for k, b in ((1, True), (2, False), (4, True))])
-
-
+            for k, b in ((1, True), (2, False), (4, True))]
+         + [('auto', 2, True)])
 
 
 def _params(cases):
@@ -118,12 +116,12 @@ def _edge_problem(t):
 
 @pytest.mark.parametrize('t', [0, 1])
 @pytest.mark.parametrize('name', _params(
-    ['blocked', 'blocked_default', 'fused', 'fused_cpu', 'ragged', 'slots', 'onehot']))
+    ['fused', 'fused_cpu', 'ragged', 'slots', 'onehot', 'auto']))
 def test_backend_on_zero_tokens_and_one_token(name, t):
   """x [t, d] with t = 0 (a shard or batch with no tokens) and t = 1: forward and every
-  gradient equal ReferenceLoop's, and all finite. t = 0 killed 'blocked' and the XLA loop of
-  'fused' (blocks of 0 rows: a division by zero) and 'slots' (a gather from the empty x)
-  until dispatch_blocked.Blocked.sizes floored blocks at one granule and the gathers of
+  gradient equal ReferenceLoop's, and all finite. t = 0 killed the XLA loop of 'fused'
+  (blocks of 0 rows: a division by zero) and 'slots' (a gather from the empty x) until
+  dispatch_fused.Fused.sizes floored blocks at one granule and the gathers of
   dispatch_ops._take / dispatch_fused._gather built their zeros for an empty source; removing
   either fails here. t = 1 sends one token to two experts (a block, slot or group of one)."""
   (x, index, weights, experts, cot), (want_y, want_g) = _edge_problem(t)
@@ -140,36 +138,9 @@ def test_backend_on_zero_tokens_and_one_token(name, t):
     np.testing.assert_array_equal(np.asarray(g)[unused], 0.0)
 
 
-def test_blocked_handles_duplicates_out_of_range_ids_and_all_dropped():
-  x, index, weights, experts, cot = _problem(t=9, k=3)
-  index = index.at[0].set(jnp.array([1, 1, 2])).at[1].set(jnp.array([-1, E + 3, 0]))
-  backend = jax.jit(lambda index: Blocked(block_size=4, granule=2)(
-      x, index, weights, experts, jax.nn.gelu))
-  want = jax.jit(lambda index: dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.gelu))
-  np.testing.assert_allclose(backend(index), want(index), atol=1e-5)
-  np.testing.assert_array_equal(backend(jnp.full_like(index, E)), 0.0)
-
-
-@pytest.mark.parametrize('block_size,granule', [(None, None), (64, 16)])
-def test_blocked_blocks_larger_than_all_rows(block_size, granule):
-  # One expert, 12 rows: default and explicit blocks exceed the rows (as on one device of an
-  # expert-parallel mesh); the static slices must still fit.
-  ks = jax.random.split(jax.random.key(3), 4)
-  x = jax.random.normal(ks[0], (6, D))
-  index = jnp.array([[0, 1]] * 6, jnp.int32)  # 1 = the sentinel for one expert
-  experts = dispatch.ExpertWeights(jax.random.normal(ks[1], (1, D, F)),
-                                   jax.random.normal(ks[2], (1, F, D)))
-  weights = jax.random.uniform(ks[3], (6, 2))
-  got = jax.jit(lambda x: Blocked(block_size=block_size, granule=granule)(
-      x, index, weights, experts, jax.nn.relu))(x)
-  want = dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.relu)
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('name', ['blocked', 'fused'])
-def test_loop_backends_in_bf16_keep_dtype_and_track_fp32(name):
+def test_fused_in_bf16_keeps_dtype_and_tracks_fp32():
   x, index, weights, experts, _ = _problem(bias=False)
-  loop = dispatch.get_backend(name, block_size=4, granule=2)
+  loop = dispatch.get_backend('fused', block_size=4, granule=2)
   backend = jax.jit(lambda x, experts: loop(x, index, weights, experts, jax.nn.gelu))
   y16 = backend(x.astype(jnp.bfloat16), jax.tree.map(lambda a: a.astype(jnp.bfloat16), experts))
   assert y16.dtype == jnp.bfloat16
@@ -192,9 +163,10 @@ def _per_iteration_weight_copies(fn, *args):
   return {s for s in shapes if len(s) == 3 and s[1:] in ((D, F), (F, D)) and s[0] not in (1, E)}
 
 
-def test_blocked_backward_keeps_no_per_iteration_weight_copies():
+def test_fused_backward_keeps_no_per_iteration_weight_copies():
+  # The XLA loop: the C++ kernel has no loop to stack anything in.
   x, index, weights, experts, cot = _problem(t=40, k=2, bias=False)
-  backend = Blocked(block_size=4, granule=4)
+  backend = dispatch.get_backend('fused', block_size=4, granule=4, kernels='xla')
   grad = jax.grad(lambda x, e: jnp.vdot(backend(x, index, weights, e, jax.nn.relu), cot),
                   argnums=(0, 1))
   assert not _per_iteration_weight_copies(grad, x, experts)
@@ -281,29 +253,94 @@ def test_capacity_backends_require_capacity(name):
     dispatch.get_backend(name)(x, index, weights, experts, jax.nn.relu)
 
 
-def test_registry_and_platform_defaults():
-  assert dispatch.default_backend_name('cpu') == 'fused'
-  assert dispatch.default_backend_name('gpu') == dispatch.default_backend_name('tpu') == 'ragged'
-  assert dispatch.get_backend('auto').name == dispatch.default_backend_name(jax.default_backend())
-  assert {'reference', 'blocked', 'ragged', 'slots', 'onehot', 'auto'} <= set(
+def test_registry_and_auto():
+  auto = dispatch.get_backend('auto')
+  assert isinstance(auto, dispatch.Auto) and auto.name == 'auto'
+  assert dispatch.get_backend().name == 'auto'            # the default
+  assert {'reference', 'auto', 'fused', 'ragged', 'slots', 'onehot'} <= set(
       dispatch.available_backends())
-  assert dispatch.get_backend('blocked', block_size=8).block_size == 8
+  assert 'blocked' not in dispatch.available_backends()
+  assert dispatch.get_backend('fused', block_size=8).block_size == 8
   mine = dispatch.ReferenceLoop()
-  assert dispatch.get_backend(mine) is mine
-  with pytest.raises(ValueError, match="unknown dispatch backend 'nope'.*blocked"):
+  assert dispatch.get_backend(mine) is mine               # passed through, nothing wrapped
+  with pytest.raises(ValueError, match="unknown dispatch backend 'nope'.*fused"):
     dispatch.get_backend('nope')
+  with pytest.raises(ValueError, match="unknown dispatch backend 'blocked'"):
+    dispatch.Dispatch('blocked')                          # a family fails at construction
 
 
-def test_blocked_rejects_bad_sizes_and_picks_big_blocks():
-  with pytest.raises(ValueError, match='block_size=0'):
-    Blocked(block_size=0)
-  with pytest.raises(ValueError, match='multiple of granule=4'):
-    Blocked(block_size=6, granule=4)
-  assert choose_block_size(32768, 512) == (256, 16)
-  block, granule = choose_block_size(40, 5)
-  assert block % granule == 0 and block <= 64
-  assert Blocked().sizes(32, 1) == (32, 16)                 # capped at the rows there are
-  assert Blocked(block_size=24).sizes(1000, 5) == (24, 8)   # granule divides the block
+def _auto_program():
+  x, index, weights, experts, _ = _problem()
+  auto = dispatch.get_backend('auto')
+  return jax.jit(lambda x, w: auto(x, index, w, experts, jax.nn.relu)), (x, weights)
+
+
+CUSTOM_CALL = re.compile(r'custom_call @([\w.$-]+)')
+
+
+def test_auto_runs_fused_in_cpu_programs_and_ragged_in_accelerator_programs():
+  """'auto' follows the platform the program is built for (jax.lax.platform_dependent), not
+  the host: built for this CPU host it lowers the fused dispatch and no ragged_dot (XLA:CPU
+  runs ragged_dot densely, E times the work); exported for TPU or CUDA from here it lowers
+  ragged_dot and no CPU kernel. Kills a choice made from jax.default_backend() (a TPU program
+  exported from a CPU machine would get the CPU path) or an 'auto' that is one fixed backend."""
+  fn, args = _auto_program()
+  # With debug info the locations name the source: ragged_dot (the primitive) and the modules.
+  cpu = fn.lower(*args).as_text(debug_info=True)
+  assert 'dispatch_fused.py' in cpu
+  assert 'ragged_dot' not in cpu and 'dispatch_ragged.py' not in cpu
+  # The detector works: the 'ragged' backend built for CPU names its ragged_dot.
+  x, index, weights, experts, _ = _problem()
+  ragged = dispatch.get_backend('ragged')
+  assert 'ragged_dot' in jax.jit(lambda x, w: ragged(x, index, w, experts, jax.nn.relu)).lower(
+      x, weights).as_text(debug_info=True)
+  for platform in ('tpu', 'cuda'):
+    module = jax.export.export(fn, platforms=[platform])(*args).mlir_module()
+    assert 'chlo.ragged_dot' in module, platform
+    assert not [c for c in CUSTOM_CALL.findall(module) if c.startswith('moescale')], platform
+
+
+@pytest.mark.cpu_kernels
+def test_auto_cpu_program_runs_the_fused_kernel_on_one_device_and_xla_under_a_mesh():
+  """On one device the CPU program of 'auto' is the fused dispatch as one C++ kernel; under a
+  multi-device mesh the XLA loop (XLA cannot split a custom call: it would repeat it whole on
+  every device)."""
+  fn, args = _auto_program()
+  assert CUSTOM_CALL.findall(fn.lower(*args).as_text()) == ['moescale_moe_ffn']
+  with jax.set_mesh(shd.make_mesh(devices=jax.devices()[:2])):
+    fn, args = _auto_program()    # traced under the mesh
+    text = fn.lower(*args).as_text()
+  assert not [c for c in CUSTOM_CALL.findall(text) if c.startswith('moescale')]
+  assert 'stablehlo.while' in text   # the XLA loop
+
+
+def _per_example(backend, xs, indexes, weights, experts, cots):
+  """jax.jacrev of one example's y wrt (x, weights, experts) and per-example gradients of
+  <y, cot> (jax.vmap of jax.grad over examples, each with its own routing; the expert
+  weights unbatched)."""
+  y = lambda x, index, w, ex: backend(x, index, w, ex, jax.nn.gelu)
+  jac = jax.jit(jax.jacrev(y, argnums=(0, 2, 3)))(xs[0], indexes[0], weights[0], experts)
+  loss = lambda x, index, w, ex, cot: jnp.vdot(y(x, index, w, ex), cot)
+  grads = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 2, 3)), in_axes=(0, 0, 0, None, 0)))(
+      xs, indexes, weights, experts, cots)
+  return jac, grads
+
+
+@pytest.mark.parametrize('name', ['ragged', 'auto'])
+def test_backend_under_jacrev_and_vmapped_gradients_equals_reference(name):
+  """jax.jacrev (a vmap over cotangents, the operands unbatched) and per-example gradients
+  (vmap of grad, the expert weights unbatched) equal ReferenceLoop's. Kills 'ragged' on bare
+  jax.lax.ragged_dot, which batches only when every operand is batched at dimension 0
+  ("ragged_dot vmap over any dim but 0 - NYI"); 'auto' traces that branch too."""
+  problems = [_problem(t=5, k=2, seed=20 + i) for i in range(3)]
+  xs, indexes, weights, cots = (jnp.stack([p[i] for p in problems]) for i in (0, 1, 2, 4))
+  experts = problems[0][3]
+  got = _per_example(BACKENDS[name](), xs, indexes, weights, experts, cots)
+  want = _per_example(dispatch.ReferenceLoop(), xs, indexes, weights, experts, cots)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.shape == w.shape
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_bench_helpers():
@@ -313,9 +350,9 @@ def test_bench_helpers():
   assert bench_moe.skip_reason('ragged', 512, 16384, 'cpu') and not bench_moe.skip_reason(
       'ragged', 512, 16384, 'gpu')
   assert bench_moe.skip_reason('onehot', 8, 16384, 'cpu') and not bench_moe.skip_reason(
-      'blocked', 512, 16384, 'cpu')
-  assert bench_moe.parse_backend('blocked:block_size=64:save_hidden=0') == (
-      'blocked', {'block_size': 64, 'save_hidden': 0})
+      'fused', 512, 16384, 'cpu')
+  assert bench_moe.parse_backend('fused:block_size=64:granule=16:kernels=xla') == (
+      'fused', {'block_size': 64, 'granule': 16, 'kernels': 'xla'})
   # The same specs in get_backend (and so in gin bindings), with clear errors.
   assert dispatch.get_backend('fused:kernels=xla:block_size=8').kernels == 'xla'
   with pytest.raises(ValueError, match=r"'fused' does not take options \{'kernal': 'xla'\}.*"
@@ -328,6 +365,38 @@ def test_bench_helpers():
   assert 'skipped' in table and 'ragged_dot is dense' in table
   with pytest.raises(ValueError, match='unknown record keys'):
     timing.record('x', 'y', None, 1, 1.0, 1.0, 'y', speed=2)
+
+
+def test_bench_report_markdown_has_the_machine_and_a_table_per_benchmark():
+  """docs/performance.md as `moescale bench --markdown` writes it: the machine line, one
+  section per benchmark name in first-seen order with its rows in a table, a skipped row shown
+  as skipped with its reason, and extra columns only where some row has the key."""
+  records = [
+      timing.record('moe_top2', 'dense', 8, 1024, 0.0123, 1.0, 'dense'),
+      timing.record('moe_top2', 'fused', 8, 1024, 0.0150, 1.22, 'dense'),
+      timing.skipped('moe_top2', 'ragged', 512, 16384, 'dense', 'ragged_dot is dense'),
+      timing.record('sigma_moe', 'fused', 16, 1024, 0.02, 1.5, 'dense', speedup=2.5),
+  ]
+  meta = {'date': '2025-01-02', 'platform': 'cpu', 'device': 'cpu', 'cpu': 'Test CPU',
+          'cores': '2', 'jax': '0.0.1'}
+  page = report.markdown(records, meta, 'moescale bench --quick')
+  lines = page.splitlines()
+  assert lines[0] == '# Performance'
+  assert 'Generated by `moescale bench --quick` on 2025-01-02' in page
+  assert 'Machine: Test CPU, 2 cores; JAX 0.0.1 on cpu (cpu).' in page
+  sections = [l for l in lines if l.startswith('## ')]
+  assert sections == ['## ' + report.TITLES['moe_top2'], '## ' + report.TITLES['sigma_moe']]
+  moe = lines[lines.index(sections[0]) + 2:lines.index(sections[1]) - 1]
+  assert moe[0] == '| backend | experts | tokens | seconds | ratio | vs | note |'
+  assert moe[1] == '|---|---|---|---|---|---|---|'
+  assert moe[2:] == ['| dense | 8 | 1024 | 0.0123 | 1.00x | dense |  |',
+                     '| fused | 8 | 1024 | 0.0150 | 1.22x | dense |  |',
+                     '| ragged | 512 | 16384 | skipped |  | dense | ragged_dot is dense |']
+  sigma = lines[lines.index(sections[1]) + 2:]
+  assert sigma[0] == '| backend | experts | tokens | seconds | ratio | vs | speedup |'
+  assert sigma[2] == '| fused | 16 | 1024 | 0.0200 | 1.50x | dense | 2.50x |'
+  # Without machine facts (--from_json) the page still renders, with '?' for each.
+  assert 'Machine: ?, ? cores' in report.markdown(records[:1], {}, 'moescale bench')
 
 
 def test_bench_capacity_row_runs_the_routers_dropping_then_the_backend():
@@ -354,13 +423,25 @@ def test_bench_capacity_row_runs_the_routers_dropping_then_the_backend():
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_bench_main_json_records(capsys):
+def test_bench_main_json_records_and_markdown(capsys, tmp_path):
+  page = tmp_path / 'performance.md'
   records = bench.main(['--json', '--sections', 'moe', '--tokens', '32', '--experts', '4',
-                        '--backends', 'blocked', '--repeats', '1'])
+                        '--backends', 'fused', '--repeats', '1', '--markdown', str(page)])
   printed = json.loads(capsys.readouterr().out)
   assert printed == records
+  # --markdown writes the page from the same records, naming the command that made it.
+  text = page.read_text()
+  assert 'Generated by `moescale bench --sections moe --tokens 32' in text
+  assert '## ' + report.TITLES['moe_top2'] in text and '| fused | 4 | 32 | ' in text
+  # ... and --from_json renders saved records without running anything.
+  saved = tmp_path / 'bench.json'
+  saved.write_text(json.dumps(records))
+  again = tmp_path / 'again.md'
+  assert bench.main(['--from_json', str(saved), '--markdown', str(again)]) == records
+  tables = lambda t: [l for l in t.splitlines() if l.startswith(('|', '## '))]
+  assert tables(again.read_text()) == tables(text)
   assert {(r['name'], r['backend']) for r in records} == {
-      ('moe_top2', 'dense'), ('moe_top2', 'blocked'), ('dense_ffn', 'plain'),
+      ('moe_top2', 'dense'), ('moe_top2', 'fused'), ('dense_ffn', 'plain'),
       ('dense_ffn', 'DenseFFN')}
   for r in records:
     assert set(r) == set(timing.RECORD_KEYS)

@@ -4,6 +4,7 @@ cases, its block sizes, its memory behaviour and the packed-key sort it relies o
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from moescale.layers import dispatch, dispatch_ops
 from moescale.layers.dispatch_fused import Fused, choose_block_size
@@ -12,10 +13,24 @@ from moescale.layers.dispatch_fused import Fused, choose_block_size
 from test_dispatch import D, E, F, _problem, _shapes_in
 
 
-def test_fused_is_the_cpu_default_and_registered():
-  assert dispatch.default_backend_name('cpu') == 'fused'
+def test_fused_is_autos_cpu_backend_and_registered():
+  # What 'auto' lowers into a CPU program (its lowering: test_dispatch.test_auto_*).
+  assert isinstance(dispatch.get_backend('auto').cpu, Fused)
   assert isinstance(dispatch.get_backend('fused', block_size=8), Fused)
   assert 'fused' in dispatch.available_backends()
+
+
+def test_fused_rejects_bad_sizes_and_fits_its_blocks_to_the_problem():
+  with pytest.raises(ValueError, match='block_size=0'):
+    Fused(block_size=0)
+  with pytest.raises(ValueError, match='granule=-2'):
+    Fused(granule=-2)
+  with pytest.raises(ValueError, match='multiple of granule=4'):
+    Fused(block_size=6, granule=4)
+  assert Fused().sizes(32, 1) == (32, 16)                 # capped at the rows there are
+  assert Fused(block_size=24).sizes(1000, 5) == (24, 8)   # granule divides the block
+  assert Fused(granule=48).sizes(1000, 5) == (528, 48)    # the block rounded up to granules
+  assert Fused(4, 2).sizes(0, 5) == (2, 2)                # no rows: still one granule, not 0
 
 
 def test_fused_duplicates_out_of_range_ids_all_dropped_and_one_expert():
@@ -25,14 +40,14 @@ def test_fused_duplicates_out_of_range_ids_all_dropped_and_one_expert():
   want = jax.jit(lambda index: dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.gelu))
   np.testing.assert_allclose(run(index), want(index), atol=1e-5)
   np.testing.assert_array_equal(run(jnp.full_like(index, E)), 0.0)
-  # Blocks larger than all the rows (one expert on one device of an expert-parallel mesh).
+  # Blocks larger than all the rows (one expert on one device of an expert-parallel mesh),
+  # explicit and default sizes: the static slices must still fit.
   one = dispatch.ExpertWeights(experts.w_in[:1], experts.w_out[:1])
   index1 = jnp.array([[0, 1]] * 6, jnp.int32)
-  got = jax.jit(lambda x: Fused(64, 16, 'xla')(x, index1, weights[:6, :2], one, jax.nn.relu))(
-      x[:6])
-  np.testing.assert_allclose(
-      got, dispatch.ReferenceLoop()(x[:6], index1, weights[:6, :2], one, jax.nn.relu),
-      rtol=1e-5, atol=1e-5)
+  want = dispatch.ReferenceLoop()(x[:6], index1, weights[:6, :2], one, jax.nn.relu)
+  for fused in (Fused(64, 16, 'xla'), Fused(kernels='xla')):
+    got = jax.jit(lambda x: fused(x, index1, weights[:6, :2], one, jax.nn.relu))(x[:6])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_fused_keeps_no_weight_copies_and_no_row_buffers():
@@ -47,10 +62,11 @@ def test_fused_keeps_no_weight_copies_and_no_row_buffers():
   # No stacked expert weights (one copy per loop iteration, as autodiff of the loop would keep)
   assert not {s for s in fused if len(s) == 3 and s[1:] in ((D, F), (F, D)) and s[0] not in (1, E)}
   # and no permuted [rows >= t*k, d] buffer: only [t, d] (x, y, dx) and block-sized rows,
-  # where the unfused 'blocked' backend has several (the check can fail).
+  # where the unfused 'ragged' backend (permute, grouped matmul, combine) has several (the
+  # check can fail).
   row_buffers = lambda shapes: {s for s in shapes if len(s) == 2 and s[1] == D and s[0] >= t * k}
   assert not row_buffers(fused)
-  assert row_buffers(shapes(dispatch.get_backend('blocked', block_size=4, granule=2)))
+  assert row_buffers(shapes(dispatch.get_backend('ragged')))
 
 
 def test_choose_block_size_multiples_bounded_classes():

@@ -1,8 +1,8 @@
-"""The 'fused' dispatch's C++ kernel (kernels/moe_ffn.cc) beyond the shared reference tests of
-test_dispatch.py: every activation it implements, shapes that reach its edges (experts with
-more rows than one 512-row chunk, every GEMM past one 256-deep slice of K and one 512-column
-block of small_gemm.h's GemmPacked, ragged 16-column strips, empty experts), and the strategy
-that chooses it."""
+"""The 'fused' dispatch's C++ kernel (cpu/moe_ffn.cc via cpu/moe_ffn.py) beyond the shared
+reference tests of test_dispatch.py: every activation it implements, shapes that reach its
+edges (experts with more rows than one 512-row chunk, every GEMM past one 256-deep slice of K
+and one 512-column block of small_gemm.h's GemmPacked, ragged 16-column strips, empty
+experts), and the registry's choice of it ('moe_ffn' op)."""
 
 import math
 
@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moescale import kernel_registry
 from moescale import sharding as shd
-from moescale.kernels import cpu
+from moescale.cpu import build, moe_ffn
 from moescale.layers import common, dispatch, dispatch_fused
 
 # Skipped only where the kernels are not expected; a failed build fails (conftest.py).
@@ -130,7 +131,7 @@ def test_activation_tails_and_jax_gelu_alias():
 
 def _custom_calls(fn, *args):
   text = jax.jit(fn).lower(*args).as_text()
-  return text.count(cpu.MOE_FFN)
+  return text.count(build.MOE_FFN)
 
 
 def test_float32_named_activations_take_the_kernel_others_the_xla_loop():
@@ -163,10 +164,19 @@ def test_deterministic_and_all_dropped():
 
 
 def test_kernel_choice():
-  assert dispatch_fused.get_kernels('xla') is dispatch_fused.XLA
-  assert dispatch_fused.get_kernels('cpu') is dispatch_fused.CPU
-  assert dispatch_fused.get_kernels('auto') is dispatch_fused.CPU   # XLA:CPU, no mesh
+  select = lambda name: kernel_registry.select('moe_ffn', name, dispatch_fused.XLA)
+  on_host = lambda name: kernel_registry.on_host('moe_ffn', name, dispatch_fused.XLA)
+  assert select('xla') is dispatch_fused.XLA
+  assert select('cpu') is moe_ffn.CPU
+  assert on_host('auto') is moe_ffn.CPU                  # XLA:CPU, no mesh
+  x, index, weights, experts = _problem(40, 8, 16, 4, 2, False)
+  auto = lambda x: dispatch.get_backend('fused')(x, index, weights, experts, jax.nn.relu)
+  assert _custom_calls(auto, x) == 1
   with jax.set_mesh(shd.make_mesh(devices=jax.devices()[:2])):
-    assert dispatch_fused.get_kernels('auto') is dispatch_fused.XLA
+    # A custom call cannot be split over devices: XLA's loop, which GSPMD splits.
+    assert on_host('auto') is dispatch_fused.XLA
+    assert _custom_calls(auto, x) == 0
+    with pytest.raises(RuntimeError, match=r"moe_ffn kernels 'cpu' are unavailable: .*mesh of 2"):
+      select('cpu')
   with pytest.raises(ValueError, match=r"'fused' dispatch kernels 'gpu'.*'auto', 'xla', 'cpu'"):
     dispatch.get_backend('fused', kernels='gpu')

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moescale.layers import DenseFFN, ProductKeyMemory, SigmaMoE, TopKMoE, common
+from moescale.layers import DenseFFN, ProductKeyMemory, SigmaMoE, TopKMoE
 
 D = 8
 
@@ -77,6 +77,16 @@ def _pkm_ref(layer, p, x):
   return jnp.einsum('thk,thkd->td', w, p['values'][idx])
 
 
+def _loss_names(layer):
+  """The family's auxiliary losses, each reported unweighted in aux.metrics whatever its
+  weight (aux.losses leaves out those of weight 0, e.g. TopKMoE's router_z by default)."""
+  if isinstance(layer, TopKMoE):
+    return ('load_balance', 'router_z')
+  if isinstance(layer, SigmaMoE):
+    return ('entropy',)
+  return ()
+
+
 def _with_random_biases(layer, seed=9):
   """Nonzero biases (they start at 0), so that a lost bias term changes the results."""
   for i, name in enumerate(('b_in', 'b_out')):
@@ -126,26 +136,28 @@ def _layer_cases():
 def test_layer_on_zero_tokens_and_one_token(name, shape):
   """x [batch, length, d] with no tokens ([0, 3, d], [2, 0, d]) or one ([1, 1, d]): forward
   equals the plain reference; gradients of <y, c> wrt every parameter and x equal the
-  reference's; the recorded aux losses and metrics and the gradients of the losses are
-  finite, and with no tokens every gradient is exactly 0. Before the fixes this test came
-  with, t = 0 crashed TopKMoE (a group of t = 0 tokens: modulo by zero) and every PKM form
-  (reshape(0, -1)), made SigmaMoE's entropy loss NaN (p̄ log p̄ = 0 * -inf), and gave the
-  'slots' dispatch of both MoEs a capacity of 0 (refused); undoing any of those fixes fails
-  here."""
+  reference's; the aux losses (weighted and unweighted) and metrics and the gradients of the
+  unweighted losses are finite, and with no tokens every gradient is exactly 0. Before the
+  fixes this test came with, t = 0 crashed TopKMoE (a group of t = 0 tokens: modulo by zero)
+  and every PKM form (reshape(0, -1)), made SigmaMoE's entropy loss NaN (p̄ log p̄ = 0 * -inf),
+  and gave the 'slots' dispatch of both MoEs a capacity of 0 (refused); undoing any of those
+  fixes fails here."""
   make, reference = LAYERS[name]
   layer = make()
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  names = _loss_names(layer)
   x = _normal(shape, 1)
   c = _normal(shape, 2)
 
   def losses(params, x):
     model = nnx.merge(graphdef, params, rest, copy=True)
-    y, aux, metrics = nnx.capture(model, common.AuxLoss, common.RoutingMetric)(x)
-    total_aux = sum((jnp.sum(v) for v in jax.tree.leaves(aux)), jnp.zeros(()))
-    return jnp.stack([jnp.vdot(y, c), total_aux]), (y, aux, metrics)
+    y, aux = model(x)
+    assert set(aux.losses) <= set(names) <= set(aux.metrics)
+    total_aux = sum((jnp.sum(aux.metrics[n]) for n in names), jnp.zeros(()))
+    return jnp.stack([jnp.vdot(y, c), total_aux]), (y, aux)
 
   # One compile: rows of the Jacobian are the gradients of <y, c> and of the aux losses.
-  (g_params, g_x), (y, aux, metrics) = jax.jit(
+  (g_params, g_x), (y, aux) = jax.jit(
       jax.jacrev(losses, argnums=(0, 1), has_aux=True))(params, x)
   p = nnx.to_pure_dict(params)
   ref = lambda p, x: jnp.vdot(reference(layer, p, x.reshape(-1, D)).reshape(x.shape), c)
@@ -154,7 +166,7 @@ def test_layer_on_zero_tokens_and_one_token(name, shape):
 
   assert y.shape == shape
   np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
-  for leaf in jax.tree.leaves((aux, metrics, g_params, g_x)):
+  for leaf in jax.tree.leaves((aux, g_params, g_x)):
     assert np.isfinite(leaf).all()
   got_p = nnx.to_pure_dict(g_params)
   assert jax.tree.structure(got_p) == jax.tree.structure(want_p)
@@ -237,7 +249,7 @@ def test_bfloat16_gradients_track_float32(name):
   def run(params, x):
     def loss(graphdef):
       def f(params, x):
-        y = nnx.merge(graphdef, params, rest, copy=True)(x)
+        y, _ = nnx.merge(graphdef, params, rest, copy=True)(x)
         return jnp.vdot(y.astype(jnp.float32), c), y
       return jax.grad(f, argnums=(0, 1), has_aux=True)(params, x)
     return loss(graphdef32), loss(graphdef16)

@@ -1,5 +1,7 @@
 """Expert parallelism (ring and all-to-all exchange) against ReferenceLoop on one device, the
-all-to-all's capacity dropping against a plain loop, and the exchange selection."""
+all-to-all's capacity dropping against a plain loop, and the exchange selection: a family's
+`dispatch.Dispatch` runs its exchange under JAX's current mesh (jax.set_mesh / shd.use_mesh)
+when that mesh has an `expert` axis > 1, with no state of moescale's own."""
 
 import functools
 
@@ -10,7 +12,7 @@ import pytest
 
 from moescale import sharding as shd
 from moescale.layers import dispatch, expert_exchange, expert_parallel
-from moescale.layers.dispatch_blocked import Blocked
+from moescale.layers.dispatch_fused import Fused
 from moescale.layers.expert_parallel import ExpertParallel
 
 E, D, F, K = 8, 6, 10, 2
@@ -57,16 +59,24 @@ def _reference():
   return _value_and_grads(dispatch.ReferenceLoop(), *_problem())
 
 
+def _inner():
+  # The XLA loop of 'fused' with small blocks: a multi-block loop on each device's experts.
+  return Fused(block_size=4, granule=2, kernels='xla')
+
+
 def _ep(mesh_name, exchange, capacity_factor=None):
-  mesh = shd.make_mesh(**MESHES[mesh_name])
-  return ExpertParallel(Blocked(block_size=4, granule=2), mesh, exchange, capacity_factor)
+  """(the expert-parallel backend, the mesh to trace it under)."""
+  return (ExpertParallel(_inner(), exchange, capacity_factor),
+          shd.make_mesh(**MESHES[mesh_name]))
 
 
 @pytest.mark.parametrize('mesh_name,exchange', [
     ('data2_expert4', 'all_to_all'), ('data2_tensor2_expert2', 'all_to_all'),
     ('data2_tensor2_expert2', 'ring')])
 def test_dropless_exchange_matches_reference_forward_and_gradients(mesh_name, exchange):
-  got = _value_and_grads(_ep(mesh_name, exchange), *_problem())
+  backend, mesh = _ep(mesh_name, exchange)
+  with shd.use_mesh(mesh):
+    got = _value_and_grads(backend, *_problem())
   _assert_close(got, _reference())
   assert float(got[2]) == 0.0
 
@@ -95,16 +105,17 @@ def _drop_over_buffers(index, num_sources, num_shards, capacity):
 @pytest.mark.parametrize('mesh_name', list(MESHES))
 def test_capacity_drops_exactly_the_assignments_over_the_buffer(mesh_name):
   x, index, weights, experts, cot = _problem(t=32, seed=1)
-  backend = _ep(mesh_name, 'all_to_all', capacity_factor=1.0)
-  num_shards = backend.mesh.shape['expert']
-  num_sources = 8 // backend.mesh.shape['tensor']   # devices holding different tokens
+  backend, mesh = _ep(mesh_name, 'all_to_all', capacity_factor=1.0)
+  num_shards = mesh.shape['expert']
+  num_sources = 8 // mesh.shape['tensor']   # devices holding different tokens
   # 32 tokens over `num_sources` devices, top-2: C = ceil(1.0 * rows * 2 / P).
   capacity = expert_exchange.buffer_capacity(32 // num_sources, K, num_shards, 1.0)
   kept_index, want_fraction = _drop_over_buffers(index, num_sources, num_shards, capacity)
   assert 0.05 < want_fraction < 0.5  # the case does drop, and keeps most
   want = _value_and_grads(dispatch.ReferenceLoop(), x, jnp.asarray(kept_index), weights,
                           experts, cot)
-  got = _value_and_grads(backend, x, index, weights, experts, cot)
+  with shd.use_mesh(mesh):
+    got = _value_and_grads(backend, x, index, weights, experts, cot)
   _assert_close(got, want)
   np.testing.assert_allclose(got[2], want_fraction, rtol=1e-6)
   np.testing.assert_allclose(expert_exchange.dropped_fraction(
@@ -114,8 +125,9 @@ def test_capacity_drops_exactly_the_assignments_over_the_buffer(mesh_name):
 def test_dropless_buffer_drops_nothing_even_when_all_go_to_one_shard():
   x, _, weights, experts, _ = _problem()
   index = jnp.zeros((16, K), jnp.int32).at[:, 1].set(1)  # experts 0 and 1: both on shard 0
-  backend = _ep('data2_expert4', 'all_to_all')
-  y, fraction = jax.jit(lambda x: backend.apply(x, index, weights, experts, jax.nn.relu))(x)
+  backend, mesh = _ep('data2_expert4', 'all_to_all')
+  with shd.use_mesh(mesh):
+    y, fraction = jax.jit(lambda x: backend.apply(x, index, weights, experts, jax.nn.relu))(x)
   want = jax.jit(lambda x: dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.relu))(x)
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
   assert float(fraction) == 0.0
@@ -128,9 +140,10 @@ def test_hlo_has_all_to_all_only_for_the_all_to_all_exchange():
   x, index, weights, experts, _ = _problem()
 
   def hlo(exchange):
-    backend = _ep('data2_expert4', exchange)
+    backend, mesh = _ep('data2_expert4', exchange)
     fn = lambda x, w: backend(x, index, w, experts, jax.nn.relu)
-    return jax.jit(fn).lower(x, weights).as_text()
+    with shd.use_mesh(mesh):
+      return jax.jit(fn).lower(x, weights).as_text()
 
   a2a, ring = hlo('all_to_all'), hlo('ring')
   assert 'all_to_all' in a2a or 'all-to-all' in a2a
@@ -149,22 +162,57 @@ def test_buffer_capacity():
 
 def test_exchange_selection_and_errors():
   inner = dispatch.ReferenceLoop()
-  mesh = shd.make_mesh(data=2, expert=4)
   with pytest.raises(ValueError, match=r"unknown expert exchange 'nope'.*'ring', 'all_to_all'"):
-    ExpertParallel(inner, mesh, exchange='nope')
+    ExpertParallel(inner, exchange='nope')
+  # A family's choice fails when the family is built, not when it first traces.
   with pytest.raises(ValueError, match='unknown expert exchange'):
-    with expert_parallel.configure(exchange='alltoall'):
-      pass
+    dispatch.Dispatch('fused', exchange='alltoall')
   with pytest.raises(ValueError, match="capacity_factor=1.0 .* 'ring' exchange is always dropless"):
-    ExpertParallel(inner, mesh, exchange='ring', capacity_factor=1.0)
-  with shd.activation_sharding(mesh):
-    default = expert_parallel.wrap_for_mesh(inner)
-    assert (default.exchange, default.capacity_factor) == ('ring', None)
-    with expert_parallel.configure(exchange='all_to_all', capacity_factor=1.5):
-      wrapped = dispatch.get_backend('blocked')
-      assert (wrapped.exchange, wrapped.capacity_factor) == ('all_to_all', 1.5)
-      with expert_parallel.configure(exchange='ring'):
-        assert expert_parallel.wrap_for_mesh(inner).exchange == 'ring'
-      assert expert_parallel.current_config().exchange == 'all_to_all'
-      assert wrapped.name == 'expert_parallel[all_to_all](blocked)'
-    assert expert_parallel.current_config() == expert_parallel.ExchangeConfig('ring', None)
+    ExpertParallel(inner, exchange='ring', capacity_factor=1.0)
+  with pytest.raises(ValueError, match="capacity_factor=1.0 .* 'ring' exchange is always dropless"):
+    dispatch.Dispatch('fused', exchange_capacity_factor=1.0)
+  default = ExpertParallel(inner)
+  assert (default.exchange, default.capacity_factor) == ('ring', None)
+  family = dispatch.Dispatch()
+  assert (family.exchange, family.exchange_capacity_factor) == ('ring', None)
+  wrapped = ExpertParallel(dispatch.get_backend('fused'), 'all_to_all', 1.5)
+  assert (wrapped.exchange, wrapped.capacity_factor) == ('all_to_all', 1.5)
+  assert wrapped.name == 'expert_parallel[all_to_all](fused)'
+  # The expert shards are the current mesh's `expert` axis, read while tracing.
+  assert expert_parallel.expert_shards() == 1
+  with shd.use_mesh(shd.make_mesh(data=2, expert=4)):
+    assert expert_parallel.expert_shards() == 4
+  with jax.set_mesh(shd.make_mesh(data=8)):
+    assert expert_parallel.expert_shards() == 1
+  assert expert_parallel.expert_shards() == 1          # nothing left behind
+
+
+def test_dispatch_runs_its_exchange_only_under_an_expert_mesh():
+  """A family's `Dispatch` runs expert parallel with its own exchange where the mesh it traces
+  under has expert > 1, and the plain backend otherwise: the all_to_all at capacity 1.0 drops
+  exactly the assignments over its buffers (all go to shard 0 here: 1 of each device's 4
+  survives) and reports that fraction; the ring gathers and drops nothing; under a mesh
+  without an expert axis no exchange runs. Kills an exchange chosen elsewhere than the family,
+  or expert parallelism that ignores the mesh."""
+  x, _, weights, experts, _ = _problem()
+  index = jnp.zeros((16, K), jnp.int32).at[:, 1].set(1)   # experts 0 and 1: both on shard 0
+
+  def run(family, mesh, want_index):
+    fn = jax.jit(lambda x: family.apply(x, index, weights, experts, jax.nn.relu))
+    with shd.use_mesh(mesh):
+      (y, dropped), hlo = fn(x), fn.lower(x).as_text()
+    want = jax.jit(lambda x: dispatch.ReferenceLoop()(
+        x, jnp.asarray(want_index), weights, experts, jax.nn.relu))(x)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    a2a = 'all_to_all' in hlo or 'all-to-all' in hlo
+    gather = 'all_gather' in hlo or 'all-gather' in hlo
+    return float(dropped), a2a, gather
+
+  expert_mesh = shd.make_mesh(data=2, expert=4)
+  kept, fraction = _drop_over_buffers(index, 8, 4, 1)
+  assert fraction == 0.75
+  assert run(dispatch.Dispatch(_inner(), 'all_to_all', 1.0), expert_mesh, kept) == (
+      0.75, True, False)
+  assert run(dispatch.Dispatch(_inner(), 'ring'), expert_mesh, index) == (0.0, False, True)
+  assert run(dispatch.Dispatch(_inner(), 'all_to_all', 1.0), shd.make_mesh(data=8), index) == (
+      0.0, False, False)

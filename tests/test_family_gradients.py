@@ -1,7 +1,8 @@
 """Finite differences of every FFN family with its auxiliary losses *in* the objective.
 
 The families' output gradients are checked elsewhere; here the objective is what training
-minimises, c_out·<y, cot> + Σ_name c_name·aux_name, and once the weighted aux losses alone, so
+minimises, c_out·<y, cot> + Σ aux.losses (the family's own weighted losses, each checked to be
+its weight times the unweighted value in aux.metrics), and once the weighted losses alone, so
 a `stop_gradient` (or a lost term) anywhere in the load-balancing, router-z or entropy losses
 shows up as a wrong router gradient. Float64 throughout, with routing margins far above the
 finite-difference step (no expert choice flips between the two evaluations).
@@ -18,19 +19,23 @@ from flax import nnx
 from jax import test_util
 
 import plain_reference as ref
-from moescale.layers import DenseFFN, ProductKeyMemory, SigmaMoE, TopKMoE, common
+from moescale.layers import DenseFFN, ProductKeyMemory, SigmaMoE, TopKMoE
 
 D = 6
 WEIGHTS = {'load_balance': 1.0, 'router_z': 0.5, 'entropy': 1.0}
+_TOPK_WEIGHTS = dict(load_balance_weight=WEIGHTS['load_balance'],
+                     router_z_weight=WEIGHTS['router_z'])
 FAMILIES = {
     # (constructor, the aux losses it must record)
     'topk_moe': (functools.partial(TopKMoE, num_experts=4, expert_size=5, top_k=2,
-                                   capacity_factor=1.0, use_bias=True),
+                                   capacity_factor=1.0, use_bias=True, **_TOPK_WEIGHTS),
                  {'load_balance', 'router_z'}),
     'switch': (functools.partial(TopKMoE, num_experts=4, expert_size=5, top_k=1,
-                                 capacity_factor=0.0), {'load_balance', 'router_z'}),
+                                 capacity_factor=0.0, **_TOPK_WEIGHTS),
+               {'load_balance', 'router_z'}),
     'sigma_moe': (functools.partial(SigmaMoE, num_experts=4, expert_size=5, top_k=2,
-                                    num_layers=2), {'entropy'}),
+                                    num_layers=2, entropy_weight=WEIGHTS['entropy']),
+                  {'entropy'}),
     'pkm': (functools.partial(ProductKeyMemory, num_heads=2, num_keys=3, knn=2, k_dim=4,
                               score_fn='relu'), set()),
     'topk_activation': (functools.partial(DenseFFN, d_ff=8, topk_activation=3, use_bias=True),
@@ -38,11 +43,6 @@ FAMILIES = {
 }
 
 
-def _aux_losses(layer, x, segment_ids):
-  """(y, {name: recorded aux loss}) of one call."""
-  y, losses = nnx.capture(layer, common.AuxLoss)(x, deterministic=True,
-                                                 segment_ids=segment_ids)
-  return y, {path[-1]: sum(var.get_value()) for path, var in nnx.to_flat_state(losses)}
 
 
 def _moe_dispatch(fn):
@@ -72,15 +72,19 @@ def test_gradients_with_aux_losses_match_finite_differences(family):
 
     def parts(flat):
       p, xx = unravel(flat)
-      y, aux = _aux_losses(nnx.merge(graphdef, p, rest, copy=True), xx, segment_ids)
+      y, aux = nnx.merge(graphdef, p, rest, copy=True)(xx, deterministic=True,
+                                                        segment_ids=segment_ids)
       return jnp.vdot(y, cot), aux
 
-    _, recorded = jax.jit(parts)(flat)
-    assert set(recorded) == expected
-    weighted = lambda aux: sum(WEIGHTS[k] * v for k, v in aux.items())
-    objectives = [jax.jit(lambda f: 0.1 * parts(f)[0] + weighted(parts(f)[1]))]
+    # The losses the family trains on: each its weight times the unweighted metric.
+    aux = parts(flat)[1]
+    assert set(aux.losses) == expected
+    for name, value in aux.losses.items():
+      np.testing.assert_allclose(value, WEIGHTS[name] * aux.metrics[name], rtol=1e-12)
+    total = lambda aux: sum(aux.losses.values(), 0.0)
+    objectives = [jax.jit(lambda f: 0.1 * parts(f)[0] + total(parts(f)[1]))]
     if expected:
-      objectives.append(jax.jit(lambda f: weighted(parts(f)[1])))
+      objectives.append(jax.jit(lambda f: total(parts(f)[1])))
       # The aux losses alone have a router gradient the check can see.
       g = jax.grad(objectives[1])(flat)
       router = unravel(g)[0]['w_router'][...]

@@ -1,4 +1,4 @@
-"""host_memory.keep_heap: when it applies, and that it stops XLA:CPU re-faulting its buffers."""
+"""cpu.heap.keep_heap: when it applies, and that it stops XLA:CPU re-faulting its buffers."""
 
 import os
 import subprocess
@@ -6,24 +6,24 @@ import sys
 
 import pytest
 
-from moescale import host_memory
+from moescale.cpu import heap
 
 
 @pytest.fixture
 def fresh(monkeypatch):
-  monkeypatch.setattr(host_memory, '_applied', [])
+  monkeypatch.setattr(heap, '_applied', [])
   return monkeypatch
 
 
 def test_opt_out_and_accelerators_leave_malloc_alone(fresh):
   calls = []
-  fresh.setattr(host_memory.ctypes, 'CDLL', lambda *a: calls.append(a))
+  fresh.setattr(heap.ctypes, 'CDLL', lambda *a: calls.append(a))
   fresh.setenv('MOESCALE_KEEP_HEAP', '0')
-  assert host_memory.keep_heap() is False
-  fresh.setattr(host_memory, '_applied', [])
+  assert heap.keep_heap() is False
+  fresh.setattr(heap, '_applied', [])
   fresh.setenv('MOESCALE_KEEP_HEAP', '1')
   fresh.setenv('JAX_PLATFORMS', 'cuda,cpu')
-  assert host_memory.keep_heap() is False
+  assert heap.keep_heap() is False
   assert calls == []                  # mallopt was never reached
 
 
@@ -32,8 +32,8 @@ def test_opt_out_and_accelerators_leave_malloc_alone(fresh):
 # faults per round.
 _PROBE = """
 import ctypes, resource, threading
-from moescale import host_memory
-applied = host_memory.keep_heap()
+from moescale.cpu import heap
+applied = heap.keep_heap()
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]

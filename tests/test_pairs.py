@@ -18,8 +18,8 @@ def test_every_shipped_pair_passes_check(capsys):
   files = pairs.shipped_pair_files()
   # All of gin/pairs/, subfolders included: test_cli's gin-file test leaves these files to
   # this one (guards a non-recursive glob or a filter in shipped_pair_files).
-  assert sorted(map(pathlib.Path, files)) == sorted(PAIRS.rglob('*.gin'))
-  names = {pathlib.Path(f).relative_to(PAIRS).as_posix() for f in files}
+  assert sorted(pathlib.Path(f).resolve() for f in files) == sorted(PAIRS.rglob('*.gin'))
+  names = {pathlib.Path(f).resolve().relative_to(PAIRS).as_posix() for f in files}
   # Artetxe's four shape twins, each also truly FLOP-matched two ways, and Csordás's
   # parameter-matched pairs for every setting.
   for d, m in (('125m', '15b'), ('355m', '52b'), ('1_3b', '207b'), ('6_7b', '1_1t')):
@@ -37,7 +37,8 @@ def test_shipped_pairs_match_what_they_claim():
     p = pairs.load(f)
     r = pairs.check(p, f)
     if '_shape' in f:
-      # The documented ratios, papers.md: 1.19, 1.23, 1.27, 1.30 under their formula.
+      # The documented ratios under their formula: 1.19, 1.23, 1.27, 1.30
+      # (docs/sources.md#artetxe-et-al-2022-compute-ratios).
       assert p.match == 'train_flops' and p.convention == 'artetxe'
       assert round(r.ratio, 2) == p.expected_ratio
     elif 'compute_matched' in f:

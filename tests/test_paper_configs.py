@@ -70,10 +70,11 @@ def test_artetxe_recipe_settings():
   assert m.unembed is None and m.scale_embeddings  # tied, scaled by sqrt(d)
   assert m.dropout_rate == 0.1
   assert m.sparse_layers == tuple(range(2, 25, 2))
-  assert dict(m.aux_loss_weights)['load_balance'] == 0.01
   ffns = dict(m.ffn_layers())
   dense, moe = ffns[1], ffns[2]
   assert type(moe).__name__ == 'TopKMoE' and type(dense).__name__ == 'DenseFFN'
+  # The load-balancing loss at fairseq's weight, in every MoE layer.
+  assert {f.load_balance_weight for n, f in ffns.items() if n in m.sparse_layers} == {0.01}
   assert (moe.num_experts, moe.top_k, moe.expert_size) == (512, 2, 4096)
   assert moe.second_policy == 'all' and moe.capacity_factor == 1.0
   assert moe.eval_capacity_factor == 1.0 and moe.renormalize
@@ -140,10 +141,12 @@ def test_csordas_recipe_settings(setting):
   assert m.vocab_size == (259 if setting == 'enwik8' else 8000)
   assert m.unembed is not None  # untied output layer
   assert m.dropout_rate == drop
-  assert dict(m.aux_loss_weights) == {'entropy': gamma}
   attn = dict(m.attention_layers())[1]
   assert attn.q_bias is None  # no biases in attention
   moe = dict(m.ffn_layers())[1]
+  # Every FFN a σ-MoE, its only aux loss (the entropy regulariser) at weight γ.
+  assert {(type(f).__name__, f.entropy_weight) for _, f in m.ffn_layers()} == {
+      ('SigmaMoE', gamma)}
   assert (moe.num_experts, moe.expert_size, moe.top_k) == (n_e, g, k)
   assert moe.expert_dropout == delta and moe.selection == 'sigmoid'
   assert moe.activation == 'relu' and moe.num_layers == m.num_layers

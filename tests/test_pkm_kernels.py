@@ -1,8 +1,10 @@
-"""moescale's C++ XLA:CPU kernels for the PKM (kernels/*.cc via layers/pkm_kernels.py):
-each equals a plain reference, the layer computes the same with either kernels, 'auto' picks
-them only where they apply, and a machine without a compiler gets a clear reason."""
+"""moescale's C++ XLA:CPU kernels for the PKM (cpu/pkm_*.cc via cpu/pkm.py, the 'pkm' op of
+kernel_registry): each equals a plain reference, the layer computes the same with either
+kernels, 'auto' lowers them only where they apply, and a machine without a compiler gets a
+clear reason."""
 
 import itertools
+import re
 import shutil
 
 import jax
@@ -11,17 +13,27 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from moescale import kernel_registry
 from moescale import sharding as shd
-from moescale.kernels import cpu
-from moescale.layers import ProductKeyMemory, pkm_kernels, pkm_ops
+from moescale.cpu import build
+from moescale.cpu import pkm as cpu_pkm
+from moescale.layers import ProductKeyMemory, pkm_ops
 
 # Skipped only where the kernels are not expected; a failed build fails (conftest.py).
 pytestmark = pytest.mark.cpu_kernels
 
 
+def _select(name):
+  return kernel_registry.select('pkm', name, pkm_ops.XLA)
+
+
+def _on_host(name):
+  return kernel_registry.on_host('pkm', name, pkm_ops.XLA)
+
+
 @pytest.fixture(scope='module')
 def kernels():
-  return pkm_kernels.get_kernels('cpu')   # loaded: conftest.py failed the test otherwise
+  return _select('cpu')   # loaded: conftest.py failed the test otherwise
 
 
 # n <= 256 takes the rank-counting top-k, longer rows the insertion one (pkm_search.cc).
@@ -135,7 +147,7 @@ def test_layer_is_the_same_with_cpu_and_xla_kernels(kernels, query_proj):
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
     def loss(params, x):
-      y = nnx.merge(graphdef, params, rest, copy=True)(x, deterministic=True)
+      y, _ = nnx.merge(graphdef, params, rest, copy=True)(x, deterministic=True)
       return jnp.sum(jnp.sin(y))
     outs[name] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
   a, b = outs['xla'], outs['cpu']
@@ -144,42 +156,67 @@ def test_layer_is_the_same_with_cpu_and_xla_kernels(kernels, query_proj):
     np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-5)
 
 
+def _layer_custom_calls(kernels='auto'):
+  """The moescale custom calls in the program of a sparse PKM's forward and backward, traced
+  under the current mesh."""
+  layer = ProductKeyMemory(32, num_heads=2, num_keys=16, knn=8, query_proj=False,
+                           score_fn='relu', kernels=kernels, rngs=nnx.Rngs(0))
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  x = jax.random.normal(jax.random.key(2), (2, 8, 32))
+
+  def loss(params, x):
+    return jnp.sum(nnx.merge(graphdef, params, rest, copy=True)(x, deterministic=True)[0])
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).as_text()
+  return {c for c in re.findall(r'custom_call @([\w.$-]+)', text) if c.startswith('moescale')}
+
+
 def test_auto_uses_cpu_kernels_on_one_device_and_xla_under_a_device_mesh(kernels):
-  assert pkm_kernels.get_kernels('auto') is kernels          # no mesh: one device's program
+  assert kernels is cpu_pkm.CPU
+  assert _on_host('auto') is kernels                   # no mesh: one device's program
+  # The layer's program built for this host runs the search and the value read as kernels.
+  want = {build.PRODUCT_TOP_K, build.PRODUCT_TOP_K_GRAD, build.GATHER_REDUCE,
+          build.GATHER_DOT, build.SCATTER_ADD}
+  assert _layer_custom_calls() == want
   with jax.set_mesh(shd.make_mesh(devices=jax.devices()[:1])):
-    assert pkm_kernels.get_kernels('auto') is kernels
+    assert _on_host('auto') is kernels
+    assert _layer_custom_calls() == want
   if jax.device_count() > 1:  # a custom call cannot be split: XLA's ops, which GSPMD splits
     with jax.set_mesh(shd.make_mesh()):
-      assert pkm_kernels.get_kernels('auto') is pkm_ops.XLA
-  assert pkm_kernels.get_kernels('xla') is pkm_ops.XLA
+      assert _on_host('auto') is pkm_ops.XLA
+      assert _layer_custom_calls() == set()
+      with pytest.raises(RuntimeError, match=r"pkm kernels 'cpu' are unavailable: .*mesh"):
+        _select('cpu')
+  assert _select('xla') is pkm_ops.XLA
+  assert _layer_custom_calls('xla') == set()
 
 
 def test_bad_names_and_a_missing_compiler_are_clear_errors(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"unknown kernels 'gpu'.*'auto', 'xla', 'cpu'"):
     ProductKeyMemory(32, num_keys=16, knn=8, kernels='gpu', rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"unknown PKM kernels 'fast'"):
-    pkm_kernels.get_kernels('fast')
+  with pytest.raises(ValueError, match=r"unknown pkm kernels 'fast'"):
+    _select('fast')
   monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
-  with pytest.raises(cpu.KernelBuildError, match='no-such-compiler'):
-    cpu.build(tmp_path / 'cache')
+  with pytest.raises(build.KernelBuildError, match='no-such-compiler'):
+    build.build(tmp_path / 'cache')
   assert not list((tmp_path / 'cache').glob('*'))  # no half-written library left behind
-  monkeypatch.setattr(cpu, 'load', lambda: False)
-  monkeypatch.setattr(cpu, 'failure', lambda: 'no C++ compiler found')
-  with pytest.raises(RuntimeError, match="kernels='cpu' are unavailable: no C.. compiler"):
-    pkm_kernels.get_kernels('cpu')
-  assert pkm_kernels.get_kernels('auto') is pkm_ops.XLA      # auto falls back silently
+  monkeypatch.setattr(build, 'load', lambda: False)
+  monkeypatch.setattr(build, 'failure', lambda: 'no C++ compiler found')
+  with pytest.raises(RuntimeError, match="kernels 'cpu' are unavailable: no C.. compiler"):
+    _select('cpu')
+  assert _on_host('auto') is pkm_ops.XLA      # auto falls back silently
+  assert _layer_custom_calls() == set()       # and its program has no kernel in it
 
 
 def test_library_name_follows_the_source_and_a_built_library_is_reused(kernels, tmp_path,
                                                                         monkeypatch):
-  built = cpu.library_path()                       # what `load()` built or found
+  built = build.library_path()                     # what `load()` built or found
   assert built.exists()
-  cached = cpu.library_path(tmp_path)
+  cached = build.library_path(tmp_path)
   assert cached.name == built.name and cached.parent == tmp_path
   shutil.copy(built, cached)
-  monkeypatch.setattr(cpu.subprocess, 'Popen', lambda *a, **k: pytest.fail('recompiled'))
-  assert cpu.build(tmp_path) == cached             # found, not compiled again
+  monkeypatch.setattr(build.subprocess, 'Popen', lambda *a, **k: pytest.fail('recompiled'))
+  assert build.build(tmp_path) == cached           # found, not compiled again
   edited = tmp_path / 'pkm_search.cc'
-  edited.write_text(cpu.SOURCES[0].read_text() + '\n// edited\n')
-  monkeypatch.setattr(cpu, 'SOURCES', (edited, *cpu.SOURCES[1:]))
-  assert cpu.library_path(tmp_path) != cached      # an edited source builds its own library
+  edited.write_text(build.SOURCES[0].read_text() + '\n// edited\n')
+  monkeypatch.setattr(build, 'SOURCES', (edited, *build.SOURCES[1:]))
+  assert build.library_path(tmp_path) != cached    # an edited source builds its own library

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 from jax import test_util
 
-from moescale.layers import AuxLoss, RoutingMetric, SigmaMoE
+from moescale.layers import SigmaMoE
 from moescale.layers import sigma_moe
 
 D, E, G, K = 8, 6, 4, 2
@@ -27,6 +27,11 @@ def _layer(selection='sigmoid', seed=0, **kw):
   kw.setdefault('top_k', K)
   kw.setdefault('dispatch', 'reference')
   return SigmaMoE(D, E, G, selection=selection, rngs=nnx.Rngs(seed, dropout=seed + 1), **kw)
+
+
+def _y(layer, x, **kw):
+  """The output alone of `layer(x, **kw)` (its aux: test_layer_records_entropy_and_...)."""
+  return layer(x, **kw)[0]
 
 
 def _sharpen_router(layer, scale=4.0):
@@ -69,9 +74,12 @@ def loop_reference(layer, x, selection, keep=None, segment_ids=None):
 
 
 def _captured(layer, x, **kw):
-  y, losses, metrics = nnx.capture(layer, AuxLoss, RoutingMetric)(x, **kw)
-  first = lambda v: v.get_value()[0]
-  return y, {k: first(v) for k, v in losses.items()}, {k: first(v) for k, v in metrics.items()}
+  """(y, {unweighted loss}, metrics); the weighted losses are checked against them."""
+  y, aux = layer(x, **kw)
+  assert set(aux.losses) == {'entropy'}
+  np.testing.assert_allclose(aux.losses['entropy'], layer.entropy_weight * aux.metrics['entropy'],
+                             rtol=1e-6)
+  return y, {'entropy': aux.metrics['entropy']}, aux.metrics
 
 
 # ------------------------------------------------------------------------------- forward pass
@@ -82,7 +90,7 @@ def test_matches_per_token_loop_reference(selection):
   layer = _layer(selection)
   _sharpen_router(layer)
   x = _x()
-  np.testing.assert_allclose(layer(x), loop_reference(layer, x, selection),
+  np.testing.assert_allclose(_y(layer, x), loop_reference(layer, x, selection),
                              rtol=1e-5, atol=1e-6)
 
 
@@ -112,7 +120,7 @@ def test_padding_tokens_output_zero_cost_nothing_and_do_not_change_real_tokens()
   _sharpen_router(layer)
   x = _x()
   seg = jnp.array([[1, 1, 1, 0, 0], [2, 2, 3, 3, 0]])
-  y = layer(x, segment_ids=seg)
+  y = _y(layer, x, segment_ids=seg)
   assert (np.asarray(y)[np.asarray(seg) == 0] == 0).all()
   np.testing.assert_allclose(y, loop_reference(layer, x, 'sigmoid', segment_ids=seg),
                              rtol=1e-5, atol=1e-6)
@@ -157,7 +165,7 @@ def test_expert_dropout_with_fixed_key_matches_masked_reference(monkeypatch):
   layer = _layer(expert_dropout=0.5)
   _sharpen_router(layer)
   x = _x()
-  y = layer(x, deterministic=False)
+  y = _y(layer, x, deterministic=False)
   (keep,) = seen
   assert 0 < np.asarray(keep).mean() < 1
   np.testing.assert_allclose(y, loop_reference(layer, x, 'sigmoid', keep=keep),
@@ -166,7 +174,7 @@ def test_expert_dropout_with_fixed_key_matches_masked_reference(monkeypatch):
 
 def _expert_param_grads(layer, x):
   def loss(layer):
-    return jnp.sum(layer(x, deterministic=False) * jnp.arange(D, dtype=jnp.float32))
+    return jnp.sum(_y(layer, x, deterministic=False) * jnp.arange(D, dtype=jnp.float32))
   return nnx.grad(loss)(layer)
 
 
@@ -182,7 +190,7 @@ def test_a_masked_expert_never_contributes_and_gets_no_gradient(monkeypatch):
   # Without the mask, expert 2 is somebody's choice: the test would notice if it leaked.
   logits = sigma_moe.router_logits(x.reshape(-1, D), layer.w_router[...])
   assert (np.asarray(sigma_moe.select_experts(logits, K)[0]) == dropped).any()
-  np.testing.assert_allclose(layer(x, deterministic=False),
+  np.testing.assert_allclose(_y(layer, x, deterministic=False),
                              loop_reference(layer, x, 'sigmoid', keep=keep),
                              rtol=1e-5, atol=1e-6)
   grads = _expert_param_grads(layer, x)
@@ -195,7 +203,7 @@ def test_a_masked_expert_never_contributes_and_gets_no_gradient(monkeypatch):
 def test_full_expert_dropout_outputs_zero_with_zero_expert_gradients():
   layer = _layer(expert_dropout=1.0)
   x = _x()
-  y = layer(x, deterministic=False)
+  y = _y(layer, x, deterministic=False)
   np.testing.assert_array_equal(y, np.zeros(x.shape))
   grads = _expert_param_grads(layer, x)
   for name in ('w_in', 'w_out', 'w_router'):
@@ -208,9 +216,9 @@ def test_deterministic_ignores_expert_dropout():
   without = _layer(expert_dropout=0.0)
   np.testing.assert_array_equal(with_dropout.w_router[...], without.w_router[...])
   x = _x()
-  np.testing.assert_array_equal(with_dropout(x, deterministic=True), without(x))
-  np.testing.assert_array_equal(without(x, deterministic=False), without(x))
-  assert not np.allclose(with_dropout(x, deterministic=False), without(x))
+  np.testing.assert_array_equal(_y(with_dropout, x, deterministic=True), _y(without, x))
+  np.testing.assert_array_equal(_y(without, x, deterministic=False), _y(without, x))
+  assert not np.allclose(_y(with_dropout, x, deterministic=False), _y(without, x))
 
 
 def test_training_with_expert_dropout_needs_a_dropout_stream():
@@ -264,9 +272,10 @@ def test_layer_records_entropy_and_usage_metrics():
   np.testing.assert_allclose(metrics['expert_usage'], counts / counts.sum(), rtol=1e-6)
   assert counts.sum() == 9 * K  # 9 real tokens, each to exactly K experts
   assert 0 < float(metrics['router_entropy']) <= np.log(E) + 1e-6
-  # Recording outside a capture is a no-op and leaves no state on the module.
-  np.testing.assert_array_equal(layer(x, segment_ids=seg), y)
-  assert not jax.tree.leaves(nnx.state(layer, AuxLoss, RoutingMetric))
+  # A call leaves no state behind on the module (its parameters and RNG streams only).
+  before = nnx.state(layer)
+  np.testing.assert_array_equal(layer(x, segment_ids=seg)[0], y)
+  assert jax.tree.structure(nnx.state(layer)) == jax.tree.structure(before)
 
 
 # -------------------------------------------------------------------------------------- init
@@ -337,8 +346,8 @@ def test_gradients_finite_and_match_finite_differences_in_float64():
       total = 0.0
       for graphdef in graphdefs:
         model = nnx.merge(graphdef, params)
-        y, losses = nnx.capture(model, AuxLoss)(x)
-        total += jnp.sum(y * r) + losses['entropy'].get_value()[0]
+        y, aux = model(x)
+        total += jnp.sum(y * r) + aux.metrics['entropy']
       return total
 
     grads = jax.grad(f, argnums=(0, 1))(x, params)
@@ -388,7 +397,7 @@ def test_dispatch_backend_matches_reference(backend):
   seg = jnp.array([[1, 1, 1, 0, 0], [2, 2, 3, 3, 3]])
 
   def loss(layer):
-    y = layer(x, deterministic=False, segment_ids=seg)
+    y = _y(layer, x, deterministic=False, segment_ids=seg)
     return jnp.sum(y * jnp.arange(D, dtype=jnp.float32)), y
 
   results = []
@@ -405,8 +414,8 @@ def test_jit_with_expert_dropout_and_bfloat16_compute():
   layer = _layer(expert_dropout=0.3, dtype=jnp.bfloat16)
   ref = _layer(expert_dropout=0.3)
   x = _x()
-  y = nnx.jit(lambda m, x: m(x, deterministic=False))(layer, x)
+  y = nnx.jit(lambda m, x: _y(m, x, deterministic=False))(layer, x)
   assert y.dtype == jnp.bfloat16
   # The router sees the same float32 logits and the same dropout key, so the same experts.
-  np.testing.assert_allclose(np.asarray(y, np.float32), ref(x, deterministic=False),
+  np.testing.assert_allclose(np.asarray(y, np.float32), _y(ref, x, deterministic=False),
                              rtol=0.05, atol=0.05)

@@ -26,8 +26,23 @@ def _x(shape=(2, 4, D), seed=0):
   return jnp.asarray(_np_normal(shape, seed))
 
 
-def _val(state, name):
-  return np.asarray(state[name].get_value()[0])
+LOSSES = ('load_balance', 'router_z')
+
+
+def _call(layer, x, **kw):
+  """(y, {unweighted loss}, metrics) of `layer(x, **kw)`; the weighted losses in aux.losses are
+  checked against the unweighted ones in aux.metrics and the layer's own weights."""
+  y, aux = layer(x, **kw)
+  weights = {'load_balance': layer.load_balance_weight, 'router_z': layer.router_z_weight}
+  assert set(aux.losses) == {name for name in LOSSES if weights[name]}
+  for name in aux.losses:
+    np.testing.assert_allclose(aux.losses[name], weights[name] * aux.metrics[name], rtol=1e-6)
+  return y, {name: aux.metrics[name] for name in LOSSES}, aux.metrics
+
+
+def _y(layer, x, **kw):
+  """The output alone of `layer(x, **kw)`."""
+  return layer(x, **kw)[0]
 
 
 def _moe(top_k=2, **kw):
@@ -187,13 +202,12 @@ def test_worked_example_drops_and_outputs():
   g = _softmax([3.0, 2.0, 0.0, 0.0])
   np.testing.assert_allclose(r.weights[0], [g[0] / (g[0] + g[1]), g[1] / (g[0] + g[1])],
                              rtol=1e-6)
-  y, _, metrics = nnx.capture(layer, common.AuxLoss, common.RoutingMetric)(x)
+  y, _, metrics = _call(layer, x)
   y = np.asarray(y).reshape(8, D)
   np.testing.assert_array_equal(y[4], 0.0)  # both choices dropped: residual only
   np.testing.assert_allclose(y[5], _np_expert(layer, 1, np.eye(D)[5]), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(_val(metrics, 'fraction_dropped'), 3 / 16, rtol=1e-6)
-  np.testing.assert_allclose(_val(metrics, 'expert_usage'), np.array([4, 4, 3, 2]) / 13,
-                             rtol=1e-6)
+  np.testing.assert_allclose(metrics['fraction_dropped'], 3 / 16, rtol=1e-6)
+  np.testing.assert_allclose(metrics['expert_usage'], np.array([4, 4, 3, 2]) / 13, rtol=1e-6)
 
 
 def test_batch_layout_is_batch_major():
@@ -235,32 +249,32 @@ def test_padding_takes_no_slot_gives_zero_and_keeps_capacity():
   np.testing.assert_array_equal(r.expert_index[:, 0], [4, 4, 0, 0, 4, 4, 4, 4])
   pad = np.asarray(seg).reshape(-1) == 0
   np.testing.assert_array_equal(r.weights[pad], 0.0)
-  y = np.asarray(layer(x, segment_ids=seg)).reshape(8, D)
+  y = np.asarray(_y(layer, x, segment_ids=seg)).reshape(8, D)
   np.testing.assert_array_equal(y[pad], 0.0)
   assert np.all(np.abs(y[2]) > 0)
 
 
 def test_padding_excluded_from_losses():
-  layer = _moe(2, capacity_factor=1.0, rngs=nnx.Rngs(1))
+  # Both losses weighted (router_z off by default): _call checks each against its metric.
+  layer = _moe(2, capacity_factor=1.0, router_z_weight=1e-3, rngs=nnx.Rngs(1))
   seg = jnp.array([[1, 1, 1, 0], [2, 2, 0, 0]])
   x = _x(seed=2)
   x_other = x.at[0, 3].set(100.0).at[1, 2:].set(-7.0)  # only padding rows changed
-  run = nnx.capture(layer, common.AuxLoss, common.RoutingMetric)
-  _, l1, m1 = run(x, segment_ids=seg)
-  _, l2, m2 = run(x_other, segment_ids=seg)
+  _, l1, m1 = _call(layer, x, segment_ids=seg)
+  _, l2, m2 = _call(layer, x_other, segment_ids=seg)
   for name in ('load_balance', 'router_z'):
-    np.testing.assert_allclose(_val(l1, name), _val(l2, name), rtol=1e-6)
-  np.testing.assert_allclose(_val(m1, 'router_entropy'), _val(m2, 'router_entropy'), rtol=1e-6)
+    np.testing.assert_allclose(l1[name], l2[name], rtol=1e-6)
+  np.testing.assert_allclose(m1['router_entropy'], m2['router_entropy'], rtol=1e-6)
   # And they equal direct numpy over the real tokens.
   real = np.asarray(seg).reshape(-1) != 0
   logits = (np.asarray(x, np.float64).reshape(-1, D) @ np.asarray(layer.w_router[...]))[real]
   p = _softmax(logits)
   top1 = np.eye(E)[p.argmax(-1)]
-  np.testing.assert_allclose(_val(l1, 'load_balance'), E * np.sum(p.mean(0) * top1.mean(0)),
+  np.testing.assert_allclose(l1['load_balance'], E * np.sum(p.mean(0) * top1.mean(0)),
                              rtol=1e-5)
   lse = np.log(np.exp(logits).sum(-1))
-  np.testing.assert_allclose(_val(l1, 'router_z'), np.mean(lse ** 2), rtol=1e-5)
-  np.testing.assert_allclose(_val(m1, 'router_entropy'), np.mean(-(p * np.log(p)).sum(-1)),
+  np.testing.assert_allclose(l1['router_z'], np.mean(lse ** 2), rtol=1e-5)
+  np.testing.assert_allclose(m1['router_entropy'], np.mean(-(p * np.log(p)).sum(-1)),
                              rtol=1e-5)
 
 
@@ -366,7 +380,7 @@ def test_dropless_equals_per_token_loop():
   layer.b_out[...] = jnp.asarray(_np_normal((E, D), 8) * 0.1)
   seg = jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]])
   x = _x(seed=4)
-  y = np.asarray(layer(x, segment_ids=seg)).reshape(-1, D)
+  y = np.asarray(_y(layer, x, segment_ids=seg)).reshape(-1, D)
   xs = np.asarray(x, np.float64).reshape(-1, D)
   p = _softmax(xs @ np.asarray(layer.w_router[...]))
   for s in range(8):
@@ -385,7 +399,7 @@ def test_layer_equals_reference_backend_with_capacity():
   x = _x(seed=5)
   r = layer.route(x)
   assert r.capacity == 2 and not np.all(r.kept)  # ceil(0.5*2*8/4) = 2: some drop
-  y = layer(x)
+  y = _y(layer, x)
   want = dispatch.ReferenceLoop()(
       x.reshape(-1, D), r.expert_index, r.weights,
       dispatch.ExpertWeights(layer.w_in[...], layer.w_out[...]), common.activation_fn('gelu'))
@@ -400,7 +414,7 @@ def test_default_backend_equals_reference(capacity_factor):
   ref = _moe(2, rngs=nnx.Rngs(5), **kw)
   ref.b_out[...] = auto.b_out[...] = jnp.asarray(_np_normal((E, D), 9))
   x, seg = _x(seed=5), jnp.array([[1, 1, 1, 1], [1, 1, 1, 0]])
-  np.testing.assert_allclose(auto(x, segment_ids=seg), ref(x, segment_ids=seg),
+  np.testing.assert_allclose(_y(auto, x, segment_ids=seg), _y(ref, x, segment_ids=seg),
                              rtol=1e-5, atol=1e-5)
 
 
@@ -414,7 +428,7 @@ def test_capacity_hint_covers_all_groups():
   r = ref.route(x)
   per_expert = np.bincount(np.asarray(r.expert_index).ravel(), minlength=E + 1)[:E]
   assert r.capacity == 2 and per_expert.max() > r.capacity
-  np.testing.assert_allclose(slots(x), ref(x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_y(slots, x), _y(ref, x), rtol=1e-5, atol=1e-5)
 
 
 def test_one_expert_top1_equals_dense():
@@ -430,7 +444,7 @@ def test_one_expert_top1_equals_dense():
     getattr(moe, name).set_value(jnp.asarray(value[None]))
   moe.w_router.set_value(jnp.asarray(_np_normal((D, 1), 3)))  # any router: softmax over 1 = 1
   x = _x()
-  run = nnx.jit(lambda layer, x: layer(x))  # One compile each instead of many eager ones.
+  run = nnx.jit(_y)  # One compile each instead of many eager ones.
   np.testing.assert_allclose(run(moe, x), run(dense, x), rtol=1e-5, atol=1e-6)
 
 
@@ -464,7 +478,7 @@ def test_gradients_match_finite_differences():
     def f(flat):
       state, x = unravel(flat)
       state = jax.tree.map(lambda a: a.astype(jnp.float64), state)
-      y = nnx.merge(graphdef, state)(x.astype(jnp.float64))
+      y, _ = nnx.merge(graphdef, state)(x.astype(jnp.float64))
       assert y.dtype == jnp.float64
       return jnp.sum(y * c)
 
@@ -477,17 +491,13 @@ def test_gradients_finite_in_training_with_drops():
   x = _x()
 
   def loss(layer):
-    y, losses = nnx.capture(layer, common.AuxLoss)(x, deterministic=False)
-    return jnp.sum(y ** 2) + 0.01 * _val_j(losses, 'load_balance') + _val_j(losses, 'router_z')
+    y, aux = layer(x, deterministic=False)
+    return jnp.sum(y ** 2) + 0.01 * aux.metrics['load_balance'] + aux.metrics['router_z']
 
   grads = nnx.jit(nnx.grad(loss))(layer)
   for leaf in jax.tree.leaves(grads):
     assert np.all(np.isfinite(leaf))
   assert np.any(np.asarray(grads['w_router'].get_value()) != 0)
-
-
-def _val_j(state, name):
-  return state[name].get_value()[0]
 
 
 def test_jit_advances_noise_between_calls():

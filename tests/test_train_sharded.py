@@ -29,14 +29,17 @@ from moescale.train import step as step_lib
 
 VOCAB, LENGTH, BATCH = 32, 16, 8
 
+AUX_WEIGHTS = {'load_balance': 0.1, 'router_z': 0.01, 'entropy': 0.1}
+_TOPK_WEIGHTS = dict(load_balance_weight=AUX_WEIGHTS['load_balance'],
+                     router_z_weight=AUX_WEIGHTS['router_z'])
 FAMILIES = {
     'dense': functools.partial(DenseFFN, d_ff=64),
     'topk_moe': functools.partial(TopKMoE, num_experts=4, expert_size=32, top_k=2,
-                                  capacity_factor=1.0, use_bias=True),
+                                  capacity_factor=1.0, use_bias=True, **_TOPK_WEIGHTS),
     'topk_moe_dropless': functools.partial(TopKMoE, num_experts=4, expert_size=32, top_k=2,
-                                           capacity_factor=0.0),
+                                           capacity_factor=0.0, **_TOPK_WEIGHTS),
     'sigma_moe': functools.partial(SigmaMoE, num_experts=4, expert_size=16, top_k=2,
-                                   num_layers=2),
+                                   num_layers=2, entropy_weight=AUX_WEIGHTS['entropy']),
     'pkm': functools.partial(ProductKeyMemory, num_heads=2, num_keys=8, knn=4,
                              query_proj=False, score_fn='relu'),
 }
@@ -56,15 +59,19 @@ CASES = ([(f, m, 'ring') for f in FAMILIES for m in MESHES
          + [('topk_moe', m, 'all_to_all') for m in EP_MESHES])
 
 
-AUX_WEIGHTS = {'load_balance': 0.1, 'router_z': 0.01, 'entropy': 0.1}
 Z_LOSS, LR, STEPS = 1e-3, 0.5, 3
 
 
-def _model_fn(family):
+def _model_fn(family, exchange='ring', scan_layers=True):
+  """The test LM with `family` in layer 2; a MoE family exchanges tokens by `exchange` under
+  an expert-parallel mesh (its own setting: nothing else decides it)."""
+  sparse = FAMILIES[family]
+  if 'moe' in family:
+    sparse = functools.partial(sparse, expert_exchange=exchange)
   return functools.partial(TransformerLM, vocab_size=VOCAB, d_model=32, num_layers=2,
                            num_heads=4, ffn=functools.partial(DenseFFN, d_ff=64),
-                           sparse_ffn=FAMILIES[family], sparse_layers='every_other',
-                           aux_loss_weights=AUX_WEIGHTS)
+                           sparse_ffn=sparse, sparse_layers='every_other',
+                           scan_layers=scan_layers)
 
 
 def _batches():
@@ -72,15 +79,18 @@ def _batches():
   return [next(it) for _ in range(STEPS)]
 
 
-def _run(model_fn, mesh, exchange='ring'):
-  """The trainer's step, jitted with the mesh's shardings, on plain SGD: (records, state)."""
+def _run(model_fn, mesh, params=None):
+  """The trainer's step, jitted with the mesh's shardings, on plain SGD: (records, state).
+  params: {path: value} to start from instead of the model's own initial values."""
   tx = optax.sgd(LR)
   graphdef, state, state_sh = step_lib.create_train_state(model_fn, tx, 0, mesh)
+  if params is not None:
+    ref.set_params(state.params, params)
   train = step_lib.jit_train_step(
       step_lib.make_train_step(graphdef, tx, lambda s: LR, step_lib.StepConfig(z_loss=Z_LOSS)),
       state_sh, mesh)
   records = []
-  with shd.activation_sharding(mesh), jax.set_mesh(mesh), expert_parallel.configure(exchange):
+  with shd.use_mesh(mesh):          # the one context the trainer enters
     for batch in _batches():
       state, m = train(state, shd.host_local_to_global(batch, mesh))
       records.append({k: float(m[k]) for k in ('total_loss', 'loss', 'grad_norm')})
@@ -88,11 +98,11 @@ def _run(model_fn, mesh, exchange='ring'):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(family):
+def _reference(family, scan_layers=True):
   """Plain SGD on the written-out objective, one device, from the same initial parameters.
   One run per family, shared by its mesh cases (pytest-xdist --dist loadfile keeps a file on
   one worker, so the cache is hit)."""
-  model_fn = _model_fn(family)
+  model_fn = _model_fn(family, scan_layers=scan_layers)
   mesh = shd.make_mesh(devices=jax.devices()[:1])
   graphdef, state, _ = step_lib.create_train_state(model_fn, optax.sgd(LR), 0, mesh)
   batches = [{k: jax.numpy.asarray(v) for k, v in b.items()} for b in _batches()]
@@ -105,14 +115,14 @@ def _reference(family):
 def test_sharded_steps_equal_plain_gradient_descent(family, mesh_name, exchange, monkeypatch):
   """Kills: a gradient scaled by the device count, an aux loss or the z-loss lost under a
   mesh, expert-parallel exchanges that drop, duplicate or misroute tokens."""
-  model_fn = _model_fn(family)
+  model_fn = _model_fn(family, exchange)
   ref_records, ref_params = _reference(family)
   mesh = shd.make_mesh(**MESHES[mesh_name])
   exchanged = []
   original = expert_exchange.exchange_ffn
   monkeypatch.setattr(expert_exchange, 'exchange_ffn',
                       lambda *a, **kw: exchanged.append(1) or original(*a, **kw))
-  records, state = _run(model_fn, mesh, exchange=exchange)
+  records, state = _run(model_fn, mesh)
   assert bool(exchanged) == (exchange == 'all_to_all')
   for key in ('total_loss', 'loss', 'grad_norm'):
     np.testing.assert_allclose([r[key] for r in records], [r[key] for r in ref_records],
@@ -129,21 +139,38 @@ def test_sharded_steps_equal_plain_gradient_descent(family, mesh_name, exchange,
   assert records[-1]['loss'] < records[0]['loss']
 
 
+@pytest.mark.parametrize('mesh_name', EP_MESHES)
+def test_scanned_layers_under_expert_parallelism_equal_the_looped_reference(mesh_name):
+  """The scanned default (nnx.scan around the expert-parallel shard_map), started from the
+  looped reference's parameters, takes the same steps: losses, gradient norms, parameters."""
+  ref_records, ref_params = _reference('topk_moe', scan_layers=False)
+  mesh = shd.make_mesh(**MESHES[mesh_name])
+  looped_fn = _model_fn('topk_moe', scan_layers=False)
+  start = ref.flat(step_lib.create_train_state(looped_fn, optax.sgd(LR), 0, mesh)[1].params)
+  records, state = _run(_model_fn('topk_moe'), mesh, ref.scanned_from_looped(start, 2))
+  for key in ('total_loss', 'loss', 'grad_norm'):
+    np.testing.assert_allclose([r[key] for r in records], [r[key] for r in ref_records],
+                               rtol=2e-5, err_msg=key)
+  want = ref.scanned_from_looped(ref_params, 2)
+  for name, value in ref.flat(state.params).items():
+    np.testing.assert_allclose(value, want[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 def test_expert_weights_split_over_expert_axis_and_ep_dispatch_used(monkeypatch):
   mesh = shd.make_mesh(data=2, expert=4)
   seen = []
-  original = ExpertParallel.__call__
+  original = ExpertParallel.apply
 
   def spy(self, *args, **kwargs):
     seen.append(self.name)
     return original(self, *args, **kwargs)
 
-  monkeypatch.setattr(ExpertParallel, '__call__', spy)
+  monkeypatch.setattr(ExpertParallel, 'apply', spy)
   _, state = _run(_model_fn('topk_moe'), mesh)
-  w_in = state.params['blocks'][1]['ffn']['w_in'][...]
-  assert w_in.sharding.spec[0] == 'expert'
+  w_in = state.params['groups']['blocks'][1]['ffn']['w_in'][...]   # [layers, experts, ...]
+  assert w_in.sharding.spec[1] == 'expert'
   # each device holds 1 of the 4 experts
-  assert {s.data.shape[0] for s in w_in.addressable_shards} == {1}
+  assert {s.data.shape[1] for s in w_in.addressable_shards} == {1}
   assert seen and all(s.startswith('expert_parallel') for s in seen)
 
 
@@ -166,23 +193,37 @@ def test_logical_rules_map_and_skip_used_axes():
     shd.logical_to_spec(('nonsense',))
 
 
-def test_ep_wrapper_used_only_with_an_expert_axis():
-  inner = dispatch_lib.get_backend('reference')
-  from moescale.layers.expert_parallel import wrap_for_mesh
-  assert wrap_for_mesh(inner) is inner
-  with shd.activation_sharding(shd.make_mesh(data=2, expert=4)):
-    assert isinstance(wrap_for_mesh(inner), ExpertParallel)
-  with shd.activation_sharding(shd.make_mesh(data=8)):
-    assert wrap_for_mesh(inner) is inner
+def test_expert_parallel_only_under_a_mesh_with_an_expert_axis(monkeypatch):
+  """The mesh JAX traces under (nothing of moescale's) decides whether a Dispatch runs expert
+  parallel; its exchange is the one it was built with."""
+  calls = []
+  monkeypatch.setattr(ExpertParallel, 'apply',
+                      lambda self, *a, **k: calls.append(self.exchange) or (a[0], 0.0))
+  run = dispatch_lib.Dispatch('reference', exchange='all_to_all')
+  x, idx = np.ones((8, 4), np.float32), np.zeros((8, 1), np.int32)
+  experts = dispatch_lib.ExpertWeights(np.ones((4, 4, 2), np.float32),
+                                       np.ones((4, 2, 4), np.float32))
+  assert expert_parallel.expert_shards() == 1
+  run(x, idx, np.ones((8, 1), np.float32), experts, jax.nn.relu)
+  with shd.use_mesh(shd.make_mesh(data=8)):
+    assert expert_parallel.expert_shards() == 1
+    run(x, idx, np.ones((8, 1), np.float32), experts, jax.nn.relu)
+  assert calls == []
+  with jax.set_mesh(shd.make_mesh(data=2, expert=4)):
+    assert expert_parallel.expert_shards() == 4
+    run(x, idx, np.ones((8, 1), np.float32), experts, jax.nn.relu)
+  assert calls == ['all_to_all']
 
 
-def test_activation_constraints_pin_the_residual_heads_and_hidden_units():
-  """Under activation_sharding the model annotates its activations: the residual stream is
-  split over data only, attention heads and FFN hidden units over 'tensor'."""
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_activation_constraints_pin_the_residual_heads_and_hidden_units(scan_layers):
+  """Under a mesh the model annotates its activations: the residual stream is split over data
+  only, attention heads and FFN hidden units over 'tensor'."""
   mesh = shd.make_mesh(data=2, tensor=4)
   # vocab 48 (not d_model 32): the logits [8, 16, 48] must not be mistaken for the residual.
   model_fn = functools.partial(TransformerLM, vocab_size=48, d_model=32, num_layers=2,
-                               num_heads=4, ffn=functools.partial(DenseFFN, d_ff=64))
+                               num_heads=4, ffn=functools.partial(DenseFFN, d_ff=64),
+                               scan_layers=scan_layers)
   graphdef, params, rest = step_lib.abstract_model(model_fn, 0)
 
   tokens = jax.ShapeDtypeStruct((BATCH, LENGTH), np.int32)
@@ -194,14 +235,14 @@ def test_activation_constraints_pin_the_residual_heads_and_hidden_units():
       return nnx.merge(graphdef, params, rest)(tokens).logits
     return jax.jit(forward).lower(params, rest, tokens).as_text()
 
-  with jax.set_mesh(mesh):
-    with shd.activation_sharding(mesh):
-      text = lowered_text()
-    plain = lowered_text()
-  assert 'sharding_constraint' not in plain  # outside the context the model is unannotated
+  with shd.use_mesh(mesh):
+    text = lowered_text()
+  plain = lowered_text()
+  assert 'sharding_constraint' not in plain  # without a mesh the model is unannotated
   constraints = [line for line in text.splitlines() if 'sharding_constraint' in line]
-  # 2 layers x (block input, block output, q, k, v, hidden) + embeddings + logits
-  assert len(constraints) >= 2 * 6 + 2, len(constraints)
+  # (block input, block output, q, k, v, hidden) per layer (once, in the scan's body, when
+  # scanned) + embeddings + logits
+  assert len(constraints) >= (1 if scan_layers else 2) * 6 + 2, len(constraints)
   residual = [c for c in constraints if 'tensor<8x16x32xf32>' in c]
   heads = [c for c in constraints if 'tensor<8x16x4x8xf32>' in c]
   hidden = [c for c in constraints if 'tensor<128x64xf32>' in c]

@@ -28,10 +28,12 @@ Z_LOSS = 0.01
 # every auxiliary loss of the families, and capacity per microbatch.
 MODEL = functools.partial(
     TransformerLM, vocab_size=V, d_model=16, num_layers=2, num_heads=2,
-    ffn=functools.partial(SigmaMoE, num_experts=4, expert_size=8, top_k=2, num_layers=2),
+    ffn=functools.partial(SigmaMoE, num_experts=4, expert_size=8, top_k=2, num_layers=2,
+                          entropy_weight=AUX_WEIGHTS['entropy']),
     sparse_ffn=functools.partial(TopKMoE, num_experts=4, expert_size=8, top_k=2,
-                                 capacity_factor=1.0),
-    aux_loss_weights=AUX_WEIGHTS)
+                                 capacity_factor=1.0,
+                                 load_balance_weight=AUX_WEIGHTS['load_balance'],
+                                 router_z_weight=AUX_WEIGHTS['router_z']))
 
 # Packed rows with padding (segment 0) in three of them; loss weights are 0 exactly there.
 SEGMENTS = np.array([[1, 1, 1, 2, 2, 2, 0, 0],

@@ -34,9 +34,9 @@ def _cfg(model_dir, steps, **kw):
   return trainer.TrainConfig(**base)
 
 
-def _params(summary):
-  return {'/'.join(map(str, p)): np.asarray(v[...])
-          for p, v in nnx.to_flat_state(summary['state'].params)}
+def _params(summary_or_state):
+  state = getattr(summary_or_state, 'state', summary_or_state)
+  return {'/'.join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(state.params)}
 
 
 def test_loss_falls_and_metrics_are_logged(tmp_path):
@@ -106,13 +106,13 @@ def test_resume_equals_uninterrupted_with_dropout_noise_and_batch_statistics(tmp
   assert losses['b'] == losses['a']                     # the same program on the same values
   assert resumed['validation/eval_loss'] == straight['validation/eval_loss']
   for got, want in ((_params(resumed), _params(straight)),
-                    (_rest(resumed['state'].rest), _rest(straight['state'].rest))):
+                    (_rest(resumed.state.rest), _rest(straight.state.rest))):
     assert got.keys() == want.keys()
     for k in want:
       np.testing.assert_array_equal(got[k], want[k], err_msg=k)
   # The state that must survive really moved: counters advanced, statistics left their init.
   fresh = _rest(nnx.state(NOISY(rngs=nnx.Rngs(0)), nnx.Not(nnx.Param)))
-  trained = _rest(straight['state'].rest)
+  trained = _rest(straight.state.rest)
   moved = [k for k in fresh if not np.array_equal(fresh[k], trained[k])]
   assert any('bn_mean' in k for k in moved) and any('count' in k for k in moved), moved
 
@@ -145,7 +145,7 @@ def test_microbatches_equal_one_big_batch(splits):
     fn = jax.jit(step_lib.make_train_step(graphdef, tx, lambda s: 0.1, cfg))
     state, m = fn(state, {k: jax.numpy.asarray(v) for k, v in batch.items()})
     assert float(m['tokens']) == float(np.sum(batch['decoder_loss_weights']))
-    out.append((float(m['loss']), _params({'state': state})))
+    out.append((float(m['loss']), _params(state)))
   for loss, params in out[1:]:
     assert loss == pytest.approx(out[0][0], rel=1e-5)
     for k in params:
@@ -155,7 +155,8 @@ def test_microbatches_equal_one_big_batch(splits):
 def test_microbatch_settings_are_checked():
   with pytest.raises(ValueError, match='parallel_microbatches=0'):
     step_lib.StepConfig(parallel_microbatches=0)
-  with pytest.raises(ValueError, match=r'batch_size=8 .*grad_accum_steps=2 x parallel_microbatches=3'):
+  with pytest.raises(ValueError,
+                     match=r'batch_size=8 .*grad_accum_steps=2 x parallel_microbatches=3'):
     trainer.TrainConfig(model_dir='x', train_steps=1, batch_size=8,
                         step=step_lib.StepConfig(grad_accum_steps=2, parallel_microbatches=3))
 
@@ -164,16 +165,17 @@ def test_weight_decay_mask_and_group_learning_rates():
   _, params, _ = step_lib.abstract_model(MODEL, 0)
   mask = {'/'.join(map(str, p)): v.get_value()
           for p, v in nnx.to_flat_state(optim.decay_mask(params))}
-  assert mask['embed'] and mask['blocks/0/ffn/w_in']
+  assert mask['embed'] and mask['groups/blocks/0/ffn/w_in']    # scanned: groups of 2 layers
   assert not any(v for k, v in mask.items() if 'norm' in k or 'bias' in k)
   cfg = optim.OptimizerConfig(learning_rate=1.0, decay='constant', clip_norm=None,
-                              group_lr={r'blocks/1/ffn': 0.0})
+                              group_lr={r'blocks/1/ffn': 0.0})   # the sparse FFNs
   tx, _ = optim.make_optimizer(cfg, 10, params)
   real = nnx.state(MODEL(rngs=nnx.Rngs(0)), nnx.Param)
   grads = jax.tree.map(lambda x: np.ones_like(x), real)
   updates, _ = tx.update(grads, tx.init(real), real)
   flat = {'/'.join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(updates)}
-  assert np.all(flat['blocks/1/ffn/w_in'] == 0) and np.any(flat['blocks/0/ffn/w_in'] != 0)
+  assert (np.all(flat['groups/blocks/1/ffn/w_in'] == 0)
+          and np.any(flat['groups/blocks/0/ffn/w_in'] != 0))
 
 
 def test_learning_rate_schedules():
@@ -276,23 +278,27 @@ def test_mixed_precision_bf16_compute_fp32_master_weights_and_routers(tmp_path):
              - runs['float32']['validation/eval_loss']) < 0.05
 
 
-def test_mesh_config_chooses_the_expert_exchange(tmp_path, monkeypatch):
+def test_the_family_chooses_the_expert_exchange(tmp_path, monkeypatch):
+  """The exchange is the MoE family's own setting (gin: TopKMoE.expert_exchange); the trainer
+  only sets the mesh. Both exchanges train the same run when dropless."""
   from moescale.layers import expert_exchange
   calls = []
   real = expert_exchange.exchange_ffn
   monkeypatch.setattr(expert_exchange, 'exchange_ffn',
                       lambda *a, **k: calls.append(1) or real(*a, **k))
   with pytest.raises(ValueError, match=r"unknown expert exchange 'ring2'.*all_to_all"):
-    trainer.MeshConfig(expert=4, expert_exchange='ring2')
-  with pytest.raises(ValueError, match='capacity_factor=1.0'):
-    trainer.MeshConfig(expert=4, expert_capacity_factor=1.0)  # the ring never drops
+    TopKMoE(8, 4, 8, expert_exchange='ring2', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='capacity_factor=1.0'):   # the ring never drops
+    TopKMoE(8, 4, 8, exchange_capacity_factor=1.0, rngs=nnx.Rngs(0))
   runs, logged = {}, {}
   # Plain SGD: a gradient scaled on one path would show in the parameters (Adam hides it).
   sgd = optim.OptimizerConfig(name='sgd', learning_rate=0.5, decay='constant', clip_norm=None)
   for exchange in ('ring', 'all_to_all'):
-    mesh = trainer.MeshConfig(data=2, expert=4, expert_exchange=exchange)
-    runs[exchange] = trainer.train(MODEL, DATA, _cfg(tmp_path / exchange, 2, eval_steps=1,
-                                                     mesh=mesh, optimizer=sgd))
+    model = functools.partial(MODEL, sparse_ffn=functools.partial(
+        MODEL.keywords['sparse_ffn'], expert_exchange=exchange))
+    runs[exchange] = trainer.train(model, DATA, _cfg(
+        tmp_path / exchange, 2, eval_steps=1, mesh=trainer.MeshConfig(data=2, expert=4),
+        optimizer=sgd))
     logged[exchange] = [json.loads(l) for l in open(tmp_path / exchange / 'metrics.jsonl')]
   assert calls  # the all_to_all run really exchanged through the all-to-all path
   # Both exchanges are dropless here: the same training run, up to summation order.

@@ -18,10 +18,11 @@ Conventions (2 FLOPs per multiply-accumulate; element-wise work not counted):
                   plus 64·T·h² per MoE layer for its second expert. `artetxe_formula`
                   is that closed form itself, for comparison.
 
-Categories (`flops_by_category`, `params_by_category`) group the free-form component names
-the sublayers report: attention projections, attention scores (incl. Transformer-XL's
-relative-position terms), the FFN (dense, experts and routers), PKM (query, keys, values) and
-the output layer; parameters also count the embedding and the LayerNorms.
+Categories (`flops_by_category`, `params_by_category`): attention projections, attention
+scores (incl. Transformer-XL's relative-position terms) and the output layer, from the model's
+own component names; each FFN sublayer's FLOPs and parameters under the category its `cost()`
+names ('ffn' unless the family says otherwise: ProductKeyMemory says 'pkm'); parameters also
+count the embedding and the LayerNorms.
 
 Speed: building a model under `nnx.eval_shape` costs time quadratic in the number of
 parameter arrays traced (with jax 0.10 / flax 0.12 every RNG draw's failed `tracer.sharding`
@@ -72,26 +73,17 @@ class ModelCount:
 
 CONVENTIONS = ('standard', 'recompute', 'artetxe')
 
-# Component names reported by `cost()` -> category. Unknown names fall into 'other', so a new
-# family still counts (and shows up) without editing this table.
-FLOP_CATEGORIES: Mapping[str, str] = {
+# The model's own components -> category. Every FFN sublayer's components go to the category
+# its `cost()` names (`layers.common.Cost.category`, 'ffn' unless the family says otherwise), so
+# this file never names a family.
+MODEL_CATEGORIES: Mapping[str, str] = {
     'attn_qkvo': 'attention_projections',
     'attn_scores': 'attention_scores', 'attn_values': 'attention_scores',
     'attn_relative': 'attention_scores',
-    'ffn_in': 'ffn', 'ffn_out': 'ffn', 'experts': 'ffn', 'router': 'ffn', 'selection': 'ffn',
-    'query': 'pkm', 'keys': 'pkm', 'slot_sum': 'pkm', 'values': 'pkm',
     'output': 'output',
 }
-CATEGORIES = ('attention_projections', 'attention_scores', 'ffn', 'pkm', 'output', 'other')
-
-
-def flops_by_category(breakdown: Mapping[str, float]) -> dict[str, float]:
-  """Forward FLOPs by component -> by category (every category present, 0.0 if unused)."""
-  out = {c: 0.0 for c in CATEGORIES}
-  for k, v in breakdown.items():
-    cat = FLOP_CATEGORIES.get(k, 'other')
-    out[cat] += float(v)
-  return out
+# Always reported (0.0 if unused); a family's own category is added where it is used.
+CATEGORIES = ('attention_projections', 'attention_scores', 'ffn', 'output')
 
 
 def artetxe_formula(num_layers: int, d_model: int, vocab_size: int = 50261,
@@ -126,7 +118,7 @@ def _takes_scan_layers(model_fn) -> bool:
   return 'scan_layers' in params
 
 
-def _param_category(path: tuple[str, ...], ffn_categories: Mapping[str, str]) -> str:
+def _param_category(path: tuple[str, ...], ffn_categories: Mapping[tuple, str]) -> str:
   if path[0] == 'embed':
     return 'embedding'
   if path[0] == 'unembed':
@@ -138,10 +130,17 @@ def _param_category(path: tuple[str, ...], ffn_categories: Mapping[str, str]) ->
   if 'attention' in path:
     return 'attention'
   if 'ffn' in path:
-    # Which FFN? Its own cost() says: a layer reporting PKM components counts as 'pkm'.
-    key = path[:path.index('ffn') + 1]
-    return ffn_categories.get(key, 'ffn')
+    return ffn_categories.get(path[:path.index('ffn') + 1], 'ffn')
   return 'other'
+
+
+def _build(model_fn_or_model) -> nnx.Module:
+  if isinstance(model_fn_or_model, nnx.Module):
+    return model_fn_or_model
+  if _takes_scan_layers(model_fn_or_model):
+    # Same parameters, traced once per repeating group instead of once per layer.
+    return abstract_model(functools.partial(model_fn_or_model, scan_layers=True))
+  return abstract_model(model_fn_or_model)
 
 
 def count(model_fn_or_model, context_length: int, query_length: int | None = None
@@ -152,34 +151,34 @@ def count(model_fn_or_model, context_length: int, query_length: int | None = Non
     segment + memory for Transformer-XL); query_length: queries per segment (Transformer-XL's
     position projection is shared by them), default context_length.
   """
-  if isinstance(model_fn_or_model, nnx.Module):
-    model = model_fn_or_model
-  elif _takes_scan_layers(model_fn_or_model):
-    # Same parameters, traced once per repeating group instead of once per layer.
-    model = abstract_model(functools.partial(model_fn_or_model, scan_layers=True))
-  else:
-    model = abstract_model(model_fn_or_model)
+  model = _build(model_fn_or_model)
   total = _num_params(nnx.state(model, nnx.Param))
   # Stacked (scanned) blocks hold every group's weights in one module: per-layer counts divide.
   groups = getattr(model, 'num_groups', 1) if getattr(model, 'blocks', None) is None else 1
 
   breakdown: dict[str, float] = {}
+  categories = dict.fromkeys(CATEGORIES, 0.0)
   layers = []
   inactive = 0
   attn = dict(model.attention_layers())
+
+  def add(flops, category_of):
+    for k, v in flops.items():
+      breakdown[k] = breakdown.get(k, 0.0) + float(v)
+      cat = category_of(k)
+      categories[cat] = categories.get(cat, 0.0) + float(v)
+
   for n, ffn in model.ffn_layers():
     fc = ffn.cost()
     ac = attn[n].cost(context_length, query_length)
     ffn_total = _num_params(nnx.state(ffn, nnx.Param)) // groups
     inactive += ffn_total - fc.active_params
-    for k, v in list(fc.flops.items()) + list(ac.flops.items()):
-      breakdown[k] = breakdown.get(k, 0.0) + float(v)
+    add(fc.flops, lambda _: fc.category)
+    add(ac.flops, lambda k: MODEL_CATEGORIES.get(k, 'other'))
     layers.append({'layer': n, 'ffn': type(ffn).__name__, 'ffn_params': ffn_total,
                    'ffn_active_params': fc.active_params, 'ffn_flops': fc.total_flops,
                    'attention_flops': ac.total_flops})
-  vocab, d = model.vocab_size, model.d_model
-  breakdown['output'] = 2.0 * d * vocab
-  embedding = _num_params(nnx.state(model, nnx.Param)['embed'])
+  add({'output': 2.0 * model.d_model * model.vocab_size}, MODEL_CATEGORIES.get)
   forward = float(sum(breakdown.values()))
   routers = sum(v for k, v in breakdown.items() if 'router' in k or 'selection' in k)
   train = {
@@ -188,25 +187,23 @@ def count(model_fn_or_model, context_length: int, query_length: int | None = Non
       'artetxe': 4.0 * (forward - breakdown['output'] - routers) + 3.0 * breakdown['output'],
   }
   return ModelCount(total_params=total, active_params=total - inactive,
-                    embedding_params=embedding, flops_per_token=forward,
-                    flops_breakdown=breakdown, train_flops_per_token=train,
-                    context_length=context_length, layers=layers,
-                    flops_by_category=flops_by_category(breakdown),
+                    embedding_params=_num_params(nnx.state(model, nnx.Param)['embed']),
+                    flops_per_token=forward, flops_breakdown=breakdown,
+                    train_flops_per_token=train, context_length=context_length,
+                    layers=layers, flops_by_category=categories,
                     params_by_category=params_by_category(model))
 
 
 def params_by_category(model: nnx.Module) -> dict[str, int]:
-  """Parameters by category: embedding, positions, attention, norms, ffn, pkm, output, other."""
-  ffn_categories = {}
-  for path, ffn in _ffn_modules(model):
-    cats = {FLOP_CATEGORIES.get(k, 'other') for k in ffn.cost().flops}
-    ffn_categories[path] = 'pkm' if 'pkm' in cats else 'ffn'
-  out = {c: 0 for c in ('embedding', 'positions', 'attention', 'norms', 'ffn', 'pkm',
-                        'output', 'other')}
+  """Parameters by category: embedding, positions, attention, norms, output, other, and each
+  FFN sublayer's own category ('ffn' unless its cost() names another)."""
+  ffn_categories = {path: ffn.cost().category for path, ffn in _ffn_modules(model)}
+  out = dict.fromkeys(('embedding', 'positions', 'attention', 'norms', 'ffn', 'output'), 0)
   for path, leaf in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     path = tuple(str(p) for p in path)
     value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-    out[_param_category(path, ffn_categories)] += int(math.prod(value.shape))
+    cat = _param_category(path, ffn_categories)
+    out[cat] = out.get(cat, 0) + int(math.prod(value.shape))
   return out
 
 

@@ -6,6 +6,7 @@
     moescale vocab --input F [F ...] --model_prefix P --vocab_size N
     moescale bench [--quick] [--json]  layer and training-step benchmarks (no gin, no data)
     moescale pairs check|make|list     matched experiment pairs (see `moescale pairs --help`)
+    moescale families                  the registered FFN families and their arguments
 """
 
 from __future__ import annotations
@@ -69,10 +70,10 @@ def _train(argv: Sequence[str]) -> int:
     import jax
     jax.distributed.initialize(coordinator_address=args.coordinator_address,
                                num_processes=args.num_processes, process_id=args.process_id)
-  from moescale import gin_config, launch
+  from moescale import gin_config
   gin_config.parse(files, bindings, paths)
   summary = gin_config.configured('run_training')()
-  launch.print_summary(summary)
+  print(summary)
   return 0
 
 
@@ -127,6 +128,20 @@ def _count(argv: Sequence[str]) -> int:
   return 0
 
 
+@command('families', 'the FFN families gin and the study API know, with their arguments')
+def _families(argv: Sequence[str]) -> int:
+  argparse.ArgumentParser(prog='moescale families',
+                          description='the registered FFN families').parse_args(argv)
+  import inspect
+  from moescale.layers import registry
+  given = ('self', 'd_model', 'dtype', 'param_dtype', 'rngs')  # the model passes these
+  for name, cls in registry.families().items():
+    args = [p for p in inspect.signature(cls.__init__).parameters if p not in given]
+    doc = (cls.__doc__ or '').strip().split('\n')[0]
+    print(f'{name}  ({cls.__module__})\n  {doc}\n  arguments: {", ".join(args)}')
+  return 0
+
+
 @command('pairs', 'check experiment pairs (matched FLOPs or parameters), derive partners')
 def _pairs(argv: Sequence[str]) -> int:
   from moescale import pairs
@@ -171,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if name not in _COMMANDS:
     print(f"moescale: unknown command {name!r}; valid: {', '.join(_COMMANDS)}", file=sys.stderr)
     return 2
-  from moescale import host_memory
-  host_memory.keep_heap()  # before JAX starts its CPU client: see host_memory
+  from moescale.cpu import heap
+  heap.keep_heap()  # before JAX starts its CPU client: see moescale.cpu.heap
   try:
     return _COMMANDS[name][0](rest)
   except (ValueError, FileNotFoundError) as e:

@@ -4,15 +4,20 @@ Nothing below this module knows gin exists. Every configurable here is an ordina
 function that works without gin; registering them is the only thing gin adds.
 
 Flags, as in t5x:
-    --gin_file=F            repeatable; looked up in --gin_search_paths, then gin/ of moescale
+    --gin_file=F            repeatable; looked up in --gin_search_paths, the working directory,
+                            then the configs shipped in the package (moescale/gin)
     --gin.NAME=VALUE        one binding, VALUE a gin/Python literal: --gin.MODEL_DIR="'runs/x'"
     --gin_bindings='A=1'    repeatable, any gin binding
     --gin_search_paths=a,b  extra directories for --gin_file and gin `include`s
+
+Shipped configs include each other by package path, as t5x's do (`include
+'moescale/gin/models/decoder.gin'`): gin's own resource reader finds them wherever moescale is
+installed (each config folder is a package for that), so nothing depends on the working
+directory. A user's config includes them the same way.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
 from typing import Sequence
@@ -21,48 +26,39 @@ import gin
 
 _REGISTERED = False
 _CONFIGURED: dict = {}
+_FAMILIES_REGISTERED: set[str] = set()
 
 
 def shipped_gin_dir() -> pathlib.Path | None:
-  """The repo's gin/ (editable install: src/moescale/../../gin) or $MOESCALE_GIN_DIR."""
+  """The configs shipped with the package (moescale/gin), or $MOESCALE_GIN_DIR."""
   env = os.environ.get('MOESCALE_GIN_DIR')
   if env:
     return pathlib.Path(env)
-  here = pathlib.Path(__file__).resolve().parents[2] / 'gin'
+  here = pathlib.Path(__file__).parent / 'gin'
   return here if here.is_dir() else None
 
 
-def _safe_file_readers() -> None:
-  """gin's package-path reader treats 'runs/x.gin' as package `runs`; when the working
-  directory has a plain `runs/` folder (a namespace package, e.g. the demo's MODEL_DIR) it
-  crashes with a TypeError instead of saying 'not found'. Make that probe fail softly."""
-  from gin import resource_reader
-
-  def exists(path: str) -> bool:
-    try:
-      return resource_reader.system_path_file_exists(path)
-    except TypeError:
-      return False
-
-  gin.config._FILE_READERS[:] = [  # pylint: disable=protected-access
-      (reader, exists if probe is resource_reader.system_path_file_exists else probe)
-      for reader, probe in gin.config._FILE_READERS]  # pylint: disable=protected-access
+def _register_families() -> None:
+  """Every family of the layers registry is a gin configurable, including ones registered
+  after the first parse (a user's own family)."""
+  from moescale.layers import registry
+  for name, cls in registry.families().items():
+    if name not in _FAMILIES_REGISTERED:
+      gin.external_configurable(cls, name=name, module='moescale.layers')
+      _FAMILIES_REGISTERED.add(name)
 
 
 def register() -> None:
   """Registers every gin-bindable constructor (idempotent). Imports no TensorFlow: the seqio
   data source is registered by name and imported only when a config calls it."""
   global _REGISTERED
+  _register_families()
   if _REGISTERED:
     return
-  _safe_file_readers()
-  from moescale import layers
   from moescale import model as model_lib
   from moescale.train import optim, step, trainer
   from moescale import launch
 
-  for cls in (layers.DenseFFN, layers.TopKMoE, layers.SigmaMoE, layers.ProductKeyMemory):
-    gin.external_configurable(cls, module='moescale.layers')
   gin.external_configurable(model_lib.TransformerLM, module='moescale.model')
   for cls in (optim.OptimizerConfig, step.StepConfig, trainer.MeshConfig, trainer.TrainConfig):
     gin.external_configurable(cls, module='moescale.train')
@@ -70,7 +66,7 @@ def register() -> None:
   gin.external_configurable(launch.synthetic_data, module='moescale.data')
   _CONFIGURED['run_training'] = gin.external_configurable(launch.run_training,
                                                           module='moescale')
-  from moescale import pair_spec  # pair files (gin/pairs/) bind only `Pair`
+  from moescale.pairs import spec as pair_spec  # pair files (gin/pairs/) bind only `Pair`
   gin.external_configurable(pair_spec.Pair, module='moescale.pairs')
   _REGISTERED = True
 
@@ -147,16 +143,3 @@ def query(name: str, default=None):
     fn = value.scoped_configurable_fn
     return fn() if value.evaluate else fn
   return value
-
-
-class _QuietSearch(logging.Filter):
-  """gin logs every failed search-path probe at ERROR level; they are not errors for us."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    msg = str(record.msg)
-    return not (msg.startswith('Path not found') or msg.startswith('system_path_file_exists'))
-
-
-logging.getLogger().addFilter(_QuietSearch())
-for _h in logging.getLogger().handlers:
-  _h.addFilter(_QuietSearch())

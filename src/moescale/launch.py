@@ -58,7 +58,7 @@ def _write_gin_config(model_dir: str) -> None:
 
 
 def run_training(model: Callable = None, data: Any = None,
-                 config: trainer.TrainConfig = None) -> dict[str, Any]:
+                 config: trainer.TrainConfig = None) -> trainer.TrainSummary:
   if model is None or data is None or config is None:
     raise ValueError('run_training needs model, data and config (gin: run_training.model = '
                      '%MODEL, run_training.data = @seqio_data(), run_training.config = '
@@ -68,11 +68,3 @@ def run_training(model: Callable = None, data: Any = None,
   flops = accounting.forward_flops_per_token(model, context_length=length) if length else None
   _write_gin_config(config.model_dir)
   return trainer.train(model, data, config, flops_per_token=flops)
-
-
-def print_summary(summary: Mapping[str, Any]) -> None:
-  keys = [k for k in summary if k not in ('state', 'mesh')]
-  width = max(map(len, keys)) if keys else 0
-  for k in keys:
-    v = summary[k]
-    print(f'{k:<{width}}  {v:.4f}' if isinstance(v, float) else f'{k:<{width}}  {v}')

@@ -20,7 +20,6 @@ over (data, fsdp, expert); a [512, 256, 1024] expert weight ('expert','embed','m
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from typing import Iterator, Sequence
 
@@ -28,6 +27,7 @@ import jax
 import numpy as np
 from flax import linen as nn_linen
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
@@ -77,7 +77,8 @@ def mesh_shape(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
   known = math.prod(v for v in sizes.values() if v != -1)
   if unknown:
     if n % known:
-      raise ValueError(f'{n} devices do not divide by the fixed mesh axes {sizes} (product {known})')
+      raise ValueError(f'{n} devices do not divide by the fixed mesh axes {sizes} '
+                       f'(product {known})')
     sizes[unknown[0]] = n // known
   if math.prod(sizes.values()) != n:
     raise ValueError(f'mesh {sizes} has {math.prod(sizes.values())} devices, but {n} are available')
@@ -106,17 +107,19 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: Rules = DEFAULT_R
   return nn_linen.logical_to_mesh_axes(tuple(names), list(rules))
 
 
-def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh | jax.sharding.AbstractMesh) -> P:
   """Drops mesh axes that do not divide a dimension (e.g. 4 heads over tensor=8), so small
-  test models still run on big meshes; the dimension is then replicated over those axes."""
+  test models still run on big meshes; the dimension is then replicated over those axes. An
+  axis the mesh lacks (a user's own mesh) is dropped too."""
+  sizes = dict(mesh.shape)
   out = []
   for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
     kept, size = [], 1
     for a in axes:
-      if dim % (size * mesh.shape[a]) == 0:
+      if a in sizes and dim % (size * sizes[a]) == 0:
         kept.append(a)
-        size *= mesh.shape[a]
+        size *= sizes[a]
     out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
   return P(*out)
 
@@ -138,32 +141,23 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-# Activation constraints: active only inside `activation_sharding(mesh, rules)`, so layers can
-# annotate freely and still run un-meshed in a notebook or a unit test.
-_CONTEXT: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
-    'moescale_sharding', default=None)
-
-
 @contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
-  token = _CONTEXT.set((mesh, rules))
-  try:
+def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+  """The one context a sharded program is traced and run under: JAX's mesh (`jax.set_mesh`)
+  and the logical axis rules of its activation constraints (flax's `nnx.logical_axis_rules`).
+  Both are the libraries' own contexts; moescale keeps no state of its own."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(tuple(rules)):
     yield
-  finally:
-    _CONTEXT.reset(token)
-
-
-def current_mesh() -> Mesh | None:
-  ctx = _CONTEXT.get()
-  return None if ctx is None else ctx[0]
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-  """with_sharding_constraint by logical names; identity outside `activation_sharding`."""
-  ctx = _CONTEXT.get()
-  if ctx is None:
+  """with_sharding_constraint by logical names, under the mesh JAX is tracing with (jax.set_mesh)
+  and flax's logical axis rules (DEFAULT_RULES when none are set); the identity without a mesh,
+  so layers annotate freely and still run un-meshed in a notebook or a unit test."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     return x
-  mesh, rules = ctx
+  rules = flax_spmd.get_logical_axis_rules() or DEFAULT_RULES
   spec = _fit_spec(logical_to_spec(names, rules), x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

@@ -30,8 +30,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from moescale import accounting
 
-# Constructors a Component may name: gin's configurable names for the same classes.
-_LAYERS = ('DenseFFN', 'TopKMoE', 'SigmaMoE', 'ProductKeyMemory')
 
 
 class _Required:
@@ -45,12 +43,17 @@ REQUIRED = _Required()
 
 
 def _constructor(name: str):
-  from moescale import layers, model
-  if name in _LAYERS:
-    return getattr(layers, name)
+  """A Component's class by name: 'TransformerLM' or a registered FFN family (the same names
+  gin binds)."""
+  from moescale import model
+  from moescale.layers import registry
   if name == 'TransformerLM':
     return model.TransformerLM
-  raise ValueError(f'unknown constructor {name!r}; valid: {list(_LAYERS) + ["TransformerLM"]}')
+  families = registry.families()
+  if name not in families:
+    raise ValueError(f'unknown constructor {name!r}; valid: TransformerLM or a registered '
+                     f'FFN family {sorted(families)}')
+  return families[name]
 
 
 def _gin_value(v: Any) -> str:
@@ -81,7 +84,7 @@ def _json_value(v: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Component:
-  """A layer constructor by name ('DenseFFN', 'TopKMoE', 'SigmaMoE', 'ProductKeyMemory') and
+  """A layer constructor by name (a registered FFN family: `moescale.layers.families()`) and
   its keyword arguments (all but d_model and rngs, which the model passes)."""
   name: str
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -426,7 +429,7 @@ def run_from_args(study: 'ScalingStudy', root: str, only=None, families=None,
     print(f'wrote {len(runs)} run directories under {root}')
     return 0
   for summary in study.run(root, experiments):
-    print({k: v for k, v in summary.items() if k not in ('state', 'mesh')})
+    print(summary, end='\n\n')
   return 0
 
 

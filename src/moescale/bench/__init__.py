@@ -1,7 +1,8 @@
 """`moescale bench`: sparse layers and training steps timed against their dense baselines.
 
-    moescale bench [--quick] [--json] [--sections moe,sigma,pkm,train] [--backends blocked,slots]
-                   [--experts 8,64] [--tokens 4096] [--repeats 5]
+    moescale bench [--quick] [--json] [--sections moe,sigma,pkm,train] [--backends fused,slots]
+                   [--experts 8,64] [--tokens 4096] [--repeats 5] [--markdown docs/performance.md]
+    moescale bench --from_json bench.json --markdown docs/performance.md
     python -m moescale.bench ...
 
 Sections (each in its own module, each returns records in the schema of `timing`):
@@ -27,6 +28,7 @@ from typing import Sequence
 
 import jax
 
+from moescale.bench import report
 from moescale.bench.timing import format_table, interleaved  # noqa: F401  (re-exported)
 
 # section name -> module under moescale.bench with `run(opts, log) -> list[dict]`.
@@ -66,11 +68,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument('--sections', type=_sections, default=tuple(SECTIONS),
                       help=f'comma list of {list(SECTIONS)}')
   parser.add_argument('--backends', help='comma list of MoE dispatch backends; options as '
-                      'blocked:block_size=64:save_hidden=0')
+                      'fused:block_size=64:granule=16')
   parser.add_argument('--experts', type=_ints, help='comma list of num_experts')
   parser.add_argument('--tokens', type=_ints, help='comma list of token counts')
   parser.add_argument('--repeats', type=int, default=None, help='timed rounds (default 5)')
+  parser.add_argument('--markdown', help='also write the records as a page (docs/performance.md)')
+  parser.add_argument('--from_json', help='render these --json records instead of running')
   args = parser.parse_args(argv)
+  if args.from_json:
+    with open(args.from_json) as f:
+      saved = json.load(f)
+    # The --json records say nothing of the machine: the page says what it can.
+    _write_markdown(args.markdown, saved, {}, argv)
+    return saved
   opts = Options(quick=args.quick, repeats=args.repeats or (3 if args.quick else 5),
                  experts=args.experts, tokens=args.tokens,
                  backends=tuple(b for b in args.backends.split(',') if b)
@@ -87,4 +97,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     print(json.dumps(records, indent=1))
   else:
     print(format_table(records))
+  _write_markdown(args.markdown, records, report.machine(), argv)
   return records
+
+
+def _write_markdown(path: str | None, records, meta, argv) -> None:
+  if not path:
+    return
+  command = 'moescale bench ' + ' '.join(a for a in (argv or sys.argv[1:]) if a != '--json')
+  with open(path, 'w') as f:
+    f.write(report.markdown(records, meta, command.strip()))

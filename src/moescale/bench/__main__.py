@@ -1,6 +1,6 @@
-from moescale import host_memory
+from moescale.cpu import heap
 
-host_memory.keep_heap()  # before JAX starts its CPU client, as the command line does
+heap.keep_heap()  # before JAX starts its CPU client, as the command line does
 
 from moescale.bench import main  # noqa: E402
 

@@ -37,10 +37,9 @@ from moescale.layers import dense, dispatch, topk_moe
 D_MODEL, EXPERT_SIZE, TOP_K, CAPACITY_FACTOR = 256, 512, 2, 1.0
 FULL = {'experts': (8, 64, 256, 512), 'tokens': (4096, 16384)}
 QUICK = {'experts': (8,), 'tokens': (1024,)}
-# The XLA:CPU default first ('fused', dropless and at capacity 1.0; its C++ kernel there), its
-# XLA loop, then the unfused loop, the slot-buffer capacity paths and ragged_dot.
-BACKENDS = ('fused', 'fused@capacity', 'fused:kernels=xla', 'blocked', 'slots', 'ragged',
-            'onehot')
+# The XLA:CPU choice first ('fused', dropless and at capacity 1.0; its C++ kernel there), its
+# XLA loop, then the slot-buffer capacity paths and ragged_dot.
+BACKENDS = ('fused', 'fused@capacity', 'fused:kernels=xla', 'slots', 'ragged', 'onehot')
 CAPACITY_SUFFIX = '@capacity'   # the router drops over capacity first (see the docstring)
 SLOT_BACKENDS = ('slots', 'onehot')   # need a capacity: their buffers are [E, capacity, ...]
 MAX_COST_RATIO = 12.0       # skip a backend estimated at more than this x the dense layer
@@ -142,8 +141,8 @@ def bench_dense_module(tokens: int, repeats: int) -> list[dict]:
   return timing.ratio_records('dense_ffn', None, tokens, times, 'plain')
 
 
-# 'blocked:block_size=64:save_hidden=0' -> ('blocked', {'block_size': 64, 'save_hidden': 0}): the
-# same specs `dispatch.get_backend` and gin bindings take.
+# 'fused:block_size=64:granule=16' -> ('fused', {'block_size': 64, 'granule': 16}): the same
+# specs `dispatch.get_backend` and gin bindings take.
 parse_backend = dispatch.parse_spec
 
 

@@ -30,7 +30,8 @@ import jax
 from flax import nnx
 
 from moescale.bench import timing
-from moescale.layers import dense, pkm, pkm_kernels
+from moescale import kernel_registry
+from moescale.layers import dense, pkm, pkm_ops
 
 D_MODEL, NUM_HEADS, NUM_KEYS, KNN = 256, 4, 128, 32
 FULL = {'tokens': (4096, 16384)}
@@ -52,7 +53,7 @@ def flop_matched_d_ff(layer: pkm.ProductKeyMemory) -> int:
 def bench_pkm(tokens: int, repeats: int, log=None) -> list[dict]:
   layer = make_pkm()
   d_ff = flop_matched_d_ff(layer)
-  kernels = pkm_kernels.get_kernels(layer.kernels).name
+  kernels = kernel_registry.on_host('pkm', layer.kernels, pkm_ops.XLA).name
   layers = {'dense': dense.DenseFFN(D_MODEL, d_ff, rngs=nnx.Rngs(1)),
             'sparse': layer,
             'param_matched': dense.DenseFFN(D_MODEL, NUM_KEYS ** 2, rngs=nnx.Rngs(2))}

@@ -17,7 +17,7 @@ is settled: see `timing.interleaved`). The input is random normal, so routing is
 freshly initialised router picks (Csordás init, columns of equal norm: close to uniform).
 
 Rows: name 'sigma_moe', backend 'dense' | 'param_dense' | <dispatch backend spec>, e.g.
-'fused' (the XLA:CPU default), 'blocked' or 'fused:block_size=1024:granule=64' (see
+'fused' (the XLA:CPU choice), 'fused:kernels=xla' or 'fused:block_size=1024:granule=64' (see
 `moe.parse_backend`). Extra key 'speedup' on the σ-MoE rows; 'note' on a skipped row.
 """
 
@@ -35,8 +35,8 @@ from moescale.layers import dense, dispatch, sigma_moe
 D_MODEL, EXPERT_SIZE, TOP_K = 512, 128, 4
 FULL = {'experts': (8, 16, 32, 64, 128), 'tokens': (4096, 16384)}
 QUICK = {'experts': (16,), 'tokens': (1024,)}
-# The XLA:CPU default first (its C++ kernel there), its XLA loop, then the unfused loop.
-BACKENDS = ('fused', 'fused:kernels=xla', 'blocked')
+# The XLA:CPU choice first (its C++ kernel there), then its XLA loop.
+BACKENDS = ('fused', 'fused:kernels=xla')
 QUICK_BACKENDS = ('fused',)
 # Skip the parameter-matched dense layer above this many fwd+bwd matmul FLOPs per call
 # (2 TFLOP, i.e. up to 128 experts at 16k tokens: ~15-25 s per call on the 2-core dev VM).

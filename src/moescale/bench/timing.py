@@ -4,7 +4,7 @@ Records (the stable `--json` schema): every row has exactly the keys of `RECORD_
 optional keys a section documents (`EXTRA_KEYS`):
 
     name         the benchmark ('moe_top2', 'sigma_moe', 'pkm', 'dense_ffn', 'train_step', ...)
-    backend      the variant timed in that row ('dense', 'blocked', 'sparse', 'plain', ...)
+    backend      the variant timed in that row ('dense', 'fused', 'sparse', 'plain', ...)
     num_experts  experts (or None where it does not apply)
     tokens       tokens per call (batch * length)
     seconds      median seconds of one forward + backward call (None: skipped)
@@ -37,7 +37,8 @@ def module_step(layer: nnx.Module) -> Callable[[jax.Array, jax.Array], object]:
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
   def loss(params, x, dy):
-    return jnp.vdot(nnx.merge(graphdef, params, rest, copy=True)(x, deterministic=True), dy)
+    y, _ = nnx.merge(graphdef, params, rest, copy=True)(x, deterministic=True)
+    return jnp.vdot(y, dy)
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   return lambda x, dy: step(params, x, dy)
 

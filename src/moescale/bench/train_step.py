@@ -128,7 +128,7 @@ class _Stepper:
     fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, step_cfg),
                                  state_sh, mesh)
     # Traced as the trainer traces it: under the mesh and the activation-sharding rules.
-    with shd.activation_sharding(mesh), jax.set_mesh(mesh):
+    with shd.use_mesh(mesh):
       self.compiled = fn.lower(self.state, self.batch).compile()
     self.peak_bytes = _peak_bytes(self.compiled)
 

@@ -1,13 +1,18 @@
 """Data: embedded corpus, vocabularies, seqio tasks, packed per-host batches.
 
 Modules:
-  corpus    locating / reading text (pure Python: no TensorFlow, no seqio)
+  readers   files to documents: text, JSON lines, WikiText articles, byte
+            blocks (pure Python: no TensorFlow, no seqio)
+  corpus    which files make each split: the embedded default corpus, user
+            text / JSON-lines files, WikiText-103, enwik8 (pure Python)
   vocab     bytes / SentencePiece vocabularies, SentencePiece training,
             bytes per token (imports seqio only inside functions)
   tasks     seqio Tasks: default corpus, text / JSON-lines, WikiText-103,
             enwik8 (imports seqio and TensorFlow)
   pipeline  DataPipeline / get_dataset: packed, sharded, resumable numpy
-            batches; split sizes for logs and bits per byte (imports seqio)
+            batches (imports seqio)
+  stats     split and epoch sizes, for logs and bits per byte (imports seqio)
+  source    SeqioDataSource: the trainer's data source (imports seqio)
 
 Importing this package is light: the names below are loaded on first use
 (PEP 562), so `import moescale.data.corpus` never imports TensorFlow.
@@ -26,10 +31,10 @@ _LAZY = {
     'register_default_tasks': 'tasks', 'register_text_task': 'tasks',
     'register_wikitext103': 'tasks', 'register_enwik8': 'tasks',
     'get_provider': 'tasks', 'unregister': 'tasks',
-    # pipeline
+    # pipeline, stats, source
     'DataPipeline': 'pipeline', 'get_dataset': 'pipeline',
-    'SeqioDataSource': 'pipeline',
-    'split_stats': 'pipeline', 'count_tokens': 'pipeline',
+    'split_stats': 'stats', 'count_tokens': 'stats',
+    'SeqioDataSource': 'source',
 }
 
 __all__ = sorted(_LAZY)

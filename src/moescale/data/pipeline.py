@@ -26,22 +26,26 @@ time). Resuming rebuilds the epoch's pipeline and skips the consumed batches
 (`Dataset.skip`), i.e. re-reads at most one epoch of data; a mixture is one
 stream, so resuming it replays everything consumed so far.
 
-`SeqioDataSource` adapts this to moescale.train.trainer (per-host batch sizes,
-`position()`, eval iterators, bytes per token for bits per byte).
+`SeqioDataSource` (moescale.data.source) adapts this to moescale.train.trainer
+(per-host batch sizes, `position()`, eval iterators, bytes per token for bits
+per byte); `split_stats` (moescale.data.stats) counts a split's bytes and tokens.
 """
 
 from __future__ import annotations
 
 import atexit
+import importlib
 from typing import Any, Iterator, Mapping
 import weakref
 
 import numpy as np
 
 from moescale.data import _tf
+from moescale.data import stats as stats_lib
 from moescale.data import tasks as tasks_lib
-from moescale.data import vocab as vocab_lib
 from moescale.data._tf import tf
+# Split sizes lived here before `stats` existed; tests still read them as pipeline.split_stats.
+from moescale.data.stats import count_tokens, split_stats  # noqa: F401  (re-exported)
 import seqio  # pylint: disable=g-bad-import-order  (after _tf: it configures TF)
 
 Batch = dict[str, np.ndarray]
@@ -62,6 +66,25 @@ def epoch_seed(seed: int, epoch: int) -> int:
   """A well-mixed int32 seed for one epoch (different order every epoch)."""
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]
              & 0x7FFFFFFF)
+
+
+def _check_arguments(task_feature_lengths: Mapping[str, int], batch_size: int,
+                     num_epochs: int | None, shard_id: int, num_shards: int) -> None:
+  """Raises ValueError for a DataPipeline that could not be built as asked."""
+  if set(task_feature_lengths) != {'targets'}:
+    raise ValueError(f'task_feature_lengths={dict(task_feature_lengths)}; '
+                     "a decoder LM expects exactly {'targets': length}.")
+  if task_feature_lengths['targets'] < 1:
+    raise ValueError(f'targets length {task_feature_lengths["targets"]}; '
+                     'expected >= 1.')
+  if num_shards < 1 or not 0 <= shard_id < num_shards:
+    raise ValueError(f'shard_id={shard_id}, num_shards={num_shards}; '
+                     'expected 0 <= shard_id < num_shards.')
+  if batch_size < 1 or batch_size % num_shards:
+    raise ValueError(f'batch_size={batch_size} (global) must be a positive '
+                     f'multiple of num_shards={num_shards}.')
+  if num_epochs is not None and num_epochs < 1:
+    raise ValueError(f'num_epochs={num_epochs}; expected None or >= 1.')
 
 
 class DataPipeline(Iterator[Batch]):
@@ -95,20 +118,7 @@ class DataPipeline(Iterator[Batch]):
                shuffle_buffer_size: int | None = None,
                pack: bool = True, num_threads: int | None = None,
                state: Mapping[str, int] | None = None):
-    if set(task_feature_lengths) != {'targets'}:
-      raise ValueError(f'task_feature_lengths={dict(task_feature_lengths)}; '
-                       "a decoder LM expects exactly {'targets': length}.")
-    if task_feature_lengths['targets'] < 1:
-      raise ValueError(f'targets length {task_feature_lengths["targets"]}; '
-                       'expected >= 1.')
-    if num_shards < 1 or not 0 <= shard_id < num_shards:
-      raise ValueError(f'shard_id={shard_id}, num_shards={num_shards}; '
-                       'expected 0 <= shard_id < num_shards.')
-    if batch_size < 1 or batch_size % num_shards:
-      raise ValueError(f'batch_size={batch_size} (global) must be a positive '
-                       f'multiple of num_shards={num_shards}.')
-    if num_epochs is not None and num_epochs < 1:
-      raise ValueError(f'num_epochs={num_epochs}; expected None or >= 1.')
+    _check_arguments(task_feature_lengths, batch_size, num_epochs, shard_id, num_shards)
     self.name = mixture_or_task_name
     self.task_feature_lengths = dict(task_feature_lengths)
     self.split = split
@@ -261,23 +271,9 @@ class DataPipeline(Iterator[Batch]):
   # -------------------------------------------------------------- sizes
 
   def epoch_stats(self) -> dict[str, float]:
-    """Size of one epoch (one pass over it): batches, rows, tokens, padding.
-
-    'rows' are packed rows with text; 'tokens' non-padding target tokens;
-    'fill' the share of target slots that are padding.
-    """
-    def count(totals, batch):
-      weights = batch['decoder_loss_weights']
-      return (totals[0] + 1,
-              totals[1] + tf.reduce_sum(tf.cast(
-                  tf.reduce_any(weights > 0, axis=1), tf.int64)),
-              totals[2] + tf.reduce_sum(tf.cast(weights, tf.int64)))
-    zero = tf.constant(0, tf.int64)
-    batches, rows, tokens = (int(x) for x in self.global_dataset(0).reduce(
-        (zero, zero, zero), count))
-    slots = batches * self.batch_size * self.task_feature_lengths['targets']
-    return {'batches': batches, 'rows': rows, 'tokens': tokens,
-            'fill': 1.0 - tokens / slots if slots else 0.0}
+    """Size of one epoch (one pass over it); see `stats.epoch_stats`."""
+    return stats_lib.epoch_stats(self.global_dataset(0), self.batch_size,
+                                 self.task_feature_lengths['targets'])
 
 
 def get_dataset(mixture_or_task_name: str,
@@ -294,132 +290,9 @@ def get_dataset(mixture_or_task_name: str,
                       num_shards=num_shards, vocabulary=vocabulary, **kwargs)
 
 
-class SeqioDataSource:
-  """The trainer's data source (see moescale.train.trainer.DataSource).
-
-  Args:
-    mixture_or_task_name: task or mixture to train on.
-    task_feature_lengths: {'targets': sequence length}.
-    vocabulary: 'bytes', a SentencePiece .model path (checked against the
-      task's; also used to register the default tasks).
-    eval_splits: what to evaluate, each 'split' (of the training task) or
-      'task:split' (another task, e.g. 'moescale_kjv:validation'). None: the
-      training task's 'validation' split (else its non-train splits), and for
-      the default in-domain corpus also the out-of-domain ones.
-    pack: pack chunks into rows.
-
-  Batch sizes given to the iterators are per host, as the trainer passes them;
-  the global batch is batch_size * num_shards.
-  """
-
-  def __init__(self, mixture_or_task_name: str,
-               task_feature_lengths: Mapping[str, int],
-               vocabulary: Any = vocab_lib.BYTES,
-               eval_splits: tuple[str, ...] | None = None, pack: bool = True):
-    self.name = mixture_or_task_name
-    self.task_feature_lengths = dict(task_feature_lengths)
-    self.vocabulary_spec = vocabulary
-    self.pack = pack
-    provider = tasks_lib.get_provider(mixture_or_task_name, vocabulary)
-    self.vocabulary = provider.output_features['targets'].vocabulary
-    self.vocab_size = self.vocabulary.vocab_size
-    self.sequence_length = self.task_feature_lengths['targets']
-    self.eval_splits = tuple(eval_splits) if eval_splits is not None else (
-        self._default_eval_splits(provider))
-    self._eval_pipelines: dict[tuple[int, int, int], dict[str, DataPipeline]] = {}
-
-  def _default_eval_splits(self, provider) -> tuple[str, ...]:
-    splits = [s for s in provider.splits if s != 'train']
-    own = ('validation',) if 'validation' in splits else tuple(splits)
-    sotu = tasks_lib.DEFAULT_PREFIX + 'sotu'
-    if self.name.startswith(sotu):
-      suffix = self.name[len(sotu):]
-      own += tuple(f'{tasks_lib.DEFAULT_PREFIX}{c}{suffix}:validation'
-                   for c in tasks_lib.DEFAULT_CORPORA if c != 'sotu')
-    return own
-
-  def _resolve(self, split: str) -> tuple[str, str]:
-    return tuple(split.split(':', 1)) if ':' in split else (self.name, split)
-
-  def train_iterator(self, batch_size: int, shard_id: int = 0,
-                     num_shards: int = 1, seed: int = 0,
-                     position: Mapping[str, int] | None = None
-                     ) -> DataPipeline:
-    return DataPipeline(self.name, self.task_feature_lengths, 'train',
-                        batch_size * num_shards, seed=seed, shuffle=True,
-                        shard_id=shard_id, num_shards=num_shards,
-                        vocabulary=self.vocabulary_spec, pack=self.pack,
-                        state=position)
-
-  def eval_iterators(self, batch_size: int, shard_id: int = 0,
-                     num_shards: int = 1) -> dict[str, DataPipeline]:
-    """{split: a pipeline from its first batch}. The pipelines are kept and rewound for the
-    next evaluation with the same batch and sharding: the tiny run's three eval splits took
-    ~9 s to build each time."""
-    key = (batch_size, shard_id, num_shards)
-    if key in self._eval_pipelines:
-      for p in self._eval_pipelines[key].values():
-        p.rewind()
-      return dict(self._eval_pipelines[key])
-    out = self._eval_pipelines[key] = {}
-    for split in self.eval_splits:
-      name, task_split = self._resolve(split)
-      out[split] = DataPipeline(
-          name, self.task_feature_lengths, task_split, batch_size * num_shards,
-          shuffle=False, num_epochs=1, shard_id=shard_id,
-          num_shards=num_shards, vocabulary=self.vocabulary_spec,
-          pack=self.pack)
-    return dict(out)
-
-  def bytes_per_token(self, split: str) -> float | None:
-    """UTF-8 bytes per predicted token of an eval split (for bits per byte)."""
-    stats = split_stats(*self._resolve(split))
-    return stats['bytes'] / stats['tokens'] if stats['tokens'] else None
-
-
-# ------------------------------------------------------------------ sizes
-
-_STATS: dict[tuple[str, str, str], dict[str, int]] = {}
-
-
-def split_stats(mixture_or_task_name: str, split: str) -> dict[str, int]:
-  """Documents, UTF-8 bytes and tokens of a split (one pass, cached).
-
-  'tokens' counts what the model predicts in one epoch, EOS included (it is
-  the sum of decoder_loss_weights over the epoch); 'bytes' is the size of the
-  documents' text, the denominator of bits per byte. A mixture sums its tasks
-  that have the split.
-  """
-  provider = tasks_lib.get_provider(mixture_or_task_name)
-  if not isinstance(provider, seqio.Task):
-    totals = {'documents': 0, 'bytes': 0, 'tokens': 0}
-    for task in provider.tasks:
-      if split in task.splits:
-        for k, v in split_stats(task.name, split).items():
-          totals[k] += v
-    return totals
-  key = (provider.name, split, tasks_lib._CONFIGS.get(provider.name, ''))  # pylint: disable=protected-access
-  if key in _STATS:
-    return dict(_STATS[key])
-  if not isinstance(provider.source, tasks_lib.DocumentSource):
-    raise TypeError(f'split_stats: {provider.name!r} was not registered by '
-                    'moescale.data (its source has no documents to count).')
-  feature = provider.output_features['targets']
-  documents = num_bytes = 0
-  for doc in provider.source.documents(split):
-    documents += 1
-    num_bytes += len(doc)
-  if vocab_lib.vocabulary_spec(feature.vocabulary) == vocab_lib.BYTES:
-    tokens = num_bytes + (documents if feature.add_eos else 0)
-  else:
-    ds = provider.get_dataset(sequence_length=None, split=split, shuffle=False,
-                              num_epochs=1, try_in_mem_cache=False)
-    tokens = int(ds.reduce(tf.constant(0, tf.int64), lambda total, ex: (
-        total + tf.cast(tf.size(ex['targets']), tf.int64))))
-  _STATS[key] = {'documents': documents, 'bytes': num_bytes, 'tokens': tokens}
-  return dict(_STATS[key])
-
-
-def count_tokens(mixture_or_task_name: str, split: str) -> int:
-  """Tokens of one epoch of a split (EOS included); see `split_stats`."""
-  return split_stats(mixture_or_task_name, split)['tokens']
+# The data source moved to `source`, loaded from there on first use: it imports this module, so
+# a top-level import would be a circle. (`pipeline.SeqioDataSource` is what launch and tests use.)
+def __getattr__(name):
+  if name == 'SeqioDataSource':
+    return importlib.import_module('moescale.data.source').SeqioDataSource
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

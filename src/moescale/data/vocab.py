@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import math
 import os
+import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from moescale.data import corpus
+from moescale.data import corpus, readers
 
 BYTES = 'bytes'
 
@@ -50,8 +52,8 @@ def get_vocabulary(spec: Any = BYTES):
   if spec == BYTES:
     return _byte_vocabulary()
   return _sentencepiece_vocabulary(os.path.abspath(
-      corpus.require_file(spec, 'SentencePiece vocabulary (a .model file, '
-                          "e.g. from `moescale vocab`; or use 'bytes')")))
+      readers.require_file(spec, 'SentencePiece vocabulary (a .model file, '
+                           "e.g. from `moescale vocab`; or use 'bytes')")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +81,11 @@ def vocabulary_spec(vocabulary) -> str:
 # ------------------------------------------------------------ SentencePiece
 
 
+# The trainer options behind `lossless=True` (why each: train_sentencepiece's docstring).
+_LOSSLESS = dict(normalization_rule_name='identity', remove_extra_whitespaces=False,
+                 allow_whitespace_only_pieces=True)
+
+
 def _lines(documents: Iterator[str]) -> Iterator[str]:
   for document in documents:
     for line in document.splitlines():
@@ -87,23 +94,12 @@ def _lines(documents: Iterator[str]) -> Iterator[str]:
 
 
 def train_sentencepiece(
-    input_files: str | Sequence[str] | None,
-    model_prefix: str,
-    vocab_size: int,
-    *,
-    model_type: str = 'unigram',
-    format: str = 'text',  # pylint: disable=redefined-builtin
-    text_key: str = 'text',
-    character_coverage: float = 1.0,
-    byte_fallback: bool = True,
-    lossless: bool = True,
-    input_sentence_size: int = 2_000_000,
-    max_sentence_length: int = 1 << 16,
-    seed: int = 0,
-    num_threads: int | None = None,
-    verbose: bool = False,
-    **trainer_options,
-) -> str:
+    input_files: str | Sequence[str] | None, model_prefix: str, vocab_size: int, *,
+    model_type: str = 'unigram', format: str = 'text',  # pylint: disable=redefined-builtin
+    text_key: str = 'text', character_coverage: float = 1.0, byte_fallback: bool = True,
+    lossless: bool = True, input_sentence_size: int = 2_000_000,
+    max_sentence_length: int = 1 << 16, seed: int = 0, num_threads: int | None = None,
+    verbose: bool = False, **trainer_options) -> str:
   """Trains a SentencePiece model whose ids fit seqio (pad 0, EOS 1, UNK 2).
 
   Args:
@@ -137,12 +133,9 @@ def train_sentencepiece(
   Returns:
     The path of the written `.model` file.
   """
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   if vocab_size < 4:
     raise ValueError(f'vocab_size={vocab_size}; needs at least 4 (3 special '
                      'ids + 1 piece).')
-  if format not in ('text', 'jsonl'):
-    raise ValueError(f"format={format!r}; expected 'text' or 'jsonl'.")
   options = dict(
       model_prefix=os.fspath(model_prefix), vocab_size=vocab_size,
       model_type=model_type, character_coverage=character_coverage,
@@ -153,32 +146,56 @@ def train_sentencepiece(
       minloglevel=0 if verbose else 2,
   )
   if lossless:
-    options.update(normalization_rule_name='identity',
-                   remove_extra_whitespaces=False,
-                   allow_whitespace_only_pieces=True)
+    options.update(_LOSSLESS)
   options.update(trainer_options)
-  if input_files is None:
-    options['sentence_iterator'] = _lines(
-        p.read_text(encoding='utf-8') for p in corpus.sotu_split_files('train'))
-  else:
-    files = corpus.expand_files(input_files, 'SentencePiece training input')
-    if format == 'jsonl':
-      options['sentence_iterator'] = _lines(
-          doc for f in files
-          for doc in corpus.read_jsonl_documents(f, text_key))
-    elif any(f.endswith(('.gz', '.bz2', '.xz')) for f in files):
-      options['sentence_iterator'] = _lines(
-          doc for f in files
-          for doc in corpus.read_text_documents(f, unit='line'))
-    else:
-      options['input'] = ','.join(files)
+  options.update(_training_input(input_files, format, text_key))
   os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  _run_trainer(options, seed, verbose)
+  return f'{model_prefix}.model'
+
+
+def _training_input(input_files: str | Sequence[str] | None,
+                    format: str,  # pylint: disable=redefined-builtin
+                    text_key: str) -> dict[str, Any]:
+  """The trainer's input option: files it reads itself ('input'), or sentences read here
+  ('sentence_iterator': JSON lines, compressed text, the embedded corpus)."""
+  if format not in ('text', 'jsonl'):
+    raise ValueError(f"format={format!r}; expected 'text' or 'jsonl'.")
+  if input_files is None:
+    return {'sentence_iterator': _lines(
+        p.read_text(encoding='utf-8') for p in corpus.sotu_split_files('train'))}
+  files = readers.expand_files(input_files, 'SentencePiece training input')
+  if format == 'jsonl':
+    return {'sentence_iterator': _lines(
+        doc for f in files for doc in readers.read_jsonl_documents(f, text_key))}
+  if any(f.endswith(('.gz', '.bz2', '.xz')) for f in files):
+    return {'sentence_iterator': _lines(
+        doc for f in files for doc in readers.read_text_documents(f, unit='line'))}
+  return {'input': ','.join(files)}
+
+
+def _run_trainer(options: dict[str, Any], seed: int, verbose: bool) -> None:
+  """Runs SentencePiece's trainer with its log on stderr (verbose) or silenced."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   spm.set_random_generator_seed(seed)
   with contextlib.ExitStack() as stack:
-    logstream = None if verbose else stack.enter_context(
+    logstream = None if verbose or not _stderr_has_fd() else stack.enter_context(
         open(os.devnull, 'w', encoding='utf-8'))
     spm.SentencePieceTrainer.train(logstream=logstream, **options)
-  return f'{model_prefix}.model'
+
+
+def _stderr_has_fd() -> bool:
+  """Whether sys.stderr is backed by a file descriptor.
+
+  SentencePiece silences its trainer by dup2-ing the log stream over sys.stderr's descriptor,
+  and fails with "fileno" when there is none (pytest's capsys, some notebooks). Without one the
+  log is left alone: minloglevel=2 already keeps the trainer's info lines out of it.
+  """
+  try:
+    sys.stderr.fileno()
+  except (io.UnsupportedOperation, AttributeError, ValueError):
+    return False
+  return True
 
 
 # ----------------------------------------------------------- bits per byte
@@ -192,7 +209,7 @@ def token_byte_lengths(vocabulary) -> np.ndarray:
   count 0 bytes. For SentencePiece it is exact except for the word-start mark
   SentencePiece adds at the start of each document (counted as 1 byte that
   is not in the text); for an exact figure over a split use the byte count of
-  `moescale.data.pipeline.split_stats`.
+  `moescale.data.stats.split_stats`.
   """
   import seqio  # pylint: disable=g-import-not-at-top
   size = vocabulary.vocab_size

@@ -1,27 +1,22 @@
-"""The interchangeable FFN sublayers: one family a file, one shared dispatch for the MoEs.
+"""The interchangeable FFN sublayers: one family a file, one registry, one shared MoE dispatch.
 
 Every family is built as `Family(d_model=..., <hyperparameters>, rngs=nnx.Rngs(seed))`, called
-as `layer(x, deterministic=..., segment_ids=None)` on x: [batch, length, d_model], records its
-auxiliary losses and metrics with `common.record_losses` / `record_metrics`, and reports its
-per-token cost with `cost() -> common.Cost`.
+as `y, aux = layer(x, deterministic=..., segment_ids=None)` on x: [batch, length, d_model]
+(`aux`: its weighted auxiliary losses and its metrics, a `common.Aux`), and reports its
+per-token cost with `cost() -> common.Cost`. `registry` lists the families; `families()` names
+them all, `register_family` adds one.
 """
 
-import importlib
+from moescale.layers.common import Aux, Cost
+from moescale.layers.registry import families, get_family, register_family
 
-from moescale.layers.common import AuxLoss, Cost, RoutingMetric
-
-_FAMILIES = {
-    'DenseFFN': 'moescale.layers.dense',
-    'TopKMoE': 'moescale.layers.topk_moe',
-    'SigmaMoE': 'moescale.layers.sigma_moe',
-    'ProductKeyMemory': 'moescale.layers.pkm',
-}
-
-__all__ = ['AuxLoss', 'Cost', 'RoutingMetric', *_FAMILIES]
+__all__ = ['Aux', 'Cost', 'families', 'get_family', 'register_family',
+           'DenseFFN', 'TopKMoE', 'SigmaMoE', 'ProductKeyMemory']
 
 
 def __getattr__(name):
-  # Families load on first use so a broken or heavy family never slows `import moescale.layers`.
-  if name in _FAMILIES:
-    return getattr(importlib.import_module(_FAMILIES[name]), name)
+  # Families load on first use, so `import moescale.layers` stays light.
+  registered = families()
+  if name in registered:
+    return registered[name]
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

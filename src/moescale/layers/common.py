@@ -8,21 +8,22 @@ Logical axis names (mapped to mesh axes by `moescale.sharding` rules; t5x/flaxfo
     keys      PKM sub-keys (num_keys)      values    PKM value rows (num_keys**2)
     norm      LayerNorm scales/biases      length    sequence positions (learned positions)
 
-The auxiliary contract. A family never returns its auxiliary losses: it *records* them, and
-whoever runs the model collects them with `nnx.capture(fn, AuxLoss, RoutingMetric)`, so the
-model and trainer never need to know which family is inside:
+The sublayer contract. Every FFN family is built as `Family(d_model, <its hyperparameters>,
+dtype=..., param_dtype=..., rngs=...)` and called as
 
-    record_losses(self, load_balance=lb, router_z=z)       # unweighted scalars
-    record_metrics(self, expert_usage=usage, dropped=frac)  # scalars or small vectors
+    y, aux = layer(x, deterministic=..., segment_ids=...)     x, y: [batch, length, d_model]
 
-Called outside a capture (a user calling a layer by hand), recording is a no-op: nothing is
-stored on the module and no deprecation warning fires.
+`aux` is an `Aux`: the family's auxiliary losses *already weighted* by its own loss weights
+(e.g. `TopKMoE(load_balance_weight=0.01)`), which the model adds to the LM loss as they are, and
+its metrics (unweighted losses, expert usage, ...), for logging only. The model and the trainer
+only sum and log what they are given: neither names a family or a loss. `cost()` reports the
+per-token FLOPs and active parameters for accounting.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,40 +41,39 @@ class Cost:
     such as activations and softmax is not counted, as in Kaplan et al. and Megatron), e.g.
     {'router': 2*d*E, 'experts': 2*k*3... }. Keys are free-form names a report can group by.
   active_params: parameters a token touches (a router's whole matrix, only its k experts).
+  category: where a report groups this sublayer's FLOPs and parameters ('ffn' by default; a
+    family may name its own: ProductKeyMemory reports 'pkm').
   The total parameter count is not here: accounting reads it from the abstract parameter tree.
   """
   flops: Mapping[str, float]
   active_params: int
+  category: str = 'ffn'
 
   @property
   def total_flops(self) -> float:
     return float(sum(self.flops.values()))
 
 
-class AuxLoss(nnx.Intermediate):
-  """An unweighted auxiliary loss (scalar) recorded by a sublayer; the model weights it."""
+class Aux(NamedTuple):
+  """What a sublayer returns beside its output; a pytree, so it crosses jit, grad and scan.
+
+  losses: name -> scalar, weighted by the sublayer's own loss weights (0-weight losses left
+    out): the model adds their sum to the LM loss.
+  metrics: name -> scalar or small vector, for logging only.
+  """
+  losses: Mapping[str, Array]
+  metrics: Mapping[str, Array]
 
 
-class RoutingMetric(nnx.Intermediate):
-  """A routing statistic (scalar or small vector) recorded by a sublayer, for logging only."""
+def no_aux() -> Aux:
+  """The Aux of a sublayer without auxiliary losses or metrics (a dense FFN)."""
+  return Aux({}, {})
 
 
-def _record(module: nnx.Module, kind, values: dict) -> None:
-  # nnx.capture sets `__captures__` on every module it wraps; outside a capture, skip silently.
-  if not hasattr(module, '__captures__'):
-    return
-  for name, value in values.items():
-    module.sow(kind, name, value)
-
-
-def record_losses(module: nnx.Module, **losses: Array) -> None:
-  """Records unweighted auxiliary losses (e.g. `load_balance`, `router_z`, `entropy`)."""
-  _record(module, AuxLoss, losses)
-
-
-def record_metrics(module: nnx.Module, **metrics: Array) -> None:
-  """Records routing metrics (e.g. `expert_usage` [num_experts], `fraction_dropped`)."""
-  _record(module, RoutingMetric, metrics)
+def weighted(weights: Mapping[str, float], **losses: Array) -> dict[str, Array]:
+  """{name: weight * loss} for the losses whose weight is not 0 (a Python float: the set of
+  names is static, so the same model always returns the same pytree)."""
+  return {name: weights[name] * value for name, value in losses.items() if weights[name]}
 
 
 def param(

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moescale import sharding as shd
-from moescale.layers import common
+from moescale.layers import common, registry
 
 
 def topk_activation_mask(h: jax.Array, k: int) -> jax.Array:
@@ -31,8 +31,9 @@ def topk_activation_mask(h: jax.Array, k: int) -> jax.Array:
   return jnp.where(keep, h, jnp.zeros_like(h))
 
 
+@registry.register_family
 class DenseFFN(nnx.Module):
-  """Two-layer MLP sublayer: `DenseFFN(d_model, d_ff, ...)(x, deterministic, segment_ids)`.
+  """Two-layer MLP sublayer: `y, aux = DenseFFN(d_model, d_ff, ...)(x)` (no losses).
 
   Args:
     d_model: model width d.
@@ -69,10 +70,10 @@ class DenseFFN(nnx.Module):
                   if use_bias else None)
     self.rngs = rngs if dropout > 0 else None
 
-  def __call__(self, x: jax.Array, deterministic: bool = True,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-    """x: [batch, length, d_model] -> [batch, length, d_model]. segment_ids are unused: a
-    dense FFN treats every token alike, and padding rows are ignored by the loss."""
+  def __call__(self, x: jax.Array, *, deterministic: bool = True,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, common.Aux]:
+    """x: [batch, length, d_model] -> (y [batch, length, d_model], no aux). segment_ids are
+    unused: a dense FFN treats every token alike, and padding rows are ignored by the loss."""
     del segment_ids
     x = x.astype(self.dtype)
     shape = x.shape
@@ -89,12 +90,12 @@ class DenseFFN(nnx.Module):
     y = h @ self.w_out[...].astype(self.dtype)
     if self.b_out is not None:
       y = y + self.b_out[...].astype(self.dtype)
-    y = y.reshape(shape)
-    return y
+    return y.reshape(shape), common.no_aux()
 
   def cost(self) -> common.Cost:
     """Forward FLOPs per token: two matmuls d x f (Top-K activation saves nothing in a dense
     matmul; the top-k selection itself is not counted)."""
     matmul = 2 * self.d_model * self.d_ff
-    params = 2 * self.d_model * self.d_ff + (self.d_ff + self.d_model if self.b_in is not None else 0)
+    biases = self.d_ff + self.d_model if self.b_in is not None else 0
+    params = 2 * self.d_model * self.d_ff + biases
     return common.Cost(flops={'ffn_in': matmul, 'ffn_out': matmul}, active_params=params)

@@ -16,33 +16,40 @@ How the work is done is a *backend*: a small strategy object with one method. Ba
 interchangeable and each is tested against `ReferenceLoop`, the plain per-expert loop that
 exists for tests only (it runs every expert on every token: E times the work):
 
-    'blocked'  sort by expert, loop over expert-homogeneous row blocks, hand-written VJP
-               (dispatch_blocked.py). Dropless.
-    'fused'    'blocked' with permute and combine inside the loop: each block gathers its
-               tokens' rows and scatter-adds its weighted output (dispatch_fused.py). Dropless.
-               The XLA:CPU default, where it runs as one C++ kernel (dispatch_fused_cpu.py,
-               kernels/moe_ffn.cc; 'fused:kernels=xla' keeps the XLA loop).
+    'fused'    sort by expert, loop over expert-homogeneous row blocks that gather and combine
+               their own rows, hand-written VJP (dispatch_fused.py). Dropless. The XLA:CPU
+               choice; its loop is a kernel strategy a platform may replace (moescale.cpu runs
+               it as one C++ kernel; 'fused:kernels=xla' keeps the XLA loop).
     'ragged'   sort, `jax.lax.ragged_dot` (dispatch_ragged.py). Dropless. Native grouped
                matmul on GPU/TPU; lowered densely (E times the work) on XLA:CPU.
     'slots'    gather into [E, capacity, d] slots by index, batched matmul, gather back
                (dispatch_capacity.py). Needs `capacity`; drops what does not fit.
     'onehot'   GShard's one-hot dispatch/combine einsums over [t, e, c]: benchmark baseline.
+    'auto'     'fused' in a program built for CPU, 'ragged' in any other
+               (`jax.lax.platform_dependent`: the target platform decides, not the host).
+               Both branches are traced, so 'auto' (like 'ragged') needs a mesh of Auto axes,
+               as `moescale.sharding.make_mesh` makes: JAX 0.10's ragged_dot has no sharding
+               rule for Explicit axes (`jax.make_mesh`'s default).
+
+A family resolves its backend once, at construction: `Dispatch(spec, exchange=...,
+exchange_capacity_factor=...)`. Nothing ambient decides how it runs, except the mesh JAX
+itself is tracing under (`jax.set_mesh`): with an `expert` axis > 1 the backend runs expert
+parallel, tokens exchanged as the family chose (expert_parallel.py).
 
 The shared math (sort, row layouts, permute, combine, all with gather-only VJPs) is in
-dispatch_ops.py. `python -m moescale.bench` measures the backends against a FLOP-matched dense
-layer; `default_backend_name` encodes what it found.
+dispatch_ops.py; `moescale bench` measures the backends against a FLOP-matched dense layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
-# The registry imports every backend directly (all plain JAX); they and the expert-parallel
-# wrapper build on dispatch_types, never on this module.
-from moescale.layers import dispatch_blocked, dispatch_capacity, dispatch_fused, dispatch_ragged
+from moescale.layers import dispatch_capacity, dispatch_fused, dispatch_ragged
 from moescale.layers import expert_parallel
 # The plain functions of the math and the contract, re-exported for the families and users.
 from moescale.layers.dispatch_ops import RowLayout, combine, permute, sort_assignments  # noqa: F401
@@ -50,9 +57,24 @@ from moescale.layers.dispatch_types import (  # noqa: F401
     DispatchBackend, ExpertWeights, ReferenceLoop, check_assignment_shapes)
 
 
+class Auto:
+  """'auto': the backend that suits the platform the program is built for."""
+  name = 'auto'
+
+  def __init__(self, cpu: DispatchBackend | None = None,
+               default: DispatchBackend | None = None):
+    self.cpu = cpu or dispatch_fused.Fused()
+    self.default = default or dispatch_ragged.Ragged()
+
+  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
+    branch = lambda backend: (lambda *a: backend(*a, activation, capacity))
+    return jax.lax.platform_dependent(x, expert_index, weights, experts,
+                                      cpu=branch(self.cpu), default=branch(self.default))
+
+
 _BACKENDS: dict[str, Callable[..., DispatchBackend]] = {
+    'auto': Auto,
     'reference': ReferenceLoop,
-    'blocked': dispatch_blocked.Blocked,
     'fused': dispatch_fused.Fused,
     'ragged': dispatch_ragged.Ragged,
     'slots': dispatch_capacity.Slots,
@@ -66,31 +88,12 @@ def register_backend(name: str, factory: Callable[..., DispatchBackend]) -> None
 
 
 def available_backends() -> list[str]:
-  return sorted(_BACKENDS) + ['auto']
-
-
-def default_backend_name(platform: str | None = None) -> str:
-  """The measured-best backend for a platform (see `python -m moescale.bench`).
-
-  XLA:CPU: 'fused' (ragged_dot is lowered densely there, E times the work), which runs there as
-  one C++ kernel (dispatch_fused_cpu). One `make bench` on the 2-core dev VM, 16k tokens,
-  fwd+bwd against the FLOP-matched dense layer: top-2 at 8 / 64 / 256 / 512 experts 'fused'
-  0.98x / 0.94x / 1.19x / 1.27x, its XLA loop ('fused:kernels=xla') 1.11x / 1.16x / 1.54x /
-  1.90x, 'blocked' 1.23x / 1.36x / 1.83x / 2.16x, 'slots' (capacity 1.0) 1.03x / 1.14x /
-  1.46x / 2.08x. At capacity 1.0 the router drops first and 'fused' computes the rest (bench
-  row 'fused@capacity'): 0.94x / 0.95x / 1.12x / 1.19x, the fastest capacity path at every
-  size. σ-MoE (8-128 experts) 'fused' 1.18-1.36x, its XLA loop 1.32-1.63x, 'blocked'
-  1.78-2.00x.
-  GPU / TPU: 'ragged', native grouped matmul there -- to be confirmed by measurement on a GPU.
-  """
-  if platform is None:
-    platform = jax.default_backend()
-  return 'fused' if platform == 'cpu' else 'ragged'
+  return sorted(_BACKENDS)
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
-  """'blocked:block_size=64:save_hidden=0' or 'fused:kernels=xla' -> (name, {options}):
-  integer values as ints, others as strings."""
+  """'fused:kernels=xla' or 'fused:block_size=64:granule=16' -> (name, {options}): integer
+  values as ints, others as strings."""
   name, *opts = spec.split(':')
   options = {}
   for opt in opts:
@@ -102,26 +105,49 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 
 def get_backend(backend: str | DispatchBackend = 'auto', **options) -> DispatchBackend:
-  """A backend by name ('auto' picks by platform) or an instance passed through.
-
-  `options` go to the backend's constructor (e.g. `get_backend('blocked', block_size=64)`); a
-  name may carry them too, as a gin binding can: `TopKMoE.dispatch = 'fused:kernels=xla'`.
-  """
+  """A backend by name (with options after colons, as a gin binding can give them:
+  `TopKMoE.dispatch = 'fused:kernels=xla'`) or an instance passed through. `options` go to
+  the backend's constructor too (`get_backend('fused', block_size=64)`)."""
   if not isinstance(backend, str):
-    return expert_parallel.wrap_for_mesh(backend)
-  backend, spec_options = parse_spec(backend)
+    return backend
+  name, spec_options = parse_spec(backend)
   options = {**spec_options, **options}
-  name = default_backend_name(jax.default_backend()) if backend == 'auto' else backend
   try:
     factory = _BACKENDS[name]
   except KeyError:
     raise ValueError(
-        f'unknown dispatch backend {backend!r}; valid: {available_backends()}') from None
-  # Under a mesh with an `expert` axis (the trainer sets one), experts run expert-parallel.
+        f'unknown dispatch backend {name!r}; valid: {available_backends()}') from None
   try:
-    made = factory(**options)
+    return factory(**options)
   except TypeError as e:
     valid = [p for p in inspect.signature(factory).parameters if p != 'self']
     raise ValueError(f'dispatch backend {name!r} does not take options {options} ({e}); '
                      f'its options: {valid}') from None
-  return expert_parallel.wrap_for_mesh(made)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+  """How a family runs its experts, fixed at construction: a backend (a spec or an instance)
+  and, under an expert-parallel mesh, the token exchange ('ring' or 'all_to_all', see
+  expert_parallel.py) with its optional capacity factor.
+
+  `dispatch(x, expert_index, weights, experts, activation, capacity)` -> y [t, d];
+  `dispatch.apply(...)` -> (y, fraction of routed assignments the exchange dropped).
+  """
+  backend: str | DispatchBackend = 'auto'
+  exchange: str = expert_parallel.DEFAULT_EXCHANGE
+  exchange_capacity_factor: float | None = None
+
+  def __post_init__(self):
+    get_backend(self.backend)  # an unknown name or option fails here, at construction
+    expert_parallel.check_exchange(self.exchange, self.exchange_capacity_factor)
+
+  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
+    return self.apply(x, expert_index, weights, experts, activation, capacity)[0]
+
+  def apply(self, x, expert_index, weights, experts, activation, capacity=None):
+    backend = get_backend(self.backend)
+    if expert_parallel.expert_shards() > 1:
+      ep = expert_parallel.ExpertParallel(backend, self.exchange, self.exchange_capacity_factor)
+      return ep.apply(x, expert_index, weights, experts, activation, capacity)
+    return backend(x, expert_index, weights, experts, activation, capacity), jnp.zeros(())

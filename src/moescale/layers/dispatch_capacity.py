@@ -27,7 +27,7 @@ def _require_capacity(name: str, capacity: int | None) -> int:
   if capacity is None or int(capacity) < 1:
     raise ValueError(
         f'dispatch backend {name!r} needs capacity >= 1 (slots per expert), got {capacity!r}; '
-        f"pass the router's capacity, or use a dropless backend ('blocked', 'ragged')")
+        f"pass the router's capacity, or use a dropless backend ('fused', 'ragged')")
   return int(capacity)
 
 

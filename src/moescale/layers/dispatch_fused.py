@@ -1,19 +1,16 @@
-"""The 'fused' backend: the blocked loop with permute and combine moved inside it (CPU default).
+"""The 'fused' backend: a loop over expert-homogeneous row blocks that gathers and combines
+its tokens itself (the CPU default).
 
-Two kernels compute it, chosen per call by a small strategy (`get_kernels`, `Fused(kernels=)`):
-the XLA loop of this module (any dtype, activation and platform), and on XLA:CPU one C++
-kernel for float32 and the named activations (dispatch_fused_cpu.py: at 16k tokens, top-2
-0.94-1.27x the FLOP-matched dense layer at 8-512 experts, against 1.11-1.90x for this loop).
-
-Same blocks as 'blocked' (assignments sorted by expert, groups padded to a granule, cut into
-blocks of at most `block_size` rows), but no permuted row buffer ever exists. Each block
-gathers its tokens' rows of x itself and scatter-adds its weighted output straight into y:
+Assignments are sorted by expert; each expert's group is padded to a multiple of a small
+`granule` and cut into blocks of at most `block_size` rows (`dispatch_ops.blocked_layout`), so
+every block belongs to one expert and the padding stays below one granule per expert. No
+permuted row buffer ever exists: each block gathers its tokens' rows of x and scatter-adds its
+weighted output straight into y:
 
     xb = x[token[blk]]                                    [rows, d]   (gather, in the loop)
     y[token[blk]] += w[blk] * (act(xb @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e])
 
-Why: on XLA:CPU every fresh large buffer costs its page faults on every call (measured ~1-2 ms
-per MiB on the 2-core dev VM, a 134 MB buffer as much as a 8-GFLOP matmul), and the permute /
+Why: on XLA:CPU every fresh large buffer costs its page faults on every call, and the permute /
 combine form allocates several [t*k, d] buffers (rows, expert outputs, their cotangents): at
 top_k 4 each is 4x the size of x. Here the only large buffers are y, the saved
 pre-activations [t*k, f] and, in the backward, dx: what a dense layer of d_ff = k*f allocates.
@@ -27,10 +24,13 @@ Backward, per block (dh = dy[token] @ w_out[e].T, the unweighted hidden cotangen
     dweight[row] = <h, dh> (+ <dy[token], b_out[e]>)     (so the outputs need not be kept)
     dpre = act'(pre) * w * dh;  dx[token] += dpre @ w_in[e].T
     dw_in[e] += (dpre.T @ xb).T   dw_out[e] += (w * h).T @ dy[token]
-`dpre.T @ xb` ([f, r] x [r, d]), transposed per block, runs ~1.4x faster on XLA:CPU than
-`xb.T @ dpre` at f = 128 (measured). The VJP is hand-written for the same reason as in
-'blocked': autodiff of the loop would stack a copy of the expert weights per iteration; here
-the gradients accumulate straight into [E, ...] buffers.
+`dpre.T @ xb` ([f, r] x [r, d]), transposed per block, runs faster on XLA:CPU than `xb.T @ dpre`
+at small f. The VJP is written by hand: autodiff of the loop would stack one copy of the expert
+weights per iteration (the grouped-matmul OOM MaxText users report); here the gradients
+accumulate straight into [E, ...] buffers.
+
+What runs the loop is a kernel strategy (`kernel_registry`, op 'moe_ffn'): `XlaLoop` here (any
+dtype, activation and platform), or a provider's (moescale.cpu runs it as one C++ kernel).
 
 Einsum letters: r rows of a block, e expert, d d_model, f expert_size.
 """
@@ -38,15 +38,15 @@ Einsum letters: r rows of a block, e expert, d d_model, f expert_size.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moescale.kernels import cpu
-from moescale.layers import common, dispatch_fused_cpu, dispatch_ops, dispatch_types
-from moescale.layers.dispatch_blocked import Blocked, _add_to_expert, _expert
+from moescale import kernel_registry
+from moescale.layers import dispatch_ops, dispatch_types
 
 Array = jax.Array
 
@@ -89,6 +89,17 @@ def _class_loops(sched: Schedule, granule: int, block_size: int, body, init):
     carry = lax.fori_loop(sched.class_start[c], sched.class_start[c + 1],
                           body((c + 1) * granule), carry)
   return carry
+
+
+def _expert(a: Array | None, e: Array):
+  return None if a is None else lax.dynamic_index_in_dim(a, e, keepdims=False)
+
+
+def _add_to_expert(buf: Array | None, e: Array, value: Array | None):
+  if buf is None:
+    return None
+  cur = lax.dynamic_index_in_dim(buf, e, keepdims=False)
+  return lax.dynamic_update_index_in_dim(buf, cur + value.astype(buf.dtype), e, 0)
 
 
 def _gather(a: Array, token: Array) -> Array:
@@ -189,13 +200,9 @@ SMALL_PROBLEM = 16384  # assignments (tokens * top_k)
 def choose_block_size(num_assignments: int, num_experts: int) -> tuple[int, int]:
   """(block_size, granule): blocks of about twice the mean group (at most 1024 rows), 16 sizes.
 
-  Measured on XLA:CPU (16k tokens, fwd+bwd vs the FLOP-matched dense layer). σ-MoE (d 512,
-  G 128, K 4) at 128 / 32 experts: 1024/64 gave 1.58x / 1.34x, 1024/32 1.57x / 1.50x, 2048/64
-  1.55x / 1.50x, 2048/128 1.65x / 1.37x, 512/16 ~1.55x, 256/16 ~1.8x: big blocks matter
-  (fewer weight slices and accumulator updates per row), the granule within noise. Top-2
-  (d 256, f 512) at 64 experts: 512/32 0.98x, 256/16 1.14x. block_size / granule size classes
-  each compile a loop body, so their number (16) bounds compile time (~6-10 s at these shapes;
-  ~3.4 s with 4 sizes, ~6 s with 16 at 1024 tokens).
+  Big blocks matter on XLA:CPU (fewer weight slices and accumulator updates per row), the
+  granule less; each of the block_size / granule size classes compiles a loop body, so their
+  number (16, or 4 for small problems) bounds compile time. Chosen with `moescale bench`.
   """
   mean = max(1, num_assignments // max(1, num_experts))
   block = 16
@@ -212,55 +219,53 @@ class XlaLoop:
 
   def __call__(self, x, weights, experts, s, activation, sizes):
     t, k = weights.shape
-    block, granule = sizes(t * k, experts.num_experts, choose_block_size)
+    block, granule = sizes(t * k, experts.num_experts)
     layout, plan = dispatch_ops.blocked_layout(s, (t, k), block, granule)
     sched = schedule(layout, plan, k, block // granule)
     return fused_ffn(x, weights, experts, sched, activation, granule, block)
 
 
-class CpuKernels(XlaLoop):
-  """The same computation as one C++ kernel (dispatch_fused_cpu) for float32 and the named
-  activations of layers.common; the XLA loop for anything else, call by call."""
-  name = 'cpu'
-
-  def __call__(self, x, weights, experts, s, activation, sizes):
-    act = common.activation_name(activation)
-    dtypes = {jnp.dtype(a.dtype) for a in (x, weights, *experts) if a is not None}
-    if act is None or dtypes != {jnp.dtype(jnp.float32)}:
-      return super().__call__(x, weights, experts, s, activation, sizes)
-    return dispatch_fused_cpu.grouped_ffn(x, weights, experts, s,
-                                          dispatch_fused_cpu.ACTIVATION_IDS[act])
+XLA = XlaLoop()
 
 
-KERNELS = ('auto', 'xla', 'cpu')
-XLA, CPU = XlaLoop(), CpuKernels()
+class Fused:
+  """Sort by expert, loop over blocks gathering and combining in place (the module docstring).
 
-
-def get_kernels(name: str = 'auto') -> XlaLoop:
-  """The kernels by name: 'xla', 'cpu' or 'auto' (the C++ kernel on XLA:CPU under a mesh of
-  at most one device; the rule: `kernels.cpu.choose`). Call it while tracing."""
-  return cpu.choose(name, "'fused' dispatch kernels", CPU, XLA, KERNELS)
-
-
-class Fused(Blocked):
-  """'blocked' with the permute and combine fused into the loop (see the module docstring).
-
-  block_size / granule as for `Blocked` (None: `choose_block_size`), for the XLA loop.
-  kernels: 'auto' | 'xla' | 'cpu' (`get_kernels`). The pre-activations are always kept for
-  the backward ([t*k, f], as a dense layer's backward keeps its hidden).
+  block_size / granule: the XLA loop's blocks (None: `choose_block_size`); block_size must be a
+  multiple of granule. kernels: what runs the loop, 'auto' | 'xla' | a platform's
+  (`kernel_registry`). The pre-activations are always kept for the backward ([t*k, f], as a
+  dense layer's backward keeps its hidden). Dropless.
   """
   name = 'fused'
 
   def __init__(self, block_size: int | None = None, granule: int | None = None,
                kernels: str = 'auto'):
-    super().__init__(block_size, granule, save_hidden=True)
-    if kernels not in KERNELS:
-      raise ValueError(f"unknown 'fused' dispatch kernels {kernels!r}; valid: {list(KERNELS)}")
-    self.kernels = kernels
+    for key, value in (('block_size', block_size), ('granule', granule)):
+      if value is not None and value < 1:
+        raise ValueError(f'{key}={value!r} must be >= 1 or None')
+    if block_size and granule and block_size % granule:
+      raise ValueError(f'block_size={block_size} must be a multiple of granule={granule}')
+    if kernels not in kernel_registry.NAMES:
+      raise ValueError(f"unknown 'fused' dispatch kernels {kernels!r}; valid: "
+                       f'{list(kernel_registry.NAMES)}')
+    self.block_size, self.granule, self.kernels = block_size, granule, kernels
+
+  def sizes(self, num_assignments: int, num_experts: int) -> tuple[int, int]:
+    """(block_size, granule): the constructor's where given, else `choose_block_size`'s,
+    adjusted so that block_size stays a multiple of granule."""
+    block, granule = choose_block_size(num_assignments, num_experts)
+    if self.block_size:
+      block, granule = self.block_size, self.granule or math.gcd(self.block_size, granule)
+    elif self.granule:
+      block, granule = -(-max(block, self.granule) // self.granule) * self.granule, self.granule
+    # A block larger than all the rows (tiny or per-device problems) only adds loop bodies.
+    # At least one granule: no assignments at all (t = 0) would otherwise give blocks of 0 rows.
+    return min(block, max(1, -(-num_assignments // granule)) * granule), granule
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
     del capacity  # Dropless.
     dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
     s = dispatch_ops.sort_and_rank(expert_index, experts.num_experts)
-    y = get_kernels(self.kernels)(x, weights, experts, s, activation, self.sizes)
+    kernels = kernel_registry.select('moe_ffn', self.kernels, XLA)   # while tracing
+    y = kernels(x, weights, experts, s, activation, self.sizes)
     return y.astype(x.dtype)

@@ -5,7 +5,7 @@ e expert, r row of the permuted buffer, d d_model.
 
 A backend first decides where each assignment's row lives in a permuted buffer of `num_rows`
 rows (a `RowLayout`): sorted and contiguous (ragged), sorted and padded per expert to a block
-multiple (blocked), or in fixed per-expert capacity slots (slots). Then
+multiple (fused), or in fixed per-expert capacity slots (slots). Then
 
     rows = permute(x, layout)              # [num_rows, d]: rows[r] = x[token of row r]
     out  = <grouped FFN on rows>           # [num_rows, d]

@@ -1,6 +1,6 @@
 """The contract of the MoE dispatch: expert weights, the backend protocol, the reference loop.
 
-Every backend module (dispatch_blocked, dispatch_fused, dispatch_capacity, dispatch_ragged)
+Every backend module (dispatch_fused, dispatch_capacity, dispatch_ragged)
 and the expert-parallel wrapper build on these and on nothing of `dispatch`, the registry
 that chooses among them: the layers import downwards only. See dispatch.py for the math and
 the list of backends.

@@ -30,7 +30,11 @@ Which is the default, and why 'ring': static shapes make a dropless all-to-all s
 for the worst case (C = t·k), so it moves k times the ring's rows and holds P·t·k-row buffers
 (the ring: P·t). The all-to-all is cheaper only when capacity-bounded, by capacity_factor·k/P,
 and then it may drop assignments the router kept, which changes the model: a choice a run
-must make explicitly (`configure(exchange='all_to_all', capacity_factor=...)`), not a default.
+must make explicitly (the family's `expert_exchange='all_to_all'` and
+`exchange_capacity_factor`), not a default.
+
+The mesh is JAX's own (`jax.set_mesh`, read while tracing): the families decide the exchange
+at construction, the trainer only sets the mesh.
 An exact all-to-all that moves only the rows routed needs `ragged_all_to_all` (TPU/GPU).
 
 When the mesh also has `tensor` parallelism on `mlp` (expert_size), each device computes its
@@ -40,13 +44,10 @@ added on tensor rank 0 only.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from moescale import sharding as shd
 from moescale.layers import dispatch_types
@@ -55,11 +56,6 @@ from moescale.layers import expert_exchange
 EXPERT_AXIS = 'expert'
 EXCHANGES = ('ring', 'all_to_all')
 DEFAULT_EXCHANGE = 'ring'  # Why: see the module docstring.
-
-
-class ExchangeConfig(NamedTuple):
-  exchange: str = DEFAULT_EXCHANGE
-  capacity_factor: float | None = None
 
 
 def check_exchange(exchange: str, capacity_factor: float | None = None) -> None:
@@ -73,51 +69,38 @@ def check_exchange(exchange: str, capacity_factor: float | None = None) -> None:
                      'capacity_factor=None')
 
 
-_CONFIG: contextvars.ContextVar[ExchangeConfig] = contextvars.ContextVar(
-    'moescale_expert_exchange', default=ExchangeConfig())
-
-
-@contextlib.contextmanager
-def configure(exchange: str = DEFAULT_EXCHANGE,
-              capacity_factor: float | None = None) -> Iterator[ExchangeConfig]:
-  """The exchange `wrap_for_mesh` builds while active; capacity_factor None or <= 0: dropless.
-
-  Read when a layer is traced: a jitted step traced under one setting keeps it; wrap the
-  first call (or the whole training loop) in this context.
-  """
-  check_exchange(exchange, capacity_factor)
-  config = ExchangeConfig(exchange, capacity_factor)
-  token = _CONFIG.set(config)
-  try:
-    yield config
-  finally:
-    _CONFIG.reset(token)
-
-
-def current_config() -> ExchangeConfig:
-  return _CONFIG.get()
+def expert_shards() -> int:
+  """Size of the `expert` axis of the mesh JAX is tracing under (1 without one)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return 1 if mesh.empty else dict(mesh.shape).get(EXPERT_AXIS, 1)
 
 
 class ExpertParallel:
-  """`ExpertParallel(inner, mesh, exchange, capacity_factor)(x, expert_index, weights, experts,
-  activation, capacity) -> y`; `.apply(...)` also returns the fraction of routed assignments
-  the exchange dropped (0 unless all_to_all with a capacity_factor)."""
+  """`ExpertParallel(inner, exchange, capacity_factor)(x, expert_index, weights, experts,
+  activation, capacity) -> y` under JAX's current mesh; `.apply(...)` also returns the fraction
+  of routed assignments the exchange dropped (0 unless all_to_all with a capacity_factor)."""
 
-  def __init__(self, inner: dispatch_types.DispatchBackend, mesh: Mesh,
-               exchange: str = DEFAULT_EXCHANGE, capacity_factor: float | None = None):
+  def __init__(self, inner: dispatch_types.DispatchBackend, exchange: str = DEFAULT_EXCHANGE,
+               capacity_factor: float | None = None):
     check_exchange(exchange, capacity_factor)
-    self.inner, self.mesh = inner, mesh
+    self.inner = inner
     self.exchange, self.capacity_factor = exchange, capacity_factor
     self.name = f'expert_parallel[{exchange}]({getattr(inner, "name", type(inner).__name__)})'
 
+  @staticmethod
+  def _mesh_sizes() -> dict[str, int]:
+    mesh = jax.sharding.get_abstract_mesh()
+    return {a: dict(mesh.shape).get(a, 1) for a in shd.MESH_AXES}
+
   def _fits(self, tokens: int, experts: dispatch_types.ExpertWeights) -> bool:
-    return (experts.num_experts % self.mesh.shape[EXPERT_AXIS] == 0
+    return (experts.num_experts % self._mesh_sizes()[EXPERT_AXIS] == 0
             and tokens % self._row_shards() == 0)
 
   def _row_shards(self) -> int:
+    sizes = self._mesh_sizes()
     rows = 1
     for a in shd.BATCH_AXES:
-      rows *= self.mesh.shape[a]
+      rows *= sizes[a]
     return rows
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
@@ -129,10 +112,11 @@ class ExpertParallel:
     if not self._fits(x.shape[0], experts):
       # Shapes that do not split evenly fall back to GSPMD's choice (correct, not sharded work).
       return self.inner(x, expert_index, weights, experts, activation, capacity), jnp.zeros(())
-    mesh, inner, num_experts = self.mesh, self.inner, experts.num_experts
-    num_shards = mesh.shape[EXPERT_AXIS]
+    inner, num_experts = self.inner, experts.num_experts
+    sizes = self._mesh_sizes()
+    num_shards = sizes[EXPERT_AXIS]
     local_experts = num_experts // num_shards
-    tensor = mesh.shape['tensor']
+    tensor = sizes['tensor']
     split_hidden = tensor > 1 and experts.w_in.shape[-1] % tensor == 0
     mlp = 'tensor' if split_hidden else None
     rows = P(shd.BATCH_AXES, None)
@@ -180,15 +164,6 @@ class ExpertParallel:
       y, dropped = fn(x, expert_index, weights, w)
       return y, jnp.asarray(dropped, jnp.float32)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, specs),
+    # mesh=None: the mesh JAX is tracing under (jax.set_mesh).
+    return jax.shard_map(local, in_specs=(rows, rows, rows, specs),
                          out_specs=(rows, P()), check_vma=False)(x, expert_index, weights, experts)
-
-
-def wrap_for_mesh(backend: dispatch_types.DispatchBackend) -> dispatch_types.DispatchBackend:
-  """`backend`, wrapped in ExpertParallel when the active mesh has an expert axis > 1, with the
-  exchange of the innermost `configure` (default: ring, dropless)."""
-  mesh = shd.current_mesh()
-  if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1 or isinstance(backend, ExpertParallel):
-    return backend
-  config = current_config()
-  return ExpertParallel(backend, mesh, config.exchange, config.capacity_factor)

@@ -20,8 +20,9 @@ slot is scored, heads summed *before* the activation, no top-k:
 No LayerNorm inside: the block's pre-LN normalises x. Scoring runs in float32 (like a router).
 The math is in pkm_ops: the product search (top-knn/2 of each half, then one top-knn of ~2
 num_keys + knn candidates, exact) and the value read (a gather-reduce with a hand-written VJP;
-neither pass materialises the [t, s, d] rows). On XLA:CPU both run as C++ kernels by default
-(layers.pkm_kernels; `kernels='xla'` keeps XLA's ops).
+neither pass materialises the [t, s, d] rows). Where a platform registers faster kernels for
+them (moescale.cpu on XLA:CPU), 'auto' uses those (`kernel_registry`; `kernels='xla'` keeps
+XLA's ops).
 
 Einsum letters: t tokens (batch*length), d d_model, h heads, k half key dim (k_dim/2),
 n num_keys, s selected slots per token (heads*knn), r value rows (num_keys**2).
@@ -35,7 +36,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moescale.layers import common, pkm_kernels
+from moescale import kernel_registry
+from moescale.layers import common, pkm_ops, registry
 from moescale.layers.pkm_ops import (  # noqa: F401  (re-exported)
     candidate_pairs, gather_values, masked_batch_norm, product_key_topk, score_weights)
 
@@ -45,8 +47,9 @@ _VALUE_INITS = ('normal', 'csordas')
 _MODES = ('auto', 'sparse', 'dense')
 
 
+@registry.register_family
 class ProductKeyMemory(nnx.Module):
-  """PKM sublayer: `ProductKeyMemory(d_model, num_keys=..., knn=...)(x, deterministic, seg)`.
+  """PKM sublayer: `y, aux = ProductKeyMemory(d_model, num_keys=..., knn=...)(x)` (no losses).
 
   Args:
     d_model: model width d (also the value width).
@@ -73,9 +76,9 @@ class ProductKeyMemory(nnx.Module):
       (0.9 = PyTorch's momentum 0.1 that XLM uses); eps inside the rsqrt.
     value_chunk_size: tokens per step of the sparse value read's backward pass (see
       pkm_ops.gather_values); None: its default.
-    kernels: what runs the sparse search's top-k and the value read: 'xla' (XLA's ops), 'cpu'
-      (moescale's C++ kernels for XLA:CPU), or 'auto' (cpu where they apply: see
-      layers.pkm_kernels, where the measurements are). Same results either way.
+    kernels: what runs the sparse search's top-k and the value read: 'xla' (XLA's ops), a
+      platform's ('cpu': moescale's C++ kernels for XLA:CPU), or 'auto' (the platform's where
+      they apply: see moescale.kernel_registry). Same results either way.
     dtype: compute dtype of the value read; param_dtype: storage dtype.
   """
 
@@ -100,7 +103,7 @@ class ProductKeyMemory(nnx.Module):
     for name, value, valid in (('score_fn', score_fn, _SCORE_FNS),
                                ('normalize', normalize, _NORMALIZE),
                                ('value_init', value_init, _VALUE_INITS), ('mode', mode, _MODES),
-                               ('kernels', kernels, pkm_kernels.KERNELS)):
+                               ('kernels', kernels, kernel_registry.NAMES)):
       if value not in valid:
         raise ValueError(f'unknown {name} {value!r}; valid: {list(valid)}')
     if query_batchnorm is None:
@@ -198,9 +201,10 @@ class ProductKeyMemory(nnx.Module):
     s2 = jnp.einsum('thk,hnk->thn', q[..., half:], self.keys2[...].astype(sd))
     return s1, s2
 
-  def __call__(self, x: jax.Array, deterministic: bool = True,
-               segment_ids: jax.Array | None = None) -> jax.Array:
-    """x: [batch, length, d_model] -> [batch, length, d_model]; padding tokens give 0."""
+  def __call__(self, x: jax.Array, *, deterministic: bool = True,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, common.Aux]:
+    """x: [batch, length, d_model] -> (y [batch, length, d_model], aux); padding tokens give
+    0. No losses; the metric `value_usage` (fraction of value rows read)."""
     b, l, d = x.shape
     mask = common.token_mask(segment_ids, (b, l)).reshape(-1)
     x = common.dropout(x, self.rates['input_dropout'], deterministic, self.rngs)
@@ -218,7 +222,7 @@ class ProductKeyMemory(nnx.Module):
       y = jnp.einsum('tr,rd->td', w.astype(self.dtype), self.values[...].astype(self.dtype))
       used = jnp.any(w != 0, axis=0)
     else:
-      kernels = pkm_kernels.get_kernels(self.kernels)      # chosen under the caller's mesh
+      kernels = kernel_registry.select('pkm', self.kernels, pkm_ops.XLA)   # while tracing
       scores, idx = product_key_topk(s1, s2, self.knn, kernels=kernels)      # [t, h, knn]
       w = score_weights(scores, self.score_fn, self.joint)
       w = common.dropout(w, self.rates['dropout'], deterministic, self.rngs)
@@ -229,9 +233,9 @@ class ProductKeyMemory(nnx.Module):
       hits = jnp.zeros((self.num_keys ** 2,), jnp.int32).at[idx.reshape(-1)].add(
           (w != 0).reshape(-1).astype(jnp.int32))
       used = hits > 0
-    common.record_metrics(self, value_usage=jax.lax.stop_gradient(used.mean()))
     y = common.dropout(y, self.rates['value_dropout'], deterministic, self.rngs)
-    return y.reshape(b, l, d).astype(self.dtype)
+    metrics = {'value_usage': jax.lax.stop_gradient(used.mean())}
+    return y.reshape(b, l, d).astype(self.dtype), common.Aux({}, metrics)
 
   def cost(self) -> common.Cost:
     """Forward FLOPs per token (2 per MAC; top-k, softmax and BatchNorm not counted) and the
@@ -253,4 +257,4 @@ class ProductKeyMemory(nnx.Module):
       rows = min(h * self.knn, n * n)
       flops['values'] = 2 * h * self.knn * d
       params += rows * d
-    return common.Cost(flops=flops, active_params=params)
+    return common.Cost(flops=flops, active_params=params, category='pkm')

@@ -61,8 +61,9 @@ def product_key_topk(s1: jax.Array, s2: jax.Array, knn: int, form: str = 'split'
         max(s1) + s2[j] for every j: a superset of real pairs, which cannot change the
         top-knn. XLA:CPU's top_k is a partial sort per row whose cost is mostly sorting its k
         outputs, so two top-(knn/2) and one wider final top-knn beat three top-knn.
-    kernels: whose ops run the search (default `XLA`; see layers.pkm_kernels). The C++
-      kernels for XLA:CPU run it as one kernel, whatever the form: same scores and slots.
+    kernels: whose ops run the search (default `XLA`; a platform may register faster ones,
+      see moescale.kernel_registry). The C++ kernels for XLA:CPU run it as one kernel,
+      whatever the form: same scores and slots.
   Returns:
     scores [..., knn] descending and slot indices [..., knn] int32 (i * num_keys + j).
   """
@@ -160,7 +161,7 @@ def gather_values(values: jax.Array, indices: jax.Array, weights: jax.Array,
     dtype: compute dtype (rows are cast after the gather, never the whole table).
     chunk_size: tokens per step of the backward pass (default GRAD_CHUNK); it bounds the rows
       held at once to [chunk_size, s, d]. Neither pass materialises [t, s, d].
-    kernels: whose gathers run the read (default `XLA`; see layers.pkm_kernels).
+    kernels: whose gathers run the read (default `XLA`; see moescale.kernel_registry).
   Returns:
     [t, d] in dtype. Gradients: wrt weights a gathered dot, wrt values a scatter-add into a
     dense [r, d] buffer (rows no token read get zeros), none wrt indices.
@@ -174,8 +175,8 @@ def gather_values(values: jax.Array, indices: jax.Array, weights: jax.Array,
 class XlaKernels:
   """The search's top-k and the value read as XLA's own ops: every platform, every dtype.
 
-  The strategy `product_key_topk` and `gather_values` call; layers.pkm_kernels has the others
-  and the choice between them.
+  The strategy `product_key_topk` and `gather_values` call; moescale.cpu.pkm has the C++ ones
+  (kernel_registry chooses).
   """
   name = 'xla'
 

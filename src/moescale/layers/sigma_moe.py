@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moescale.layers import common
+from moescale.layers import common, registry
 from moescale.layers import dispatch as dispatch_lib
 
 Array = jax.Array
@@ -202,8 +202,9 @@ def balanced_router_init(stddev: float) -> common.Initializer:
 # ---------------------------------------------------------------------------------- the module
 
 
+@registry.register_family
 class SigmaMoE(nnx.Module):
-  """σ-MoE sublayer: `SigmaMoE(d_model, num_experts, expert_size, top_k, ...)(x, ...)`.
+  """σ-MoE sublayer: `y, aux = SigmaMoE(d_model, num_experts, expert_size, top_k, ...)(x)`.
 
   Args:
     d_model: model width d.
@@ -214,36 +215,45 @@ class SigmaMoE(nnx.Module):
       (training only; needs a 'dropout' stream in rngs).
     selection: 'sigmoid' (the paper's σ-MoE) | 'softmax' | 'softmax_renorm' (ablations).
     init: 'csordas' (w_out fan-in N_E·G) | 'standard' (w_out fan-in G).
+    entropy_weight: γ, weight of the entropy regulariser in the training objective (Csordás
+      et al.: 1e-3 on WikiText-103, 1e-4 on enwik8; 0: off).
     num_layers: depth of the model, for c = sqrt(2/num_layers) in the init. None (default)
       means the depth is unknown and c = 1 (the plain fan-in init; same as num_layers=2).
     activation: 'relu' (paper) | 'gelu' | 'gelu_tanh' | 'silu'.
-    dispatch: expert backend name (or instance) for `dispatch.get_backend`; 'auto' picks by
-      platform.
+    dispatch: expert backend name, with options after colons (or an instance); 'auto' picks
+      by the platform the program is built for (`layers.dispatch`).
+    expert_exchange, exchange_capacity_factor: under a mesh with an 'expert' axis > 1, how
+      tokens reach the experts of other devices ('ring' or 'all_to_all', the latter optionally
+      capacity-bounded; `layers.expert_parallel`).
     dtype: compute dtype of the experts; the router always computes in float32.
     param_dtype: storage dtype of the parameters.
   """
 
   def __init__(self, d_model: int, num_experts: int, expert_size: int, top_k: int, *,
-               expert_dropout: float = 0.0, selection: str = 'sigmoid',
+               expert_dropout: float = 0.0, entropy_weight: float = 0.001,
+               selection: str = 'sigmoid',
                init: str = 'csordas', num_layers: int | None = None,
                activation: str = 'relu',
                dispatch: str | dispatch_lib.DispatchBackend = 'auto',
+               expert_exchange: str = 'ring', exchange_capacity_factor: float | None = None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     common.check_routing(num_experts, top_k, d_model=d_model, expert_size=expert_size)
     if not 0.0 <= expert_dropout <= 1.0:
       raise ValueError(f'expert_dropout={expert_dropout!r} must be in [0, 1]')
+    if entropy_weight < 0:
+      raise ValueError(f'entropy_weight={entropy_weight!r} must be >= 0')
     if num_layers is not None:
       common.check_positive(num_layers=num_layers)
     _check_choice('selection', selection, SELECTIONS)
     _check_choice('init', init, INITS)
-    dispatch_lib.get_backend(dispatch)  # fail at construction on an unknown backend name
     self.d_model, self.num_experts, self.expert_size, self.top_k = (
         d_model, num_experts, expert_size, top_k)
-    self.expert_dropout = expert_dropout
+    self.expert_dropout, self.entropy_weight = expert_dropout, entropy_weight
     self.selection, self.init, self.num_layers = selection, init, num_layers
     self.activation = activation
     self.act = common.activation_fn(activation)
-    self.dispatch = dispatch
+    # Resolved now: an unknown backend or exchange fails here, not at the first call.
+    self.dispatch = dispatch_lib.Dispatch(dispatch, expert_exchange, exchange_capacity_factor)
     self.dtype = dtype
     std = csordas_init(d_model, num_experts, expert_size, num_layers, init)
     self.w_in = common.param(rngs, common.normal(std['w_in']),
@@ -256,12 +266,12 @@ class SigmaMoE(nnx.Module):
                                  (d_model, num_experts), ('embed', 'expert'), param_dtype)
     self.rngs = rngs if expert_dropout > 0 else None
 
-  def __call__(self, x: Array, deterministic: bool = True,
-               segment_ids: Array | None = None) -> Array:
-    """x: [batch, length, d_model] -> [batch, length, d_model]; padding rows come out 0.
+  def __call__(self, x: Array, *, deterministic: bool = True,
+               segment_ids: Array | None = None) -> tuple[Array, common.Aux]:
+    """x: [batch, length, d_model] -> (y [batch, length, d_model], aux); padding rows give 0.
 
-    Records the loss `entropy` (-H(p̄), unweighted) and the metrics `expert_usage` [N_E] and
-    `router_entropy`.
+    aux.losses: `entropy` (-H(p̄)) times entropy_weight (left out at weight 0). aux.metrics:
+    `entropy` unweighted, `expert_usage` [N_E] and `router_entropy`.
     """
     batch, length, d = x.shape
     if d != self.d_model:
@@ -280,19 +290,20 @@ class SigmaMoE(nnx.Module):
                                            token_mask=mask)
 
     # Over the whole (global) batch, before expert dropout: it regularises the router itself.
-    common.record_losses(self, entropy=entropy_regularizer(logits, mask))
-    common.record_metrics(self, expert_usage=expert_usage(expert_index, self.num_experts),
-                          router_entropy=router_entropy(logits, mask))
+    entropy = entropy_regularizer(logits, mask)
+    aux = common.Aux(common.weighted({'entropy': self.entropy_weight}, entropy=entropy),
+                     {'entropy': entropy,
+                      'expert_usage': expert_usage(expert_index, self.num_experts),
+                      'router_entropy': router_entropy(logits, mask)})
 
     experts = dispatch_lib.ExpertWeights(self.w_in[...].astype(self.dtype),
                                          self.w_out[...].astype(self.dtype))
-    backend = dispatch_lib.get_backend(self.dispatch)
     # Dropless: nothing was dropped for capacity. The hint is the true bound, t assignments per
     # expert (a token picks an expert at most once), so slot-based backends drop nothing either;
     # at least 1, the fewest slots those backends take (t = 0 tokens).
-    y = backend(x_flat, expert_index, weights, experts, self.act,
+    y = self.dispatch(x_flat, expert_index, weights, experts, self.act,
                 capacity=max(1, batch * length))
-    return y.reshape(batch, length, d)
+    return y.reshape(batch, length, d), aux
 
   def cost(self) -> common.Cost:
     """Forward FLOPs per token: the router d x N_E, and K experts of two d x G matmuls each."""

@@ -65,7 +65,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moescale.layers import common
+from moescale.layers import common, registry
 from moescale.layers import dispatch as dispatch_lib
 
 Array = jax.Array
@@ -247,8 +247,9 @@ class Routing(NamedTuple):
 # ------------------------------------------------------------------------------------ module
 
 
+@registry.register_family
 class TopKMoE(nnx.Module):
-  """Top-k MoE sublayer: `TopKMoE(d_model, num_experts, expert_size, top_k, ...)(x, ...)`.
+  """Top-k MoE sublayer: `y, aux = TopKMoE(d_model, num_experts, expert_size, top_k, ...)(x)`.
 
   Args:
     d_model: model width d.
@@ -268,9 +269,17 @@ class TopKMoE(nnx.Module):
     use_bias: per-expert biases b_in [E, f], b_out [E, d].
     router_jitter: multiplicative U(1 - eps, 1 + eps) noise on the router input (Switch;
       training only). 0 disables.
+    load_balance_weight: weight of the load-balancing loss in the training objective (0.01:
+      GShard, Switch, fairseq).
+    router_z_weight: weight of the router z-loss (ST-MoE; 0: off).
     init_scale: experts' w_in ~ N(0, scale^2/d), w_out ~ N(0, scale^2/f), like DenseFFN.
     router_init_scale: w_router ~ N(0, scale^2/d).
-    dispatch: dispatch backend name (or instance), 'auto' picks by platform.
+    dispatch: dispatch backend name, with options after colons (or an instance); 'auto'
+      picks by the platform the program is built for (`layers.dispatch`).
+    expert_exchange: under a mesh with an 'expert' axis > 1, how tokens reach the experts of
+      other devices: 'ring' (dropless) or 'all_to_all' (`layers.expert_parallel`).
+    exchange_capacity_factor: bounds the all_to_all's buffers (drops what overflows); None:
+      dropless.
     dtype: expert compute dtype; param_dtype: storage dtype. The router computes in float32.
     rngs: 'params' for init; 'gating' (else 'dropout') for routing noise in training.
   """
@@ -280,8 +289,10 @@ class TopKMoE(nnx.Module):
                group_size: int | None = None, second_policy: str = 'all',
                normalize_before_dropping: bool = False, renormalize: bool = True,
                activation: str = 'gelu', use_bias: bool = False, router_jitter: float = 0.0,
+               load_balance_weight: float = 0.01, router_z_weight: float = 0.0,
                init_scale: float = 1.0, router_init_scale: float = 1.0,
                dispatch: str | dispatch_lib.DispatchBackend = 'auto',
+               expert_exchange: str = 'ring', exchange_capacity_factor: float | None = None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     common.check_routing(num_experts, top_k, d_model=d_model, expert_size=expert_size)
     if second_policy not in SECOND_POLICIES:
@@ -293,9 +304,12 @@ class TopKMoE(nnx.Module):
     if normalize_before_dropping and not renormalize:
       raise ValueError('normalize_before_dropping=True chooses *when* gates are normalised '
                        '(before dropping, as fairseq); it needs renormalize=True')
-    dispatch_lib.get_backend(dispatch)  # Fail at construction on an unknown backend name.
+    if load_balance_weight < 0 or router_z_weight < 0:
+      raise ValueError(f'load_balance_weight={load_balance_weight!r} and router_z_weight='
+                       f'{router_z_weight!r} must be >= 0')
     self.d_model, self.num_experts, self.expert_size, self.top_k = (
         d_model, num_experts, expert_size, top_k)
+    self.load_balance_weight, self.router_z_weight = load_balance_weight, router_z_weight
     self.capacity_factor = capacity_factor
     self.eval_capacity_factor = eval_capacity_factor
     self.group_size = group_size
@@ -305,7 +319,8 @@ class TopKMoE(nnx.Module):
     self.activation = activation
     self.act = common.activation_fn(activation)
     self.router_jitter = router_jitter
-    self.dispatch = dispatch
+    # Resolved now: an unknown backend or exchange fails here, not at the first call.
+    self.dispatch = dispatch_lib.Dispatch(dispatch, expert_exchange, exchange_capacity_factor)
     self.dtype = dtype
     e, d, f = num_experts, d_model, expert_size
     self.w_router = common.param(rngs, common.fan_in_normal(d, router_init_scale), (d, e),
@@ -373,9 +388,16 @@ class TopKMoE(nnx.Module):
     expert_index = jnp.where(kept, choices, e).astype(jnp.int32)
     return Routing(expert_index, weights, choices, kept, slots, logits, probs, mask, capacity)
 
-  def __call__(self, x: Array, deterministic: bool = True,
-               segment_ids: Array | None = None) -> Array:
-    """x: [batch, length, d_model] -> [batch, length, d_model]; padding tokens give 0."""
+  def __call__(self, x: Array, *, deterministic: bool = True,
+               segment_ids: Array | None = None) -> tuple[Array, common.Aux]:
+    """x: [batch, length, d_model] -> (y [batch, length, d_model], aux); padding tokens give 0.
+
+    aux.losses: `load_balance` and `router_z`, times their weights (those of weight 0 left
+    out). aux.metrics: both losses unweighted, `fraction_dropped` (capacity overflow),
+    `expert_usage` [num_experts] (of the kept assignments), `router_entropy`, and with a
+    capacity-bounded expert exchange `exchange_dropped` (the fraction of routed assignments the
+    all_to_all dropped).
+    """
     b, l, d = x.shape
     r = self.route(x, deterministic, segment_ids)
     t, k = r.choices.shape
@@ -388,23 +410,24 @@ class TopKMoE(nnx.Module):
     # At least 1: the slot backends need a slot per expert even when t = 0 leaves none in use.
     num_groups = t // (self.group_size or max(t, 1))
     hint = None if r.capacity is None else max(1, min(r.capacity * num_groups, t))
-    y = dispatch_lib.get_backend(self.dispatch)(
-        x.reshape(t, d).astype(self.dtype), r.expert_index, r.weights, experts, self.act,
-        capacity=hint)
+    y, exchange_dropped = self.dispatch.apply(x.reshape(t, d).astype(self.dtype), r.expert_index,
+                                              r.weights, experts, self.act, capacity=hint)
 
     real = jnp.broadcast_to(r.mask[:, None], (t, k))
     num_real = jnp.maximum(jnp.sum(real), 1)
     survived = jnp.sum(jax.nn.one_hot(r.expert_index, self.num_experts, dtype=jnp.float32),
                        axis=(0, 1))  # The sentinel's one-hot row is all zero.
-    common.record_losses(self, load_balance=load_balance_loss(r.probs, r.choices[:, 0], r.mask),
-                         router_z=router_z_loss(r.logits, r.mask))
+    losses = {'load_balance': load_balance_loss(r.probs, r.choices[:, 0], r.mask),
+              'router_z': router_z_loss(r.logits, r.mask)}
+    weights = {'load_balance': self.load_balance_weight, 'router_z': self.router_z_weight}
     # fraction_dropped counts capacity overflow only, not second choices 'random' let go.
     over_capacity = (r.slot_position >= 0) & ~r.kept
-    common.record_metrics(
-        self, fraction_dropped=jnp.sum(over_capacity) / num_real,
-        expert_usage=survived / jnp.maximum(jnp.sum(survived), 1.0),
-        router_entropy=router_entropy(r.probs, r.mask))
-    return y.reshape(b, l, d)
+    metrics = {**losses, 'fraction_dropped': jnp.sum(over_capacity) / num_real,
+               'expert_usage': survived / jnp.maximum(jnp.sum(survived), 1.0),
+               'router_entropy': router_entropy(r.probs, r.mask)}
+    if self.dispatch.exchange_capacity_factor:  # an all_to_all that may drop what overflows
+      metrics['exchange_dropped'] = exchange_dropped
+    return y.reshape(b, l, d), common.Aux(common.weighted(weights, **losses), metrics)
 
   def cost(self) -> common.Cost:
     """Forward FLOPs per token: the router (d x E) and top_k experts of two d x f matmuls each.

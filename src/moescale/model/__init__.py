@@ -1,10 +1,10 @@
-"""The decoder LM that holds any FFN family: attention, positions, and the model itself."""
+"""The decoder LM that holds any FFN family: attention, positions, blocks and the model itself."""
 
 from moescale.model.attention import Attention, RelativeAttention, attention_mask
-from moescale.model.transformer import (DEFAULT_AUX_LOSS_WEIGHTS, POSITIONS, Block, LayerNorm,
-                                        LMOutput, TransformerLM, sparse_layer_numbers)
+from moescale.model.blocks import Block, LayerNorm, sparse_layer_numbers
+from moescale.model.transformer import POSITIONS, LMOutput, TransformerLM
 
 __all__ = [
-    'Attention', 'Block', 'DEFAULT_AUX_LOSS_WEIGHTS', 'LMOutput', 'LayerNorm', 'POSITIONS',
-    'RelativeAttention', 'TransformerLM', 'attention_mask', 'sparse_layer_numbers',
+    'Attention', 'Block', 'LMOutput', 'LayerNorm', 'POSITIONS', 'RelativeAttention',
+    'TransformerLM', 'attention_mask', 'sparse_layer_numbers',
 ]

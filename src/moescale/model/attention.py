@@ -5,8 +5,8 @@ h heads, k head_dim (logical axis 'kv'), r relative distances (as many as key po
 
 Both modules take the LayerNormed residual stream x: [batch, length, d_model] and return
 [batch, length, d_model]. Scores and softmax are computed in float32 whatever the compute dtype.
-`Attention`'s core softmax(q k^T) v runs on the kernels `attention_kernels` picks (a C++ kernel
-on XLA:CPU, XLA's ops elsewhere); the mask is `attention_mask` either way.
+`Attention`'s core softmax(q k^T) v runs on the kernels `attention_kernels` picks (XLA's ops,
+or a platform's kernel where one is registered); the mask is `attention_mask` either way.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class Attention(nnx.Module):
     rotary: rotate queries and keys by the `positions` feature (Su et al. 2021).
     use_bias: biases on all four projections (fairseq: yes; Csordás et al.: no).
     dropout: dropout on the attention probabilities (training only).
-    kernels: what computes softmax(q k^T) v: 'xla', 'cpu' (moescale's C++ kernel for XLA:CPU)
-      or 'auto' (cpu where it applies: see model.attention_kernels). Same results either way.
+    kernels: what computes softmax(q k^T) v: 'xla', a platform's kernels ('cpu': moescale's
+      C++ kernel for XLA:CPU) or 'auto' (the platform's where they apply: see
+      moescale.kernel_registry). Same results either way.
     dtype: compute dtype; param_dtype: storage dtype.
   """
 
@@ -104,7 +105,8 @@ class Attention(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
       q = positions_lib.apply_rotary(q, positions)
       k = positions_lib.apply_rotary(k, positions)
-    kernels = attention_kernels.get_kernels(self.kernels)  # chosen under the caller's mesh
+    dropping = self.dropout_rate > 0 and not deterministic
+    kernels = attention_kernels.get_kernels(self.kernels, dropping)  # chosen while tracing
     heads = kernels.attend(q, k, v, segment_ids, scale=self.head_dim ** -0.5,
                            dropout=self.dropout_rate, deterministic=deterministic,
                            rngs=self.rngs)

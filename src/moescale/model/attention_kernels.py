@@ -1,39 +1,24 @@
-"""What computes the attention core softmax(scale q k^T + mask) v: XLA's ops or a C++ kernel.
+"""What computes the attention core softmax(scale q k^T + mask) v: XLA's ops, or a platform's
+kernel (`kernel_registry`, op 'attention'; moescale.cpu has a C++ one for XLA:CPU).
 
     kernels = get_kernels('auto')                     # or 'xla', 'cpu'
     heads = kernels.attend(q, k, v, segment_ids, scale=..., dropout=..., ...)
 
-'auto' picks `CpuAttention` on XLA:CPU under a mesh of at most one device, if the C++ kernels
-build, otherwise `XLA` (the rule, and why the mesh matters: `kernels.cpu.choose`).
-
-Why a kernel on CPU (2-core dev VM, fp32): in the d_model 128 train steps of `moescale bench`
-(16 rows of 128 tokens, 4 heads of 32; MFU, median over rounds, side by side) the dense model
-went 39.2% -> 44.1% at 1 parallel microbatch and 46.1% -> 49.0% at 2. XLA's form transposes q,
-k and v to [b, h, t, k] and back, runs the mask, softmax and their gradients as separate passes
-over [b, h, q, t] and sends the batched dots to Eigen (the core alone, fwd+bwd of the batch
-above: 16.4-16.8 ms on both cores); the kernel keeps one head's scores in cache between small
-GEMMs (one head fwd 50-65 us, bwd 116-141 us on one core). The kernel runs on the calling
-thread: XLA:CPU already runs the parallel microbatches' calls side by side (a second thread
-per call measured no faster in the step).
-It computes float32 without attention dropout; other dtypes, or dropout in training, take
-XLA's ops inside the same strategy, call by call.
+The mask (`attention_mask`) is the same whichever computes it.
 
 Einsum letters: b batch, q query positions, t key positions, h heads, k head_dim.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from moescale.kernels import cpu
+from moescale import kernel_registry
 from moescale.layers import common
 
-KERNELS = ('auto', 'xla', 'cpu')
+KERNELS = kernel_registry.NAMES
 # Masked scores get a large finite negative number, not -inf: a row is never fully masked (a
 # token always sees itself), but a finite fill keeps the backward pass NaN-free even if it were.
 _MASKED = -1e30
@@ -91,49 +76,11 @@ class XlaAttention:
     return softmax_attend(scores * scale, mask, v, dropout, deterministic, rngs)
 
 
-class CpuAttention(XlaAttention):
-  """kernels/attention.cc for float32 without dropout; XLA's ops otherwise."""
-  name = 'cpu'
-
-  def attend(self, q, k, v, segment_ids, *, scale, dropout=0.0, deterministic=True, rngs=None):
-    dropping = dropout > 0 and not deterministic
-    if dropping or any(jnp.dtype(a.dtype) != jnp.float32 for a in (q, k, v)):
-      return super().attend(q, k, v, segment_ids, scale=scale, dropout=dropout,
-                            deterministic=deterministic, rngs=rngs)
-    if segment_ids is None:
-      segment_ids = jnp.ones(q.shape[:2], jnp.int32)
-    return _attention(q, k, v, segment_ids.astype(jnp.int32), float(scale))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, segment_ids, scale):
-  return _attention_fwd(q, k, v, segment_ids, scale)[0]
-
-
-def _attention_fwd(q, k, v, segment_ids, scale):
-  b, t, h, _ = q.shape
-  out = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, t), jnp.float32))
-  # Heads are independent: a vmapped call is one call on the broadcast batch.
-  o, lse = jax.ffi.ffi_call(cpu.ATTENTION, out, vmap_method='broadcast_all')(
-      q, k, v, segment_ids, scale=np.float32(scale))
-  return o, (q, k, v, segment_ids, lse)
-
-
-def _attention_bwd(scale, res, do):
-  q, k, v, segment_ids, lse = res
-  out = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-  dq, dk, dv = jax.ffi.ffi_call(cpu.ATTENTION_GRAD, out, vmap_method='broadcast_all')(
-      q, k, v, segment_ids, lse, do.astype(jnp.float32), scale=np.float32(scale))
-  return dq, dk, dv, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
 XLA = XlaAttention()
-CPU = CpuAttention()
 
 
-def get_kernels(name: str = 'auto') -> XlaAttention:
-  """The attention kernels by name; 'auto' as the module docstring says (call it while
-  tracing, under the mesh the model runs in)."""
-  return cpu.choose(name, 'attention kernels', CPU, XLA, KERNELS)
+def get_kernels(name: str = 'auto', dropping: bool = False) -> XlaAttention:
+  """The attention kernels by name ('auto', 'xla' or a platform: `kernel_registry`); call it
+  while tracing. With attention dropout in training XLA's ops always run: the dropout draws
+  from the module's RNG stream, which must not be drawn inside a platform-dependent branch."""
+  return XLA if dropping else kernel_registry.select('attention', name, XLA)

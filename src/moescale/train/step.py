@@ -36,10 +36,8 @@ class StepConfig:
   parallel_microbatches: independent microbatches per (accumulation) step, unrolled in one
     graph. Costs no memory saving, but XLA:CPU's executor then runs one microbatch's small
     ops (norms, softmax, elementwise) beside another's on its threads, and each working set
-    is smaller. The d_model 128 steps of `moescale bench` (2 cores, side by side, median of
-    per-round MFU): dense 39.2% at 1, 46.1-49.0% at 2, 39.3-47.3% at 4; σ-MoE 23.9% at 1,
-    25.3-28.8% at 2, 23.8-24.9% at 4.
-    No use on GPU/TPU, where one op already fills the device.
+    is smaller (docs/performance.md has the bench's MFU at 1, 2 and 4). No use on GPU/TPU,
+    where one op already fills the device.
   Either split is exact for the LM loss (sums over the whole batch's weights); per-batch
   statistics (load-balancing losses, routing metrics, GShard capacity) are per microbatch,
   then averaged, as with any microbatching.
@@ -118,9 +116,8 @@ def _forward(graphdef, params, rest, batch: Batch, deterministic: bool):
   return out, nnx.state(model, nnx.Not(nnx.Param))
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, cfg: StepConfig = StepConfig()):
-  """train_step(state, batch) -> (state, metrics); pure, to be jitted with shardings."""
+def _micro_loss(cfg: StepConfig):
+  """loss(model, batch, total_weight) -> (objective of one microbatch, its logged parts)."""
 
   def micro_loss(model, batch, total_weight):
     out = model(batch['decoder_input_tokens'],
@@ -136,23 +133,19 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
            **{f'routing/{k}': v / n for k, v in out.metrics.items()}}
     return loss, aux
 
-  # nnx.value_and_grad (not jax's) so that stateful Variables the forward pass mutates (dropout
-  # RNG counters, BatchNorm statistics) are lifted across the grad trace; jax.grad over a
-  # merged model raises TraceContextError on the first dropout call (flax 0.12).
-  grad_fn = nnx.value_and_grad(micro_loss, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+  return micro_loss
 
-  def grads_of_one(params, rest, batch, total_weight):
-    model = nnx.merge(graphdef, params, rest)
-    (loss, aux), grads = grad_fn(model, batch, total_weight)
-    return loss, aux, grads, nnx.state(model, nnx.Not(nnx.Param))
+
+def _parallel_parts(grads_of_one, p: int):
+  """grads_of(params, rest, batch, total_weight) summed over p unrolled microbatches.
+
+  Part i takes rows i, i+p, ...: with the batch split over data devices in contiguous blocks,
+  every part keeps rows on every device (when each block is a multiple of p).
+  """
+  if p == 1:
+    return grads_of_one
 
   def grads_of(params, rest, batch, total_weight):
-    """Loss, aux, grads and new rest of `batch`, summed over parallel_microbatches parts."""
-    p = cfg.parallel_microbatches
-    if p == 1:
-      return grads_of_one(params, rest, batch, total_weight)
-    # Part i takes rows i, i+p, ...: with the batch split over data devices in contiguous
-    # blocks, every part keeps rows on every device (when each block is a multiple of p).
     parts = jax.tree.map(lambda x: x.reshape(x.shape[0] // p, p, *x.shape[1:]), batch)
     total = None
     for i in range(p):  # unrolled: the parts share no data, only `rest` (RNG counters)
@@ -162,27 +155,54 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
       total = part if total is None else jax.tree.map(jnp.add, total, part)
     return (*total, rest)
 
+  return grads_of
+
+
+def _accumulated(grads_of, n: int):
+  """grads_of summed over n sequential microbatches (contiguous blocks of rows, a scan)."""
+  if n == 1:
+    return grads_of
+
+  def accumulated(params, rest, batch, total_weight):
+    micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+    # params ride in the carry (unchanged) so the model is merged from values of the scan
+    # body's own trace; a closed-over outer value makes nnx refuse to extract the graph.
+    def body(carry, mb):
+      params, grads, loss, aux, rest = carry
+      l, a, g, rest = grads_of(params, rest, mb, total_weight)
+      return (params, jax.tree.map(jnp.add, grads, g), loss + l,
+              jax.tree.map(jnp.add, aux, a), rest), None
+
+    loss, aux, grads, rest = grads_of(params, rest, jax.tree.map(lambda x: x[0], micro),
+                                      total_weight)
+    (_, grads, loss, aux, rest), _ = jax.lax.scan(
+        body, (params, grads, loss, aux, rest), jax.tree.map(lambda x: x[1:], micro))
+    return loss, aux, grads, rest
+
+  return accumulated
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule, cfg: StepConfig = StepConfig()):
+  """train_step(state, batch) -> (state, metrics); pure, to be jitted with shardings."""
+  # nnx.value_and_grad (not jax's) so that stateful Variables the forward pass mutates (dropout
+  # RNG counters, BatchNorm statistics) are lifted across the grad trace; jax.grad over a
+  # merged model raises TraceContextError on the first dropout call (flax 0.12).
+  grad_fn = nnx.value_and_grad(_micro_loss(cfg), argnums=nnx.DiffState(0, nnx.Param),
+                               has_aux=True)
+
+  def grads_of_one(params, rest, batch, total_weight):
+    model = nnx.merge(graphdef, params, rest)
+    (loss, aux), grads = grad_fn(model, batch, total_weight)
+    return loss, aux, grads, nnx.state(model, nnx.Not(nnx.Param))
+
+  grads_of = _accumulated(_parallel_parts(grads_of_one, cfg.parallel_microbatches),
+                          cfg.grad_accum_steps)
+
   def train_step(state: TrainState, batch: Batch):
     total_weight = jnp.maximum(jnp.sum(batch['decoder_loss_weights'].astype(jnp.float32)), 1.0)
-    n = cfg.grad_accum_steps
-    if n == 1:
-      loss, aux, grads, rest = grads_of(state.params, state.rest, batch, total_weight)
-    else:
-      micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
-
-      # params ride in the carry (unchanged) so the model is merged from values of the scan
-      # body's own trace; a closed-over outer value makes nnx refuse to extract the graph.
-      def body(carry, mb):
-        params, grads, loss, aux, rest = carry
-        l, a, g, rest = grads_of(params, rest, mb, total_weight)
-        return (params, jax.tree.map(jnp.add, grads, g), loss + l,
-                jax.tree.map(jnp.add, aux, a), rest), None
-
-      first = jax.tree.map(lambda x: x[0], micro)
-      loss, aux, grads, rest = grads_of(state.params, state.rest, first, total_weight)
-      rest_mb = jax.tree.map(lambda x: x[1:], micro)
-      (_, grads, loss, aux, rest), _ = jax.lax.scan(
-          body, (state.params, grads, loss, aux, rest), rest_mb)
+    loss, aux, grads, rest = grads_of(state.params, state.rest, batch, total_weight)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {

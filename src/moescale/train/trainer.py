@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from typing import Any, Callable, Protocol
 
@@ -22,7 +23,6 @@ import numpy as np
 from flax import nnx
 
 from moescale import sharding as shd
-from moescale.layers import expert_parallel
 from moescale.train import checkpoint as ckpt_lib
 from moescale.train import metrics as metrics_lib
 from moescale.train import optim
@@ -40,28 +40,20 @@ class DataSource(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh axis sizes; one may be -1 (the rest of the devices). See `moescale.sharding`.
-
-  expert_exchange: how tokens reach the experts of other devices when expert > 1: 'ring'
-  (all-gather + reduce-scatter, dropless) or 'all_to_all' (send buffers per destination;
-  dropless by default, or bounded by expert_capacity_factor, which then drops what overflows).
-  See `moescale.layers.expert_parallel`.
+  """Mesh axis sizes; one may be -1 (the rest of the devices). See `moescale.sharding`. How
+  tokens cross the expert axis is the MoE family's own setting (its `expert_exchange`).
 
   num_devices: use only the first N of this process's devices (None: all of them). For
   single-process runs: a smaller mesh than the machine offers (e.g. one of the fake CPU
-  devices the tests create, whose 8-way split of a tiny model costs more than it shares:
-  the tiny run's step took 0.92 s on 8 fake devices, 0.34-0.44 s on one, on 2 cores).
+  devices the tests create, whose 8-way split of a tiny model costs more than it shares).
   """
   data: int = -1
   fsdp: int = 1
   expert: int = 1
   tensor: int = 1
-  expert_exchange: str = expert_parallel.DEFAULT_EXCHANGE
-  expert_capacity_factor: float | None = None
   num_devices: int | None = None
 
   def __post_init__(self):
-    expert_parallel.check_exchange(self.expert_exchange, self.expert_capacity_factor)
     if self.num_devices is not None and (not isinstance(self.num_devices, int)
                                          or self.num_devices < 1):
       raise ValueError(f'MeshConfig.num_devices={self.num_devices!r} must be a positive int '
@@ -142,9 +134,100 @@ def evaluate(eval_fn, state, data: DataSource, cfg: TrainConfig, mesh) -> dict[s
   return out
 
 
+@dataclasses.dataclass
+class TrainSummary:
+  """What `train` returns. Printed, it shows the run's figures and where it wrote them; the
+  trained state and the mesh are attributes (`summary.state.params`), never printed.
+  `summary['loss']`, `summary['validation/eval_loss']` read a figure like a dict.
+
+  loss: the last logged training loss (None if nothing was left to train);
+  median_step_time: seconds, the first step (compilation) left out;
+  evals: the final evaluation, '<split>/eval_loss', '/perplexity', '/bits_per_token', ...
+  """
+  model_dir: str
+  start_step: int
+  final_step: int
+  loss: float | None
+  median_step_time: float | None
+  evals: dict[str, float]
+  state: step_lib.TrainState = dataclasses.field(repr=False)
+  mesh: Any = dataclasses.field(repr=False)
+
+  @property
+  def paths(self) -> dict[str, str]:
+    """Where the run wrote: metrics.jsonl, checkpoints/, tensorboard/ (and config.gin)."""
+    names = {'metrics': 'metrics.jsonl', 'checkpoints': 'checkpoints',
+             'tensorboard': 'tensorboard', 'config': 'config.gin'}
+    return {k: os.path.join(self.model_dir, v) for k, v in names.items()
+            if os.path.exists(os.path.join(self.model_dir, v))}
+
+  def figures(self) -> dict[str, Any]:
+    """Every figure by name: steps, loss, step time, the final evaluation."""
+    out = {'start_step': self.start_step, 'final_step': self.final_step}
+    if self.loss is not None:
+      out['loss'] = self.loss
+    out['median_step_time'] = self.median_step_time
+    return {**out, **self.evals}
+
+  def __getitem__(self, key: str):
+    return self.figures()[key]
+
+  def __contains__(self, key: str) -> bool:
+    return key in self.figures()
+
+  def get(self, key: str, default=None):
+    return self.figures().get(key, default)
+
+  def __str__(self) -> str:
+    rows = [(k, f'{v:.4f}' if isinstance(v, float) else str(v))
+            for k, v in self.figures().items()] + list(self.paths.items())
+    width = max(len(k) for k, _ in rows)
+    return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
+
+
+def _restore(checkpointer, state, state_sh):
+  """(state, data position) from the latest complete checkpoint, or as given if none."""
+  if checkpointer.latest_step() is None:
+    return state, None
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, state_sh)
+  state, meta = checkpointer.restore(abstract)
+  log.info('resumed from step %d in %s', int(state.step), checkpointer.directory)
+  return state, meta.get('data_position')
+
+
+class _Window:
+  """Tokens and wall time since the last log: throughput, step time, MFU."""
+
+  def __init__(self, flops_per_token: float | None):
+    self.flops_per_token = flops_per_token
+    self.peak = metrics_lib.run_peak_flops() if flops_per_token else None
+    self.step_times: list[float] = []
+    self.reset()
+
+  def reset(self):
+    self.t0, self.tokens, self.steps = time.perf_counter(), 0, 0
+
+  def add(self, tokens: int):
+    self.tokens += tokens
+    self.steps += 1
+
+  def scalars(self, first_window: bool) -> dict[str, float]:
+    dt = time.perf_counter() - self.t0
+    step_time = dt / self.steps
+    if not (first_window and self.steps == 1):  # a lone first step is mostly compilation
+      self.step_times.append(step_time)
+    out = {'tokens_per_second': self.tokens / dt, 'step_time': step_time}
+    if self.flops_per_token:
+      out['train_flops'] = 3.0 * self.flops_per_token * self.tokens / self.steps
+      out['mfu'] = 3.0 * self.flops_per_token * out['tokens_per_second'] / self.peak
+    self.reset()
+    return out
+
+
 def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfig,
-          flops_per_token: float | None = None) -> dict[str, Any]:
-  """Trains (or resumes) in cfg.model_dir; returns a summary of the run.
+          flops_per_token: float | None = None) -> TrainSummary:
+  """Trains (or resumes) in cfg.model_dir; returns a `TrainSummary` of the run.
 
   flops_per_token: forward FLOPs per token of the model (from `moescale.accounting`), used for
   the logged `train_flops` (3x forward) and MFU against this machine's measured peak.
@@ -156,17 +239,9 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
   _, abs_params, _ = step_lib.abstract_model(model_fn, cfg.seed)
   tx, schedule = optim.make_optimizer(cfg.optimizer, cfg.train_steps, abs_params)
   graphdef, state, state_sh = step_lib.create_train_state(model_fn, tx, cfg.seed, mesh, cfg.rules)
-
   checkpointer = ckpt_lib.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints)
-  position = None
-  if checkpointer.latest_step() is not None:
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, state_sh)
-    state, meta = checkpointer.restore(abstract)
-    position = meta.get('data_position')
-    log.info('resumed from step %d in %s', int(state.step), checkpointer.directory)
+  state, position = _restore(checkpointer, state, state_sh)
   start = int(state.step)
-
   train_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, cfg.step),
                                      state_sh, mesh)
   eval_fn = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef), state_sh, mesh)
@@ -174,51 +249,37 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
   it = data.train_iterator(per_host, jax.process_index(), jax.process_count(), cfg.seed, position)
   writer = metrics_lib.MetricsWriter(cfg.model_dir, cfg.train_steps, start,
                                      tensorboard=cfg.tensorboard, progress=cfg.progress)
-  peak = metrics_lib.run_peak_flops() if flops_per_token else None
-
-  summary: dict[str, Any] = {'start_step': start}
-  window_t0, window_tokens, window_steps, step_times = time.perf_counter(), 0, 0, []
-  last = None
-  exchange = expert_parallel.configure(cfg.mesh.expert_exchange, cfg.mesh.expert_capacity_factor)
-  with shd.activation_sharding(mesh, cfg.rules), jax.set_mesh(mesh), exchange:
+  window = _Window(flops_per_token)
+  evaluate_now = lambda: evaluate(eval_fn, state, data, cfg, mesh)
+  last, evals = None, {}
+  with shd.use_mesh(mesh, cfg.rules):
     if cfg.eval_before_training and start < cfg.train_steps:
-      writer.write(start, evaluate(eval_fn, state, data, cfg, mesh))
+      writer.write(start, evaluate_now())
     for step in range(start, cfg.train_steps):
       batch = shd.host_local_to_global(next(it), mesh)
       state, last = train_fn(state, batch)
-      window_tokens += int(np.prod(batch['decoder_input_tokens'].shape))
-      window_steps += 1
+      window.add(int(np.prod(batch['decoder_input_tokens'].shape)))
       done = step + 1
       if done % cfg.log_period == 0 or done == cfg.train_steps:
         scalars = _host_scalars(last)  # blocks: the window's time is real compute time
-        dt = time.perf_counter() - window_t0
-        step_time = dt / window_steps
-        if step > start or window_steps > 1:
-          step_times.append(step_time)
-        tps = window_tokens / dt
-        scalars.update(tokens_per_second=tps, step_time=step_time)
-        if flops_per_token:
-          scalars['train_flops'] = 3.0 * flops_per_token * window_tokens / window_steps
-          scalars['mfu'] = 3.0 * flops_per_token * tps / peak
+        scalars.update(window.scalars(first_window=step + 1 - window.steps == start))
         writer.write(done, scalars)
-        writer.progress(done, float(scalars['loss']), tps)
-        window_t0, window_tokens, window_steps = time.perf_counter(), 0, 0
+        writer.progress(done, float(scalars['loss']), scalars['tokens_per_second'])
       if cfg.eval_period and done % cfg.eval_period == 0 and done != cfg.train_steps:
-        writer.write(done, evaluate(eval_fn, state, data, cfg, mesh))
+        writer.write(done, evaluate_now())
       if cfg.checkpoint_period and done % cfg.checkpoint_period == 0:
         checkpointer.save(done, state, {'data_position': it.position()})
-    final = int(state.step)
     if last is not None or start == cfg.train_steps:
-      ev = evaluate(eval_fn, state, data, cfg, mesh)
-      writer.write(final, ev)
-      summary.update(ev)
-    if checkpointer.latest_step() != final:
-      checkpointer.save(final, state, {'data_position': it.position()}, force=True)
+      evals = evaluate_now()
+      writer.write(int(state.step), evals)
+    if checkpointer.latest_step() != int(state.step):
+      checkpointer.save(int(state.step), state, {'data_position': it.position()}, force=True)
   checkpointer.wait()
   checkpointer.close()
   writer.close()
-  if last is not None:
-    summary['loss'] = float(np.asarray(last['loss']))
-  summary.update(final_step=final, median_step_time=float(np.median(step_times)) if step_times
-                 else None, state=state, mesh=mesh)
-  return summary
+  times = window.step_times
+  return TrainSummary(
+      model_dir=cfg.model_dir, start_step=start, final_step=int(state.step),
+      loss=None if last is None else float(np.asarray(last['loss'])),
+      median_step_time=float(np.median(times)) if times else None, evals=evals, state=state,
+      mesh=mesh)

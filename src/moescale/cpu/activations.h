@@ -1,5 +1,5 @@
 // The FFN activations of moescale's layers (layers/common.py) and their derivatives, on rows of
-// floats, for moe_ffn.cc. Ids as layers/dispatch_fused_cpu.py passes them:
+// floats, for moe_ffn.cc. Ids as cpu/moe_ffn.py passes them:
 //   0 relu   1 gelu (exact, erf form)   2 gelu_tanh   3 silu
 // Vector forms run 8 lanes with small_gemm.h's Exp8; the tail of a row (and a build without
 // AVX2) uses the scalar forms of the same formulas. erf is Abramowitz & Stegun 7.1.26 (absolute

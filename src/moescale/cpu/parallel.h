@@ -1,7 +1,7 @@
 // What moescale's XLA:CPU kernels (pkm_search.cc, pkm_gather.cc, attention.cc, moe_ffn.cc)
-// share: includes and the thread split. Built on first use by moescale/kernels/cpu.py with the
+// share: includes and the thread split. Built on first use by moescale/cpu/build.py with the
 // system C++ compiler against the XLA FFI headers that jaxlib ships; the Python side
-// (layers/pkm_kernels.py, model/attention_kernels.py, layers/dispatch_fused_cpu.py) checks
+// (cpu/pkm.py, cpu/attention.py, cpu/moe_ffn.py) checks
 // shapes and dtypes before calling, so the handlers trust them.
 #ifndef MOESCALE_KERNELS_PARALLEL_H_
 #define MOESCALE_KERNELS_PARALLEL_H_

@@ -1,8 +1,9 @@
 """What a pair file binds: `Pair`, two models and the quantity they must agree on.
 
 Plain Python, importing nothing of moescale: `gin_config` registers `Pair` for pair files
-(under its public name `moescale.pairs.Pair`) and `pairs` checks it, so neither imports the
-other. See pairs.py for the file format and the checker.
+(under its public name `moescale.pairs.Pair`) and the rest of `moescale.pairs` checks it,
+importing `gin_config` only inside its functions, so neither imports the other at load time.
+`to_gin` writes a `Pair` back as a pair file. See `moescale.pairs` for the file format.
 """
 
 from __future__ import annotations
@@ -54,3 +55,20 @@ class Pair:
 
   def member(self, side: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return getattr(self, side), getattr(self, f'{side}_bindings')
+
+
+def to_gin(pair: Pair) -> str:
+  """The pair as a pair file's text."""
+  lines = []
+  if pair.description:
+    lines += [f'# {line}'.rstrip() for line in pair.description.splitlines()]
+  lines.append(f'Pair.name = {pair.name!r}')
+  for side in SIDES:
+    files, bindings = pair.member(side)
+    lines.append(f'Pair.{side} = {list(files)!r}')
+    if bindings:
+      lines.append(f'Pair.{side}_bindings = {list(bindings)!r}')
+  lines += [f'Pair.match = {pair.match!r}', f'Pair.convention = {pair.convention!r}',
+            f'Pair.expected_ratio = {pair.expected_ratio!r}',
+            f'Pair.tolerance = {pair.tolerance!r}']
+  return '\n'.join(lines) + '\n'

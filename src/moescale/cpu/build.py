@@ -1,8 +1,8 @@
-"""moescale's C++ kernels for XLA:CPU: compiled on first use, registered with `jax.ffi`.
+"""Building moescale's C++ kernels for XLA:CPU: compiled on first use, registered with `jax.ffi`.
 
-    from moescale.kernels import cpu
-    if cpu.load():                     # False: no compiler, or the build failed (logged once)
-      ...jax.ffi.ffi_call(cpu.TOP_K, ...)
+    from moescale.cpu import build
+    if build.load():                   # False: no compiler, or the build failed (logged once)
+      ...jax.ffi.ffi_call(build.TOP_K, ...)
 
 The sources beside this file (pkm_search.cc, pkm_gather.cc, attention.cc, moe_ffn.cc and their
 headers) are compiled with the system C++ compiler ($CXX, else c++ / g++ / clang++), side by
@@ -15,9 +15,9 @@ source, a new jaxlib or another machine sharing the home directory builds its ow
 build writes to a temporary name and renames it into place: processes building at the same
 time never load a half-written library.
 
-Why a compiled extension at all: see the sources and `layers.pkm_kernels`. Every caller keeps
-XLA's own ops as the fallback, so a machine without a compiler computes the same results,
-only slower.
+Why a compiled extension at all: see the sources and the binding modules beside this file.
+Every caller keeps XLA's own ops as the fallback, so a machine without a compiler computes the
+same results, only slower.
 """
 
 from __future__ import annotations
@@ -183,23 +183,3 @@ def load() -> bool:
     log.warning('moescale C++ kernels unavailable, using XLA ops instead: %s', e)
     return False
   return True
-
-
-def choose(name: str, what: str, cpu_kernels, xla_kernels, valid=('auto', 'xla', 'cpu')):
-  """A family's kernels by name: 'xla', 'cpu' (raises RuntimeError naming why if these kernels
-  are unavailable) or 'auto': the C++ kernels on XLA:CPU when the current mesh (jax.set_mesh;
-  call this while tracing) has at most one device and they load, else XLA's. Why the mesh
-  matters: XLA cannot split a custom call, so under a multi-device mesh it would gather every
-  operand onto every device and repeat the whole call there."""
-  if name not in valid:
-    raise ValueError(f'unknown {what} {name!r}; valid: {list(valid)}')
-  if name == 'xla':
-    return xla_kernels
-  if name == 'cpu':
-    if not load():
-      raise RuntimeError(f"{what}='cpu' are unavailable: {failure()}; use 'auto' or 'xla'")
-    return cpu_kernels
-  mesh = jax.sharding.get_abstract_mesh()
-  if jax.default_backend() == 'cpu' and (mesh.empty or mesh.size <= 1) and load():
-    return cpu_kernels
-  return xla_kernels

@@ -1,24 +1,22 @@
 """Keep XLA:CPU's per-step temporaries in the heap: one malloc arena, no mmap'd chunks.
 
-    from moescale import host_memory
-    host_memory.keep_heap()    # first thing in a process that will run XLA:CPU steps
+    from moescale.cpu import heap
+    heap.keep_heap()    # first thing in a process that will run XLA:CPU steps
 
 Why: XLA:CPU allocates each execution's temporary buffer with malloc from one of its own
-threads (122 MiB for the dense train step of `moescale bench`). glibc serves a request that
-large with a fresh mmap and gives it back with munmap when the step ends, so every step
-faults every page in again. Measured on the 2-core dev VM (getrusage, strace): 31,000 minor
-faults and 0.11 s of kernel time per step, of the step's 0.52 s of CPU; a 122 MiB mmap and
-munmap per step. With one arena (M_ARENA_MAX 1: XLA's threads allocate from the main heap),
-no mmap'd chunks (M_MMAP_MAX 0) and a 1 GiB trim threshold, the freed buffer stays in the heap
-and the next step reuses its pages: 0.1 faults per step, the step 288 -> 232 ms.
+threads. glibc serves a request that large with a fresh mmap and gives it back with munmap
+when the step ends, so every step faults every page of its temporaries in again (measured
+with getrusage and strace: tens of thousands of minor faults a step for the bench's dense
+train step). With one arena (M_ARENA_MAX 1: XLA's threads allocate from the main heap), no
+mmap'd chunks (M_MMAP_MAX 0) and a 1 GiB trim threshold, the freed buffer stays in the heap
+and the next step reuses its pages. docs/performance.md has the measurements.
 
 The cost: memory the process has freed is not returned to the system (up to the trim
 threshold), and threads share one malloc lock. A training process reaches its peak every
 step anyway. Call it before JAX starts its CPU client: threads that already hold an arena
-keep it. The command line (`moescale
-train`, `moescale bench`, `make demo`) calls it; a notebook may. It does nothing off glibc,
-where an accelerator backend is selected or installed (its host side is not the bottleneck),
-or with MOESCALE_KEEP_HEAP=0.
+keep it. The command line (`moescale train`, `moescale bench`, `make demo`) calls it; a
+notebook may. It does nothing off glibc, where an accelerator backend is selected or
+installed (its host side is not the bottleneck), or with MOESCALE_KEEP_HEAP=0.
 """
 
 from __future__ import annotations

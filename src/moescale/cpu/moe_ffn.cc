@@ -1,5 +1,5 @@
 // The grouped expert FFN of the MoE dispatch for XLA:CPU, forward and backward, gather and
-// combine included (layers/dispatch_fused_cpu.py calls these; the 'fused' backend's kernels).
+// combine included (cpu/moe_ffn.py calls these; the 'fused' backend's kernels).
 //
 // Why: 'fused' as an XLA loop runs one while-loop iteration per block of rows, each slicing
 // its expert's weights, gathering rows and scatter-adding into [t, d]; on the 2-core dev VM

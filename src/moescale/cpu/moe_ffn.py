@@ -1,4 +1,5 @@
-"""The 'fused' dispatch as one C++ kernel on XLA:CPU (kernels/moe_ffn.cc), forward and backward.
+"""The 'fused' MoE dispatch as one C++ kernel on XLA:CPU (moe_ffn.cc), forward and backward:
+a drop-in for `dispatch_fused.XlaLoop`, registered as the 'moe_ffn' op's 'cpu' kernels.
 
     y = grouped_ffn(x, weights, experts, sorted_assignments, activation_id)
 
@@ -8,19 +9,18 @@ rows in sorted order; then each token sums its k rows. The backward is the hand-
 dispatch_fused (see there), with the pre-activations [t*k, f] kept from the forward.
 
 Why: the XLA loop spends, per block, a while-loop iteration with dynamic slices of the expert
-weights and a scatter-add into [t, d]; at 512 experts that is over 512 small steps a pass. Here
-the experts are tasks shared by the threads (so one call uses every core, as XLA's dense
-matmul does), each expert's weights are read once per 512 rows, and no two threads write one
-row (the combine is a separate pass per token, in a fixed order).
+weights and a scatter-add into [t, d]; at hundreds of experts that is hundreds of small steps a
+pass. Here the experts are tasks shared by the threads (so one call uses every core, as XLA's
+dense matmul does), each expert's weights are read once per 512 rows, and no two threads
+write one row (the combine is a separate pass per token, in a fixed order).
 
 Memory: besides y and the pre-activations, each call writes its expert outputs (forward) or
 row cotangents (backward) as [t*k, d] scratch results, which XLA frees as soon as the call
-returns; the combine pass reads them so that no two threads add into one token's row. Peak
-memory of the bench's top-2 train step: 108.5 MiB against 122.6 MiB for the XLA loop.
+returns; the combine pass reads them so that no two threads add into one token's row.
 
 Only float32 and the four named activations (layers.common: relu, gelu, gelu_tanh, silu) run
-here; the 'fused' backend's kernel strategy (dispatch_fused.get_kernels) sends everything else
-to the XLA loop.
+here; `CpuKernels` sends everything else to the XLA loop. docs/performance.md has the
+measurements.
 
 Einsum letters: t tokens, k choices, n = t*k rows (sorted pairs), e expert, d d_model,
 f expert_size.
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moescale.kernels import cpu
-from moescale.layers import dispatch_ops, dispatch_types
+from moescale.cpu import build
+from moescale.layers import common, dispatch_fused, dispatch_ops, dispatch_types
 
 Array = jax.Array
 
@@ -66,7 +66,7 @@ def _forward(x, w_rows, experts, token, group_start, row_of, activation_id):
   out = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((n, f), jnp.float32),
          jax.ShapeDtypeStruct((n, d), jnp.float32))
   b_in, b_out = _biases(experts)
-  y, pre, _ = jax.ffi.ffi_call(cpu.MOE_FFN, out, vmap_method='sequential')(
+  y, pre, _ = jax.ffi.ffi_call(build.MOE_FFN, out, vmap_method='sequential')(
       x, experts.w_in, experts.w_out, b_in, b_out, token, w_rows, group_start, row_of,
       activation=np.int32(activation_id))
   return y, pre
@@ -100,7 +100,7 @@ def _grouped_ffn_bwd(activation_id, res, dy):
   out = (f32(t, d), f32(n), f32(e, d, f), f32(e, f, d), f32(*b_in.shape), f32(*b_out.shape),
          f32(n, d))
   dx, drow, dw_in, dw_out, db_in, db_out, _ = jax.ffi.ffi_call(
-      cpu.MOE_FFN_GRAD, out, vmap_method='sequential')(
+      build.MOE_FFN_GRAD, out, vmap_method='sequential')(
           x, dy.astype(jnp.float32), experts.w_in, experts.w_out, b_in, b_out, token, w_rows,
           group_start, row_of, pre, activation=np.int32(activation_id))
   # A pair's gradient is its row's (a dropped pair's row_of is n: 0).
@@ -119,3 +119,19 @@ def grouped_ffn(x: Array, weights: Array, experts: dispatch_types.ExpertWeights,
   """x [t, d], weights [t, k] float32, the experts' float32 weights, their sort -> y [t, d]
   float32: sum_j weights[t, j] FFN_{expert of (t, j)}(x[t]) over the kept pairs."""
   return _grouped_ffn(x, weights, experts, *_rows(s, weights.shape[1]), activation_id)
+
+
+class CpuKernels(dispatch_fused.XlaLoop):
+  """The fused dispatch as `grouped_ffn` for float32 and the named activations of
+  layers.common; the XLA loop for anything else, call by call."""
+  name = 'cpu'
+
+  def __call__(self, x, weights, experts, s, activation, sizes):
+    act = common.activation_name(activation)
+    dtypes = {jnp.dtype(a.dtype) for a in (x, weights, *experts) if a is not None}
+    if act is None or dtypes != {jnp.dtype(jnp.float32)}:
+      return super().__call__(x, weights, experts, s, activation, sizes)
+    return grouped_ffn(x, weights, experts, s, ACTIVATION_IDS[act])
+
+
+CPU = CpuKernels()

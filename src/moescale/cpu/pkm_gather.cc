@@ -4,7 +4,7 @@
 // Why hand-written: at 16k tokens (4 heads, knn 32, d 256, 2-core dev VM) XLA's gathers read
 // ~10 GB/s of 1 KB rows from a 16 MB table that sits in L3: the row loads are latency-bound.
 // Here tokens (or table rows) are split between threads and every gather prefetches the row
-// it will read kPrefetch steps ahead. Measured figures: layers/pkm_kernels.py.
+// it will read kPrefetch steps ahead. Measured figures: docs/performance.md.
 //
 // Shapes (row-major, f32 unless noted): values [r, d]; idx [t, s] int32 (the caller clips to
 // [0, r)); w [t, s]; y, dy [t, d].

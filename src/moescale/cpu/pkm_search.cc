@@ -5,7 +5,7 @@
 // runs serially, one row after another (~0.2 s per [65536, 128] call, two independent calls
 // take twice as long). Here rows are split between threads, top-k counts ranks with vector
 // compares among the entries that can make the top k, and the product search walks the
-// sorted half lists best pair first. Measured figures: layers/pkm_kernels.py.
+// sorted half lists best pair first. Measured figures: docs/performance.md.
 //
 // Shapes (row-major, f32 unless noted): x, s1, s2 [rows, n]; slots [rows, knn] int32.
 
