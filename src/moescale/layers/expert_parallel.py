@@ -44,6 +44,8 @@ added on tensor rank 0 only.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 
 import jax
 import jax.numpy as jnp
@@ -112,11 +114,8 @@ class ExpertParallel:
     if not self._fits(x.shape[0], experts):
       # Shapes that do not split evenly fall back to GSPMD's choice (correct, not sharded work).
       return self.inner(x, expert_index, weights, experts, activation, capacity), jnp.zeros(())
-    inner, num_experts = self.inner, experts.num_experts
     sizes = self._mesh_sizes()
-    num_shards = sizes[EXPERT_AXIS]
-    local_experts = num_experts // num_shards
-    tensor = sizes['tensor']
+    num_shards, tensor = sizes[EXPERT_AXIS], sizes['tensor']
     split_hidden = tensor > 1 and experts.w_in.shape[-1] % tensor == 0
     mlp = 'tensor' if split_hidden else None
     rows = P(shd.BATCH_AXES, None)
@@ -130,40 +129,59 @@ class ExpertParallel:
     local_capacity = None if capacity is None else capacity * num_shards
     if self.exchange == 'all_to_all' and capacity is not None:
       local_capacity = min(local_capacity, num_shards * buffer)
-
-    def ring(x, expert_index, weights, w):
-      rank = jax.lax.axis_index(EXPERT_AXIS)
-      gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
-      x_all, idx_all, w_all = gather(x), gather(expert_index), gather(weights)
-      local_idx = idx_all - rank * local_experts
-      mine = (idx_all < num_experts) & (local_idx >= 0) & (local_idx < local_experts)
-      local_idx = jnp.where(mine, local_idx, local_experts).astype(expert_index.dtype)
-      w_all = jnp.where(mine, w_all, jnp.zeros_like(w_all))
-      y_all = inner(x_all, local_idx, w_all, w, activation, local_capacity)
-      if split_hidden:
-        y_all = jax.lax.psum(y_all, 'tensor')
-      return jax.lax.psum_scatter(y_all, EXPERT_AXIS, scatter_dimension=0, tiled=True), 0.0
-
-    def all_to_all(x, expert_index, weights, w):
-      y, plan = expert_exchange.exchange_ffn(
-          x, expert_index, weights, w, activation, inner, num_experts=num_experts,
-          axis=EXPERT_AXIS, capacity=buffer, inner_capacity=local_capacity)
-      if split_hidden:
-        y = jax.lax.psum(y, 'tensor')   # After the combine: t rows, not P·C.
-      # Tensor ranks hold copies of the same tokens: count over the batch axes only.
-      count = lambda a: jax.lax.psum(jnp.sum(a, dtype=jnp.int32), shd.BATCH_AXES)
-      dropped = count(plan.dropped) / jnp.maximum(count(plan.routed), 1)
-      return y.astype(x.dtype), dropped
+    c = _Local(self.inner, activation, experts.num_experts, num_shards, split_hidden, buffer,
+               local_capacity)
+    fn = _ring if self.exchange == 'ring' else _all_to_all
 
     def local(x, expert_index, weights, w):
       if split_hidden and w.b_out is not None:
         # The output bias is added once, on tensor rank 0; the other ranks add partial sums.
         first = jax.lax.axis_index('tensor') == 0
         w = w._replace(b_out=jnp.where(first, w.b_out, jnp.zeros_like(w.b_out)))
-      fn = ring if self.exchange == 'ring' else all_to_all
-      y, dropped = fn(x, expert_index, weights, w)
+      y, dropped = fn(c, x, expert_index, weights, w)
       return y, jnp.asarray(dropped, jnp.float32)
 
     # mesh=None: the mesh JAX is tracing under (jax.set_mesh).
     return jax.shard_map(local, in_specs=(rows, rows, rows, specs),
                          out_specs=(rows, P()), check_vma=False)(x, expert_index, weights, experts)
+
+
+class _Local(NamedTuple):
+  """What one device's part of an expert-parallel call knows (all static)."""
+  inner: dispatch_types.DispatchBackend
+  activation: Callable
+  num_experts: int
+  num_shards: int
+  split_hidden: bool    # expert_size split over 'tensor': partial outputs summed over it
+  buffer: int           # the all_to_all's rows per destination
+  capacity: int | None  # the inner backend's capacity hint
+
+
+def _ring(c: _Local, x, expert_index, weights, w):
+  """One device of the ring: gather the expert group's tokens, compute the local experts,
+  reduce-scatter the partial outputs back to their tokens' devices."""
+  local_experts = c.num_experts // c.num_shards
+  rank = jax.lax.axis_index(EXPERT_AXIS)
+  gather = lambda a: jax.lax.all_gather(a, EXPERT_AXIS, axis=0, tiled=True)
+  x_all, idx_all, w_all = gather(x), gather(expert_index), gather(weights)
+  local_idx = idx_all - rank * local_experts
+  mine = (idx_all < c.num_experts) & (local_idx >= 0) & (local_idx < local_experts)
+  local_idx = jnp.where(mine, local_idx, local_experts).astype(expert_index.dtype)
+  w_all = jnp.where(mine, w_all, jnp.zeros_like(w_all))
+  y_all = c.inner(x_all, local_idx, w_all, w, c.activation, c.capacity)
+  if c.split_hidden:
+    y_all = jax.lax.psum(y_all, 'tensor')
+  return jax.lax.psum_scatter(y_all, EXPERT_AXIS, scatter_dimension=0, tiled=True), 0.0
+
+
+def _all_to_all(c: _Local, x, expert_index, weights, w):
+  """One device of the all-to-all exchange (expert_exchange.py): (y, fraction dropped)."""
+  y, plan = expert_exchange.exchange_ffn(
+      x, expert_index, weights, w, c.activation, c.inner, num_experts=c.num_experts,
+      axis=EXPERT_AXIS, capacity=c.buffer, inner_capacity=c.capacity)
+  if c.split_hidden:
+    y = jax.lax.psum(y, 'tensor')   # After the combine: t rows, not P·C.
+  # Tensor ranks hold copies of the same tokens: count over the batch axes only.
+  count = lambda a: jax.lax.psum(jnp.sum(a, dtype=jnp.int32), shd.BATCH_AXES)
+  dropped = count(plan.dropped) / jnp.maximum(count(plan.routed), 1)
+  return y.astype(x.dtype), dropped

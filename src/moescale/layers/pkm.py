@@ -47,6 +47,35 @@ _VALUE_INITS = ('normal', 'csordas')
 _MODES = ('auto', 'sparse', 'dense')
 
 
+def _check_arguments(d_model, num_heads, num_keys, knn, k_dim, query_proj, query_batchnorm,
+                     num_layers, value_chunk_size, rates, **choices):
+  """A ValueError naming every bad ProductKeyMemory argument and what would be valid."""
+  common.check_positive(d_model=d_model, num_heads=num_heads, num_keys=num_keys, knn=knn,
+                        k_dim=k_dim)
+  if k_dim % 2:
+    raise ValueError(f'k_dim={k_dim!r} must be even (two query halves of k_dim/2)')
+  if not query_proj and k_dim != d_model:
+    raise ValueError(f'k_dim={k_dim!r} must equal d_model={d_model} without a query '
+                     'projection (the query is the input itself)')
+  if knn > num_keys ** 2:
+    raise ValueError(f'knn={knn!r} must be <= num_keys**2={num_keys ** 2}')
+  valid = dict(score_fn=_SCORE_FNS, normalize=_NORMALIZE, value_init=_VALUE_INITS, mode=_MODES,
+               kernels=kernel_registry.NAMES)
+  for name, value in choices.items():
+    if value not in valid[name]:
+      raise ValueError(f'unknown {name} {value!r}; valid: {list(valid[name])}')
+  if query_batchnorm and not query_proj:
+    raise ValueError('query_batchnorm=True needs query_proj=True (Csordás et al.\'s variant '
+                     'queries with the LayerNormed input, no BatchNorm)')
+  if choices['value_init'] == 'csordas' and not (num_layers and num_layers > 0):
+    raise ValueError(f"value_init='csordas' needs num_layers > 0, got {num_layers!r}")
+  bad = {k: v for k, v in rates.items() if not 0.0 <= v < 1.0}
+  if bad:
+    raise ValueError(', '.join(f'{k}={v!r} must be in [0, 1)' for k, v in bad.items()))
+  if value_chunk_size is not None:
+    common.check_positive(value_chunk_size=value_chunk_size)
+
+
 @registry.register_family
 class ProductKeyMemory(nnx.Module):
   """PKM sublayer: `y, aux = ProductKeyMemory(d_model, num_keys=..., knn=...)(x)` (no losses).
@@ -90,36 +119,14 @@ class ProductKeyMemory(nnx.Module):
                value_dropout: float = 0.0, batchnorm_momentum: float = 0.9,
                batchnorm_eps: float = 1e-5, value_chunk_size: int | None = None,
                kernels: str = 'auto', dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    common.check_positive(d_model=d_model, num_heads=num_heads, num_keys=num_keys, knn=knn)
     k_dim = d_model if k_dim is None else k_dim
-    common.check_positive(k_dim=k_dim)
-    if k_dim % 2:
-      raise ValueError(f'k_dim={k_dim!r} must be even (two query halves of k_dim/2)')
-    if not query_proj and k_dim != d_model:
-      raise ValueError(f'k_dim={k_dim!r} must equal d_model={d_model} without a query '
-                       'projection (the query is the input itself)')
-    if knn > num_keys ** 2:
-      raise ValueError(f'knn={knn!r} must be <= num_keys**2={num_keys ** 2}')
-    for name, value, valid in (('score_fn', score_fn, _SCORE_FNS),
-                               ('normalize', normalize, _NORMALIZE),
-                               ('value_init', value_init, _VALUE_INITS), ('mode', mode, _MODES),
-                               ('kernels', kernels, kernel_registry.NAMES)):
-      if value not in valid:
-        raise ValueError(f'unknown {name} {value!r}; valid: {list(valid)}')
     if query_batchnorm is None:
       query_batchnorm = query_proj
-    if query_batchnorm and not query_proj:
-      raise ValueError('query_batchnorm=True needs query_proj=True (Csordás et al.\'s variant '
-                       'queries with the LayerNormed input, no BatchNorm)')
-    if value_init == 'csordas' and not (num_layers and num_layers > 0):
-      raise ValueError(f"value_init='csordas' needs num_layers > 0, got {num_layers!r}")
     rates = dict(input_dropout=input_dropout, query_dropout=query_dropout, dropout=dropout,
                  value_dropout=value_dropout)
-    bad = {k: v for k, v in rates.items() if not 0.0 <= v < 1.0}
-    if bad:
-      raise ValueError(', '.join(f'{k}={v!r} must be in [0, 1)' for k, v in bad.items()))
-    if value_chunk_size is not None:
-      common.check_positive(value_chunk_size=value_chunk_size)
+    _check_arguments(d_model, num_heads, num_keys, knn, k_dim, query_proj, query_batchnorm,
+                     num_layers, value_chunk_size, rates, score_fn=score_fn,
+                     normalize=normalize, value_init=value_init, mode=mode, kernels=kernels)
 
     self.d_model, self.num_heads, self.num_keys, self.knn = d_model, num_heads, num_keys, knn
     self.k_dim = k_dim
@@ -134,7 +141,14 @@ class ProductKeyMemory(nnx.Module):
     # Scores are routing decisions: at least float32 (float64 stays float64 for grad checks).
     self.score_dtype = jnp.promote_types(jnp.float32, dtype)
 
-    h, half = num_heads, k_dim // 2
+    self._init_params(num_keys, k_dim, query_proj, query_batchnorm, value_init, num_layers,
+                      param_dtype, rngs)
+    self.rngs = rngs if any(v > 0 for v in rates.values()) else None
+
+  def _init_params(self, num_keys, k_dim, query_proj, query_batchnorm, value_init, num_layers,
+                   param_dtype, rngs):
+    """The query projection and BatchNorm (Lample et al.), both halves' sub-keys, the values."""
+    d_model, h, half = self.d_model, self.num_heads, k_dim // 2
     self.w_query = (common.param(rngs, common.fan_in_normal(d_model), (d_model, h, k_dim),
                                  ('embed', 'heads', 'kv'), param_dtype) if query_proj else None)
     if query_batchnorm:
@@ -160,7 +174,6 @@ class ProductKeyMemory(nnx.Module):
            else 1.0 / math.sqrt(d_model))
     self.values = common.param(rngs, common.normal(std), (rows, d_model), ('values', 'embed'),
                                param_dtype)
-    self.rngs = rngs if any(v > 0 for v in rates.values()) else None
 
   def _query(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
     """x [t, d] -> q [t, heads, k_dim] in the score dtype."""

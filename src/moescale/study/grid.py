@@ -1,0 +1,192 @@
+"""Grids of runs: `ScalingStudy` expands sizes x `Family`s into `Experiment`s, matching each
+family's knob to the reference family per `Matching` (`moescale.pairs.solve_integer`); `table`
+and `run_from_args` are what the experiment scripts print and do with their flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+from moescale import accounting
+from moescale.study.experiment import Experiment
+from moescale.study.specs import DataSpec, ModelSpec, _json_value
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """An FFN family of a study: `build(size) -> ModelSpec`, or None where it does not apply.
+
+  knob: the key of the size dict that matching may change (e.g. 'expert_size', 'd_ff');
+  None: the family is never adjusted.
+  """
+  name: str
+  build: Callable[[Mapping[str, Any]], ModelSpec | None]
+  knob: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Matching:
+  """How the families of one size relate.
+
+  quantity: None (no matching: e.g. Artetxe's shape twins) or one of moescale.pairs.MATCHES;
+  reference: the family the others match; convention: for 'train_flops';
+  multiple_of: round the knob to a multiple (hardware-friendly sizes);
+  tolerance: a solved knob further off than this raises (the knob cannot reach the target).
+  """
+  quantity: str | None = None
+  reference: str = 'dense'
+  convention: str = 'standard'
+  multiple_of: int = 1
+  tolerance: float = 0.01
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingStudy:
+  """A grid: every size x every family, matched to the reference family per `matching`.
+
+  sizes: name -> size dict (free-form; what the family builders read).
+  data, train: a DataSpec / TrainConfig-kwargs dict, or a function (size name, size) -> one.
+  Experiments are named '<size>/<family>' and live in root/<size>/<family>.
+  """
+  name: str
+  sizes: Mapping[str, Mapping[str, Any]]
+  families: Sequence[Family]
+  data: DataSpec | Callable[[str, Mapping], DataSpec] | None = None
+  train: Mapping[str, Any] | Callable[[str, Mapping], Mapping] = dataclasses.field(
+      default_factory=dict)
+  matching: Matching = Matching()
+
+  def __post_init__(self):
+    names = [f.name for f in self.families]
+    if len(set(names)) != len(names):
+      raise ValueError(f'family names repeat: {names}')
+    q = self.matching.quantity
+    if q is not None:
+      from moescale import pairs
+      if q not in pairs.MATCHES:
+        raise ValueError(f'Matching.quantity={q!r}; valid: None or {list(pairs.MATCHES)}')
+      if self.matching.reference not in names:
+        raise ValueError(f'Matching.reference={self.matching.reference!r} is not a family: '
+                         f'{names}')
+
+  def _resolve(self, value, size_name, size):
+    return value(size_name, size) if callable(value) else value
+
+  def _experiment(self, size_name, size, family, meta) -> Experiment | None:
+    spec = family.build(size)
+    if spec is None:
+      return None
+    return Experiment(name=f'{size_name}/{family.name}', model=spec,
+                      data=self._resolve(self.data, size_name, size),
+                      train=dict(self._resolve(self.train, size_name, size) or {}),
+                      meta={'study': self.name, 'size': size_name, 'family': family.name,
+                            **meta})
+
+  def expand(self, only: Sequence[str] | None = None) -> list[Experiment]:
+    """The grid's experiments, matched. only: size names to expand (default all)."""
+    m = self.matching
+    out = []
+    for size_name, size in self.sizes.items():
+      if only and size_name not in only:
+        continue
+      ref = None
+      if m.quantity is not None:
+        ref_family = next(f for f in self.families if f.name == m.reference)
+        ref = self._experiment(size_name, size, ref_family, {'role': 'reference'})
+      for family in self.families:
+        if ref is not None and family.name == m.reference:
+          out.append(ref)
+          continue
+        if ref is None or family.knob is None:
+          exp = self._experiment(size_name, size, family, {})
+        else:
+          exp = self._match(size_name, size, family, ref)
+        if exp is not None:
+          out.append(exp)
+    return out
+
+  def _match(self, size_name, size, family, ref: Experiment) -> Experiment | None:
+    from moescale import pairs
+    m = self.matching
+    target = _quantity(ref.counts, m.quantity, m.convention)
+    if family.build(size) is None:
+      return None
+
+    def evaluate(x: int) -> float:
+      exp = self._experiment(size_name, {**size, family.knob: x}, family, {})
+      return _quantity(exp.counts, m.quantity, m.convention)
+
+    start = size.get(family.knob)
+    if not isinstance(start, int):
+      raise ValueError(f'{size_name}: size[{family.knob!r}] must be an int to match '
+                       f'{family.name}, got {start!r}')
+    value, q = pairs.solve_integer(evaluate, target, start, m.multiple_of)
+    if abs(q / target - 1) > m.tolerance:
+      raise ValueError(f'{size_name}/{family.name}: {family.knob}={value} gets {m.quantity} '
+                       f'{q:.4g} vs {target:.4g} ({100 * (q / target - 1):+.2f}%), outside '
+                       f'the tolerance {m.tolerance}')
+    return self._experiment(size_name, {**size, family.knob: value}, family,
+                            {'matched': {'quantity': m.quantity, 'convention': m.convention,
+                                         'to': m.reference, 'knob': family.knob,
+                                         'value': value, 'ratio': q / target}})
+
+  def write(self, root: str, experiments: Sequence[Experiment] | None = None
+            ) -> list[tuple[Experiment, str]]:
+    """Writes every run directory (config.gin, config.json) and root/study.json."""
+    experiments = self.expand() if experiments is None else experiments
+    runs = [(e, e.write(os.path.join(root, e.name))) for e in experiments]
+    with open(os.path.join(root, 'study.json'), 'w') as f:
+      json.dump({'study': self.name, 'runs': [{'name': e.name, 'dir': d,
+                                               'meta': _json_value(dict(e.meta))}
+                                              for e, d in runs]}, f, indent=1)
+    return runs
+
+  def run(self, root: str, experiments: Sequence[Experiment] | None = None) -> list[dict]:
+    """Writes every run directory, then trains the runs one after another."""
+    runs = self.write(root, experiments)
+    return [e.launch(d) for e, d in runs]
+
+
+def run_from_args(study: 'ScalingStudy', root: str, only=None, families=None,
+                  dry_run: bool = False, convention: str = 'standard') -> int:
+  """What an experiment script does with its parsed flags: expand (optionally keeping some
+  sizes / families), print the count table, then write the run directories (dry run) or
+  train them one after another."""
+  experiments = [e for e in study.expand(only)
+                 if not families or e.meta['family'] in families]
+  print(table(experiments, convention=convention))
+  if dry_run:
+    runs = study.write(root, experiments)
+    print(f'wrote {len(runs)} run directories under {root}')
+    return 0
+  for summary in study.run(root, experiments):
+    print(summary, end='\n\n')
+  return 0
+
+
+def _quantity(c: accounting.ModelCount, quantity: str, convention: str) -> float:
+  if quantity == 'train_flops':
+    return c.train_flops_per_token[convention]
+  if quantity == 'forward_flops':
+    return c.flops_per_token
+  return float(getattr(c, quantity))
+
+
+def table(experiments: Sequence[Experiment], convention: str = 'standard') -> str:
+  """A text table of the experiments' counts (what the experiments scripts' --dry_run print)."""
+  from moescale.pairs import human
+  head = ('run', 'params', 'active', f'train FLOPs/token ({convention})', 'matched')
+  rows = []
+  for e in experiments:
+    c = e.counts
+    m = e.meta.get('matched')
+    note = (f"{m['knob']}={m['value']} ({m['quantity']} ratio {m['ratio']:.4f})" if m
+            else e.meta.get('role', ''))
+    rows.append((e.name, human(c.total_params), human(c.active_params),
+                 human(c.train_flops_per_token[convention], 'G'), note))
+  widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+  fmt = '  '.join(f'{{:<{w}}}' for w in widths)
+  return '\n'.join([fmt.format(*head), fmt.format(*('-' * w for w in widths))] +
+                   [fmt.format(*r) for r in rows])
