@@ -90,24 +90,6 @@ def flat(state) -> dict[str, np.ndarray]:
           for p, v in nnx.to_flat_state(state)}
 
 
-class ExactLoop:
-  """A dispatch backend that runs every expert on every token in x's own dtype, for float64
-  finite differences (`dispatch.ReferenceLoop` accumulates in float32, too coarse there)."""
-  name = 'exact_loop'
-
-  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
-    y = jnp.zeros_like(x)
-    for e in range(experts.num_experts):
-      h = x @ experts.w_in[e]
-      if experts.b_in is not None:
-        h = h + experts.b_in[e]
-      out = activation(h) @ experts.w_out[e]
-      if experts.b_out is not None:
-        out = out + experts.b_out[e]
-      y = y + jnp.sum(jnp.where(expert_index == e, weights, 0.0), -1)[:, None] * out
-    return y
-
-
 def scanned_from_looped(looped: dict[str, np.ndarray], period: int) -> dict[str, np.ndarray]:
   """Flat parameters of a looped TransformerLM ('blocks/<layer>/...') as those of the same
   model with scan_layers=True ('groups/blocks/<j>/...', stacked over groups: layer =

@@ -352,7 +352,8 @@ def test_resume_from_state_continues_exactly(small_task, two_epochs,
 
 def test_trainer_data_source(small_task, two_epochs):
   from moescale.data import pipeline
-  source = pipeline.SeqioDataSource(small_task[0], {'targets': L})
+  from moescale.data import source as source_lib
+  source = source_lib.SeqioDataSource(small_task[0], {'targets': L})
   assert source.sequence_length == L and source.vocab_size == 259
   assert source.eval_splits == ('validation',)
   # Per-host batch size in, host 1 of 2 gets the second half of each batch.
@@ -361,7 +362,7 @@ def test_trainer_data_source(small_task, two_epochs):
   for k, v in two_epochs[0][0].items():
     np.testing.assert_array_equal(batch[k], v[B // 2:])
   assert it.position()['batches_consumed'] == 1
-  default = pipeline.SeqioDataSource('moescale_sotu', {'targets': L})
+  default = source_lib.SeqioDataSource('moescale_sotu', {'targets': L})
   assert default.eval_splits == ('validation', 'moescale_kjv:validation',
                                  'moescale_pydoc:validation')
   evals = default.eval_iterators(2, 0, 1)
@@ -375,7 +376,8 @@ def test_trainer_data_source(small_task, two_epochs):
 
 def test_eval_pipelines_are_rewound_not_rebuilt(small_task, monkeypatch):
   from moescale.data import pipeline
-  source = pipeline.SeqioDataSource(small_task[0], {'targets': L})
+  from moescale.data import source as source_lib
+  source = source_lib.SeqioDataSource(small_task[0], {'targets': L})
   built = []
   real = pipeline.DataPipeline.host_dataset
   monkeypatch.setattr(pipeline.DataPipeline, 'host_dataset',

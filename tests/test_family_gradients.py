@@ -18,8 +18,7 @@ import pytest
 from flax import nnx
 from jax import test_util
 
-import plain_reference as ref
-from moescale.layers import DenseFFN, ProductKeyMemory, SigmaMoE, TopKMoE
+from moescale.layers import DenseFFN, ProductKeyMemory, SigmaMoE, TopKMoE, dispatch
 
 D = 6
 WEIGHTS = {'load_balance': 1.0, 'router_z': 0.5, 'entropy': 1.0}
@@ -47,9 +46,9 @@ FAMILIES = {
 
 def _moe_dispatch(fn):
   """The float64 loop backend for the MoE families (the fast ones accumulate in float32)."""
-  keywords = getattr(fn, 'keywords', {})
-  return fn if 'num_experts' not in keywords else functools.partial(fn,
-                                                                  dispatch=ref.ExactLoop())
+  if 'num_experts' not in getattr(fn, 'keywords', {}):
+    return fn
+  return functools.partial(fn, dispatch=dispatch.ReferenceLoop(accumulate=None))
 
 
 @pytest.mark.parametrize('family', list(FAMILIES))

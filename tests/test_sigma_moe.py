@@ -6,7 +6,7 @@ from flax import nnx
 from jax import test_util
 
 from moescale.layers import SigmaMoE
-from moescale.layers import sigma_moe
+from moescale.layers import dispatch, sigma_moe
 
 D, E, G, K = 8, 6, 4, 2
 
@@ -314,18 +314,6 @@ def test_equalize_column_norms_keeps_the_total_square():
 # --------------------------------------------------------------------------------- gradients
 
 
-class _LoopInInputDtype:
-  """dispatch.ReferenceLoop accumulates in float32; this one keeps float64 for the check."""
-  name = 'loop64'
-
-  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
-    y = jnp.zeros_like(x)
-    for e in range(experts.num_experts):
-      gate = jnp.sum(jnp.where(expert_index == e, weights, 0.0), axis=-1)
-      y = y + gate[:, None] * (activation(x @ experts.w_in[e]) @ experts.w_out[e])
-    return y
-
-
 def test_gradients_finite_and_match_finite_differences_in_float64():
   # One float32 layer's parameters, cast to float64, run by float64 modules of every selection
   # mode (built abstractly: no eager float64 work), through one loss so one compile checks all.
@@ -336,7 +324,7 @@ def test_gradients_finite_and_match_finite_differences_in_float64():
   with jax.enable_x64(True):
     graphdefs = [nnx.split(nnx.eval_shape(lambda s=s: SigmaMoE(
         D, E, G, K, selection=s, dtype=jnp.float64, param_dtype=jnp.float64,
-        dispatch=_LoopInInputDtype(), rngs=nnx.Rngs(0))))[0]
+        dispatch=dispatch.ReferenceLoop(accumulate=None), rngs=nnx.Rngs(0))))[0]
                  for s in ('sigmoid', 'softmax', 'softmax_renorm')]
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params32)
     x = jnp.asarray(x32, jnp.float64)

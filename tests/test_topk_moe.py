@@ -451,20 +451,11 @@ def test_one_expert_top1_equals_dense():
 # ------------------------------------------------------------------------ gradients, plumbing
 
 
-def _exact_loop(x, expert_index, weights, experts, activation, capacity=None):
-  """ReferenceLoop in x's own dtype: the shared one accumulates in float32, too coarse for
-  float64 finite differences."""
-  y = jnp.zeros_like(x)
-  for e in range(experts.num_experts):
-    out = activation(x @ experts.w_in[e]) @ experts.w_out[e]
-    y = y + jnp.sum(jnp.where(expert_index == e, weights, 0.0), -1)[:, None] * out
-  return y
-
-
 def test_gradients_match_finite_differences():
   # Built in float32 (init already compiled by other tests), checked in float64: dtype is only
   # the compute dtype, and the router computes in float64 when its input is float64.
-  layer = _moe(2, capacity_factor=0.0, dtype=jnp.float64, dispatch=_exact_loop)
+  layer = _moe(2, capacity_factor=0.0, dtype=jnp.float64,
+               dispatch=dispatch.ReferenceLoop(accumulate=None))
   graphdef, state = nnx.split(layer)
   x, c = _x(seed=1), _x(seed=2)
   with jax.enable_x64(True):

@@ -27,6 +27,7 @@ import gin
 _REGISTERED = False
 _CONFIGURED: dict = {}
 _FAMILIES_REGISTERED: set[str] = set()
+_EXTRA: list = []
 
 
 def shipped_gin_dir() -> pathlib.Path | None:
@@ -66,9 +67,15 @@ def register() -> None:
   gin.external_configurable(launch.synthetic_data, module='moescale.data')
   _CONFIGURED['run_training'] = gin.external_configurable(launch.run_training,
                                                           module='moescale')
-  from moescale.pairs import spec as pair_spec  # pair files (gin/pairs/) bind only `Pair`
-  gin.external_configurable(pair_spec.Pair, module='moescale.pairs')
   _REGISTERED = True
+
+
+def register_configurable(fn, module: str) -> None:
+  """One more gin-bindable constructor, from a package above this edge (moescale.pairs'
+  `Pair`, the one thing pair files bind); idempotent."""
+  if fn not in _EXTRA:
+    gin.external_configurable(fn, module=module)
+    _EXTRA.append(fn)
 
 
 def configured(name: str):

@@ -41,22 +41,6 @@ def machine() -> dict[str, str]:
           'jax': jax.__version__}
 
 
-def _cell(value, key: str) -> str:
-  if value is None:
-    return ''
-  if key == 'seconds':
-    return f'{value:.4f}'
-  if key in ('ratio', 'speedup'):
-    return f'{value:.2f}x'
-  if key == 'mfu':
-    return f'{100 * value:.1f}%'
-  if key.endswith('bytes'):
-    return f'{value / 2**20:.1f} MiB'
-  if key == 'flops':
-    return f'{value:.3g}'
-  return str(value)
-
-
 def _table(rows: Sequence[dict]) -> list[str]:
   keys = ['backend', 'num_experts', 'tokens', 'seconds', 'ratio', 'baseline']
   keys += [k for k in timing.EXTRA_KEYS if any(r.get(k) is not None for r in rows)]
@@ -65,8 +49,9 @@ def _table(rows: Sequence[dict]) -> list[str]:
   lines = ['| ' + ' | '.join(head.get(k, k) for k in keys) + ' |',
            '|' + '|'.join('---' for _ in keys) + '|']
   for r in rows:
-    lines.append('| ' + ' | '.join(_cell(r.get(k), k) or ('skipped' if k == 'seconds' else '')
-                                   for k in keys) + ' |')
+    cells = (timing.format_value(k, r.get(k)) or ('skipped' if k == 'seconds' else '')
+             for k in keys)
+    lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
 
 

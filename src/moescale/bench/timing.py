@@ -114,13 +114,22 @@ def format_table(records: Sequence[dict]) -> str:
   return '\n'.join(lines)
 
 
-def _format_extra(key: str, value) -> str:
+def format_value(key: str, value) -> str:
+  """One record value as the table and docs/performance.md show it ('' for None)."""
+  if value is None:
+    return ''
+  if key == 'seconds':
+    return f'{value:.4f}'
+  if key in ('ratio', 'speedup'):
+    return f'{value:.2f}x'
   if key == 'mfu':
-    return f'mfu={100 * value:.1f}%'
+    return f'{100 * value:.1f}%'
   if key.endswith('bytes'):
-    return f'{key.removesuffix("_bytes")}={value / 2**20:.1f}MiB'
-  if key == 'speedup':
-    return f'speedup={value:.2f}x'
+    return f'{value / 2**20:.1f}MiB'
   if key == 'flops':
-    return f'flops={value:.3g}'
-  return f'{key}={value}'
+    return f'{value:.3g}'
+  return str(value)
+
+
+def _format_extra(key: str, value) -> str:
+  return f'{key.removesuffix("_bytes")}={format_value(key, value)}'

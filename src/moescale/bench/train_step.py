@@ -7,6 +7,11 @@ For each model (the CPU-sized shapes the tiny run and the small pairs ship: d_mo
     topk_moe   the tiny run's model: top-2 of 8 experts (expert_size 256) every other layer
     sigma_moe  σ-MoE (8 x 64, K 2) in every layer, Csordás et al.'s small shape
     pkm        product-key memory (4 heads, 32² values, knn 32) in every layer
+    dense@scan, topk_moe@scan   the same two with `scan_layers=True`, the library's default
+
+All but the '@scan' rows run their layers as a Python loop (`scan_layers=False`), as the tiny
+run does: at 4 layers compile time is no concern, and the scanned step of a shallow model is
+slower on XLA:CPU (the '@scan' rows measure by how much).
 
 one jitted `train_step` (AdamW update included, as the trainer runs it) is timed, interleaved
 with the others and settled (an untimed step of the same model right before each timed one:
@@ -58,16 +63,19 @@ def _models(d_model: int) -> dict[str, tuple]:
   from moescale.layers.sigma_moe import SigmaMoE
   from moescale.layers.topk_moe import TopKMoE
   dense = functools.partial(DenseFFN, d_ff=4 * d_model, activation='gelu', use_bias=True)
+  topk = dict(ffn=dense, sparse_layers='every_other', sparse_ffn=functools.partial(
+      TopKMoE, num_experts=8, expert_size=2 * d_model, top_k=2, capacity_factor=1.0,
+      activation='gelu', use_bias=True))
+  loop = dict(scan_layers=False)
   return {
-      'dense': (dict(ffn=dense), None),
-      'topk_moe': (dict(ffn=dense, sparse_layers='every_other',
-                        sparse_ffn=functools.partial(
-                            TopKMoE, num_experts=8, expert_size=2 * d_model, top_k=2,
-                            capacity_factor=1.0, activation='gelu', use_bias=True)), 8),
+      'dense': (dict(ffn=dense, **loop), None),
+      'topk_moe': (dict(topk, **loop), 8),
       'sigma_moe': (dict(ffn=functools.partial(SigmaMoE, num_experts=8, expert_size=d_model // 2,
-                                               top_k=2)), 8),
+                                               top_k=2), **loop), 8),
       'pkm': (dict(ffn=functools.partial(ProductKeyMemory, num_heads=4, num_keys=32, knn=32,
-                                         score_fn='relu')), None),
+                                         score_fn='relu'), **loop), None),
+      'dense@scan': (dict(ffn=dense, scan_layers=True), None),
+      'topk_moe@scan': (dict(topk, scan_layers=True), 8),
   }
 
 

@@ -34,7 +34,6 @@ per byte); `split_stats` (moescale.data.stats) counts a split's bytes and tokens
 from __future__ import annotations
 
 import atexit
-import importlib
 from typing import Any, Iterator, Mapping
 import weakref
 
@@ -143,7 +142,7 @@ class DataPipeline(Iterator[Batch]):
     self._batches_consumed = 0
     self._iterator = None
     # The last tf.data pipeline built, by (epoch, skip): building one traces every seqio
-    # preprocessor (~3 s on the dev VM), and an eval pipeline is read from its start again at
+    # preprocessor (seconds), and an eval pipeline is read from its start again at
     # every evaluation (see `rewind`).
     self._built: tuple[tuple[int, int], tf.data.Dataset] | None = None
     if state is not None:
@@ -288,11 +287,3 @@ def get_dataset(mixture_or_task_name: str,
                       batch_size, seed=seed, shuffle=shuffle,
                       num_epochs=num_epochs, shard_id=shard_id,
                       num_shards=num_shards, vocabulary=vocabulary, **kwargs)
-
-
-# The data source moved to `source`, loaded from there on first use: it imports this module, so
-# a top-level import would be a circle. (`pipeline.SeqioDataSource` is what launch and tests use.)
-def __getattr__(name):
-  if name == 'SeqioDataSource':
-    return importlib.import_module('moescale.data.source').SeqioDataSource
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -88,7 +88,7 @@ def sort_and_rank(expert_index: Array, num_experts: int) -> SortedAssignments:
   n = flat.shape[0]
   if n * (num_experts + 1) < 2**31:
     # One unique int32 key per pair, expert * n + pair: a plain sort of the keys is the stable
-    # order, ~6x faster on XLA:CPU than argsort's stable sort of (expert, iota) pairs.
+    # order, several times faster on XLA:CPU than argsort's stable sort of (expert, iota).
     key = jnp.sort(flat * n + jnp.arange(n, dtype=jnp.int32))
     order, sorted_expert = key % n, key // n
   else:

@@ -59,12 +59,20 @@ def check_assignment_shapes(x: Array, expert_index: Array, weights: Array,
 
 
 class ReferenceLoop:
-  """Every expert on every token, masked: the definition, for tests. O(E) times the work."""
+  """Every expert on every token, masked: the definition, for tests. O(E) times the work.
+
+  accumulate: dtype of the running sum (float32; None: x's own dtype, e.g. float64 for finite
+  differences).
+  """
   name = 'reference'
+
+  def __init__(self, accumulate=jnp.float32):
+    self.accumulate = accumulate
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
     check_assignment_shapes(x, expert_index, weights, experts)
-    y = jnp.zeros(x.shape, jnp.float32)
+    acc = x.dtype if self.accumulate is None else self.accumulate
+    y = jnp.zeros(x.shape, acc)
     for e in range(experts.num_experts):
       h = x @ experts.w_in[e]
       if experts.b_in is not None:
@@ -73,5 +81,5 @@ class ReferenceLoop:
       if experts.b_out is not None:
         out = out + experts.b_out[e]
       gate = jnp.sum(jnp.where(expert_index == e, weights, 0.0), axis=-1)  # [t]
-      y = y + gate[:, None].astype(jnp.float32) * out.astype(jnp.float32)
+      y = y + gate[:, None].astype(acc) * out.astype(acc)
     return y.astype(x.dtype)

@@ -103,8 +103,8 @@ def _top_k_call(xs, k):
 
   XLA lowers top_k to sort + slice and turns that back into its TopK call only while the sort
   has no other users; slicing the outputs again ([..., :1]) lets the simplifier fold the slices
-  into the sort, which then stays a full sort of every row (measured: 1.4 s instead of 0.2 s
-  for 65k rows of 128). The barrier keeps the outputs opaque.
+  into the sort, which then stays a full sort of every row (several times slower). The barrier
+  keeps the outputs opaque.
   """
   return jax.lax.optimization_barrier(tuple(v for x in xs for v in jax.lax.top_k(x, k)))
 
@@ -113,10 +113,8 @@ def _top_k_rows(x, k):
   """lax.top_k as TOPK_PARTS calls on slices of the leading axis.
 
   Meant to let XLA:CPU run the slices' TopK calls (each a serial loop over rows) on different
-  threads, but measured it mostly does not: one call on [65536, 128] took 175 ms, 2 to 16
-  slices 190-202 ms, two calls on separate inputs 382 ms against 202 for one. In the whole
-  layer at 16k tokens 1 / 2 / 4 parts took 1.81 / 1.74 / 1.79 s in one interleaved run: kept
-  at 2, within noise of 1."""
+  threads, but it mostly does not: 1, 2 and 4 parts time within noise of each other in the
+  whole layer; kept at 2."""
   parts = TOPK_PARTS if x.ndim > 1 and x.shape[0] >= TOPK_PARTS else 1
   if parts == 1:
     return jax.lax.top_k(x, k)
@@ -191,7 +189,7 @@ class XlaKernels:
     """product_key_topk after its checks: (scores, slots), differentiable wrt s1 and s2."""
     # The search runs on constants; the scores are then re-read at the chosen slots, so their
     # gradient is one scatter-add of [..., knn] into each of s1 and s2, not the transpose of
-    # every top_k, gather and concatenation of the search (measured ~0.2 s at 16k tokens).
+    # every top_k, gather and concatenation of the search.
     n = s1.shape[-1]
     sg = jax.lax.stop_gradient
     slots = self.product_slots(sg(s1), sg(s2), knn, form)

@@ -30,8 +30,7 @@ ACT_RESIDUAL = ('act_batch', 'act_length', 'act_embed')
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
   """(x - mean) / sqrt(var + eps) * scale + bias over the last axis; x: [..., d], scale,
   bias: [d]. The VJP is written out: autodiff of the three-pass form (mean, variance about
-  it, normalise) emits twice the passes over [..., d] (fwd+bwd of [4, 128, 128] on XLA:CPU:
-  568 us autodiff, 427 us this; 9 norms per microbatch in the bench's 4-layer models).
+  it, normalise) emits twice the passes over [..., d], and a model runs 2·layers + 1 norms.
 
     dx = r (g - mean(g) - xh mean(g xh)),  g = dy scale,  xh = (x - mean) r,  r = 1/std
   """

@@ -1,10 +1,9 @@
 """Pair members from gin: reading pair files, counting each member, deriving a partner.
 
-Everything here parses gin (through `moescale.gin_config`, imported inside the functions:
-gin_config imports this package to register `Pair`, so a top-level import would be a circle)
-and hands the counts to `matching`. Counting is abstract (`moescale.accounting`) and cached
-per member, so checking every shipped pair, or solving for a partner's integer knob, takes
-seconds.
+Everything here parses gin (through `moescale.gin_config`, which registers `Pair` for pair
+files when this module loads) and hands the counts to `matching`. Counting is abstract
+(`moescale.accounting`) and cached per member, so checking every shipped pair, or solving
+for a partner's integer knob, takes seconds.
 """
 
 from __future__ import annotations
@@ -14,8 +13,11 @@ import functools
 import pathlib
 from typing import Sequence
 
+from moescale import gin_config
 from moescale.pairs.matching import MemberCount, PairResult, compare, solve_integer
 from moescale.pairs.spec import MATCHES, SIDES, Pair
+
+gin_config.register_configurable(Pair, module='moescale.pairs')
 
 # ------------------------------------------------------------------------------- counting
 
@@ -27,7 +29,6 @@ def context_lengths() -> tuple[int, int | None]:
   SEGMENT_LENGTH (Transformer-XL settings); keys = segment + MEM_LEN. Without either,
   MAX_LENGTH (the Artetxe models: 2048).
   """
-  from moescale import gin_config
   lengths = gin_config.query('TASK_FEATURE_LENGTHS') or {}
   segment = lengths.get('targets') or gin_config.query('SEGMENT_LENGTH')
   if segment:
@@ -43,7 +44,7 @@ def context_lengths() -> tuple[int, int | None]:
 def count_member(files: tuple[str, ...], bindings: tuple[str, ...] = (),
                  search_paths: tuple[str, ...] = ()) -> MemberCount:
   """Parses one member's gin files + bindings and counts its model abstractly (cached)."""
-  from moescale import accounting, gin_config
+  from moescale import accounting
   gin_config.parse(list(files), list(bindings), list(search_paths), finalize=False)
   model_fn = gin_config.query('MODEL')
   if model_fn is None:
@@ -72,7 +73,6 @@ def check(pair: Pair, pair_path: str | None = None) -> PairResult:
 def load(path: str) -> Pair:
   """Reads a pair file (a gin file binding `Pair`)."""
   import gin
-  from moescale import gin_config
   gin_config.parse([path], [], _search_paths(path), finalize=False)
   try:
     bindings = dict(gin.get_bindings('moescale.pairs.Pair'))
@@ -89,7 +89,6 @@ def load(path: str) -> Pair:
 
 def shipped_pair_files() -> list[str]:
   """Every gin/pairs/**/*.gin of the installed package, sorted."""
-  from moescale import gin_config
   root = gin_config.shipped_gin_dir()
   if root is None or not (root / 'pairs').is_dir():
     return []
@@ -102,7 +101,6 @@ def shipped_pair_files() -> list[str]:
 def _current_value(name: str) -> int | None:
   """The value NAME (a macro, or Configurable.param) has in the parsed gin config."""
   import gin
-  from moescale import gin_config
   if '.' in name:
     configurable, param = name.rsplit('.', 1)
     try:
@@ -116,7 +114,6 @@ def _current_value(name: str) -> int | None:
 
 def _start_value(files: Sequence[str], bindings: Sequence[str], name: str) -> int:
   """Where the search for NAME starts: its value in the member's own gin files."""
-  from moescale import gin_config
   gin_config.parse(list(files), list(bindings), finalize=False)
   start = _current_value(name)
   if start is None:
