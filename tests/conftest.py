@@ -75,6 +75,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_setup(item):
+  # `make mutate`: mutmut first runs the tests once with every mutable function behind a
+  # recording trampoline ('stats'), and later runs each mutant only against the tests that
+  # called its function then. A function called under a trace runs only while JAX traces, and
+  # JAX reuses a trace (jit, custom_vjp) for the same callable and shapes, so a helper of a
+  # module-level jitted function was credited only to the first test that traced it (3 of the
+  # 12 tests that exercise topk_moe's masked mean). Clearing the caches per test re-traces.
+  if os.environ.get('MUTANT_UNDER_TEST') == 'stats':
+    jax.clear_caches()
   # Skipped items never get here (the skip marker is evaluated first); for the others the
   # kernels are expected, so a failed build or load fails the test with the compiler's log.
   if item.get_closest_marker('cpu_kernels') and not cpu_kernels_unexpected():
