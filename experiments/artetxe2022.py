@@ -64,8 +64,9 @@ def dense_model(size) -> ModelSpec:
       max_length=size.get('max_length', SEQ_LEN), positions='sinusoidal',
       scale_embeddings=True, tie_embeddings=True, use_bias=True, dropout=dropout,
       attention_dropout=dropout, dtype='float32', sparse_ffn=None, sparse_layers='none',
+      # fairseq's activation_dropout (inside the FFN) is 0 in the GPT-3 recipes, as in the experts.
       ffn=Component('DenseFFN', d_ff=size['d_ff'], activation='gelu', use_bias=True,
-                    dropout=dropout, dtype='float32'))
+                    dropout=0.0, dtype='float32'))
 
 
 def moe_model(size) -> ModelSpec | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from moescale.layers.common import depth_scale
 from moescale.study import (REQUIRED, Component, DataSpec, Family, Matching, ModelSpec,
                             ScalingStudy, run_from_args)
 
@@ -53,16 +54,20 @@ SMALL_SIZES = {
 
 
 def _base(size, **kw) -> ModelSpec:
-  """gin/models/csordas2023/base.gin at this size (a dense model unless kw says otherwise)."""
+  """gin/models/csordas2023/base.gin at this size (a dense model unless kw says otherwise):
+  their code's init (c = sqrt(2/num_layers) on attention and the dense FFN, Xavier embedding,
+  PyTorch's output layer with a bias), no attention dropout, dropout before the output."""
   drop = size['dropout']
+  c = depth_scale(size['num_layers'])
   args = dict(
       vocab_size=size['vocab_size'], d_model=size['d_model'], num_layers=size['num_layers'],
       num_heads=size['num_heads'], head_dim=size['head_dim'],
       max_length=2 * size['segment'], mem_len=size['segment'], positions='relative',
-      scale_embeddings=True, tie_embeddings=False, use_bias=False, dropout=drop,
-      attention_dropout=drop, dtype='float32', sparse_ffn=None, sparse_layers='none',
+      scale_embeddings=False, tie_embeddings=False, embedding_init='csordas',
+      output_bias=True, output_dropout=True, init_scale=c, use_bias=False, dropout=drop,
+      attention_dropout=0.0, dtype='float32', sparse_ffn=None, sparse_layers='none',
       ffn=Component('DenseFFN', d_ff=size['d_ff'], activation='relu', use_bias=True,
-                    dropout=drop, dtype='float32'))
+                    dropout=drop, init_scale=c, dtype='float32'))
   args.update(kw)
   return ModelSpec(**args)
 
@@ -86,38 +91,51 @@ def sigma_moe(size):
 
 
 def switch(size):
+  # Their balancing loss 0.01 x mean over (token, expert) of p·f = (0.01 / E²) x TopKMoE's
+  # E·Σ f·P; their init gain 0.1 on c² (docs/sources.md#csordas-et-al-2023-baselines-and-
+  # ablations).
+  e = size['switch_experts']
+  scale = depth_scale(size['num_layers'], gain=0.1)
   return _base(size, sparse_layers='all',
-               sparse_ffn=Component('TopKMoE', num_experts=size['switch_experts'],
+               sparse_ffn=Component('TopKMoE', num_experts=e,
                                     expert_size=size['switch_size'], top_k=1,
                                     capacity_factor=0.0, eval_capacity_factor=0.0,
                                     second_policy='all', activation='relu', use_bias=False,
-                                    load_balance_weight=0.01, router_z_weight=0.0))
+                                    load_balance_weight=0.01 / e**2, router_z_weight=0.0,
+                                    init_scale=scale, router_init_scale=scale))
 
 
 def _pkm(size, keys, score_fn, value_init):
   return _base(size, sparse_layers='all',
                sparse_ffn=Component('ProductKeyMemory', num_heads=4, num_keys=keys, knn=128,
-                                    score_fn=score_fn, query_proj=False,
+                                    score_fn=score_fn, query_proj=False, key_init='csordas',
                                     value_init=value_init, num_layers=size['num_layers']))
 
 
 def pkm_softmax(size):
-  return _pkm(size, size['pkm_keys'], 'softmax', 'normal')
+  return _pkm(size, size['pkm_keys'], 'softmax', 'scaled_normal')
 
 
 def pkm_relu(size):
-  return _pkm(size, size['pkm_keys'], 'relu', 'normal')
+  return _pkm(size, size['pkm_keys'], 'relu', 'scaled_normal')
 
 
 def pkm_relu_matched(size):
   return _pkm(size, size['pkm_matched_keys'], 'relu', 'csordas')
 
 
+def _small_dense_clip(name, size):
+  # Their WikiText-103 small dense and Top-K activation runs clip gradients at 0.1, every other
+  # run at 0.25 (docs/sources.md#csordas-et-al-2023-training-settings).
+  del size
+  return {'optimizer': {'clip_norm': 0.1}} if name == 'wt103_small' else {}
+
+
 FAMILIES = (
     Family('sigma_moe', sigma_moe),
-    Family('dense', dense, knob='d_ff'),
+    Family('dense', dense, knob='d_ff', train=_small_dense_clip),
     Family('switch', switch),
-    Family('topk_activation', topk_activation, knob='d_ff'),
+    Family('topk_activation', topk_activation, knob='d_ff', train=_small_dense_clip),
     Family('pkm_softmax', pkm_softmax),
     Family('pkm_relu', pkm_relu),
     Family('pkm_relu_matched', pkm_relu_matched, knob='pkm_matched_keys'),

@@ -278,6 +278,64 @@ def test_tied_embeddings_share_one_matrix():
   assert changed.tolist() == [v == unused for v in range(V)]
 
 
+def test_csordas_initialisation_of_attention_embedding_and_output_layer():
+  """Csordás et al.'s code: every attention linear (q, k, v, o, position projection) starts at
+  N(0, c²/fan_in) with c = sqrt(2/num_layers); the embedding is Xavier-uniform; the output
+  layer is a PyTorch Linear (weight and bias U(±1/sqrt(d)))."""
+  vocab, d, layers = 2048, 64, 8
+  c = common.depth_scale(layers)
+  assert c == pytest.approx(0.5)
+  m = TransformerLM(
+      vocab, d, 1, 4, positions='relative', ffn=DENSE, tie_embeddings=False,
+      embedding_init='csordas', output_bias=True, init_scale=c, scan_layers=False,
+      rngs=nnx.Rngs(0))
+  attn = m.blocks[0].attention
+  for name, fan_in in (('q_proj', d), ('k_proj', d), ('v_proj', d), ('o_proj', d),
+                       ('r_proj', d)):
+    w = np.asarray(getattr(attn, name)[...])
+    assert w.std() == pytest.approx(c / np.sqrt(fan_in), rel=0.05), name
+  bound = np.sqrt(6 / (vocab + d))  # Xavier-uniform: std sqrt(2 / (fan_in + fan_out))
+  embed = np.asarray(m.embed[...])
+  assert np.abs(embed).max() <= bound and embed.std() == pytest.approx(bound / np.sqrt(3),
+                                                                      rel=0.02)
+  for w in (m.unembed[...], m.output_bias[...]):
+    w = np.asarray(w)
+    assert np.abs(w).max() <= d ** -0.5 and w.std() == pytest.approx(d ** -0.5 / np.sqrt(3),
+                                                                    rel=0.1)
+  # The fairseq defaults are unchanged: N(0, 1/fan_in) attention, N(0, 1/d) embedding.
+  f = TransformerLM(vocab, d, 1, 4, ffn=DENSE, scan_layers=False, rngs=nnx.Rngs(0))
+  assert np.asarray(f.blocks[0].attention.q_proj[...]).std() == pytest.approx(d ** -0.5,
+                                                                              rel=0.05)
+  assert np.asarray(f.embed[...]).std() == pytest.approx(d ** -0.5, rel=0.02)
+  assert f.output_bias is None
+
+
+def test_output_bias_and_dropout_before_the_output_layer():
+  m = _model(positions='relative', tie_embeddings=False, output_bias=True, output_dropout=True,
+             dropout=0.5, embedding_init='csordas')
+  tokens = _tokens()
+  with_bias = m(tokens).logits
+  bias = np.asarray(m.output_bias[...])
+  m.output_bias[...] = jnp.zeros_like(m.output_bias[...])
+  np.testing.assert_allclose(with_bias, np.asarray(m(tokens).logits) + bias, rtol=1e-5,
+                             atol=1e-6)
+  # With an identity output layer (vocab = d_model) the logits are the dropped-out final
+  # LayerNorm output: about half exactly zero in training, none in evaluation.
+  m = TransformerLM(D, D, 1, H, ffn=DENSE, tie_embeddings=False, output_dropout=True,
+                    dropout=0.5, scan_layers=False, rngs=nnx.Rngs(0))
+  m.unembed[...] = jnp.eye(D)
+  tokens = jax.random.randint(jax.random.key(1), (4, 16), 1, D)
+  train = np.asarray(m(tokens, deterministic=False).logits)
+  assert 0.35 < (train == 0).mean() < 0.65
+  assert (np.asarray(m(tokens).logits) != 0).all()
+  m.output_dropout = False
+  assert (np.asarray(m(tokens, deterministic=False).logits) == 0).mean() < 0.01
+  with pytest.raises(ValueError, match='output_bias=True needs tie_embeddings=False'):
+    _model(output_bias=True)
+  with pytest.raises(ValueError, match="unknown embedding_init='xavier'"):
+    _model(embedding_init='xavier')
+
+
 def test_gradients_finite_and_match_finite_differences():
   # Relative positions: the most hand-written math (rel_shift, u/v biases); one compile each
   # for the loss and its gradient keeps this affordable.

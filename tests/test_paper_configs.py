@@ -80,6 +80,9 @@ def test_artetxe_recipe_settings():
   assert moe.eval_capacity_factor == 1.0 and moe.renormalize
   assert moe.activation == dense.activation == 'gelu'
   assert moe.b_in is not None and dense.b_in is not None
+  # fairseq's activation_dropout is 0: no dropout inside the dense FFN, as in the experts.
+  assert dense.dropout_rate == 0.0 and dense.rngs is None
+  assert dict(_model('models/artetxe2022/dense_125m.gin').ffn_layers())[1].dropout_rate == 0.0
   attn = dict(m.attention_layers())[1]
   assert attn.q_bias is not None and attn.head_dim == 64
 
@@ -143,6 +146,14 @@ def test_csordas_recipe_settings(setting):
   assert m.dropout_rate == drop
   attn = dict(m.attention_layers())[1]
   assert attn.q_bias is None  # no biases in attention
+  # Around the layers, as their code (docs/sources.md#csordas-et-al-2023-around-the-layers):
+  # c = sqrt(2/L) on every attention projection and the dense FFN, Xavier embedding unscaled,
+  # an output layer with a bias and dropout before it, no attention dropout.
+  c = (2 / m.num_layers) ** 0.5
+  assert attn.init_scale == pytest.approx(c) and attn.dropout_rate == 0.0
+  assert not m.scale_embeddings and m.output_dropout and m.output_bias is not None
+  dense = dict(_model(f'models/csordas2023/{setting}/dense.gin').ffn_layers())[1]
+  assert dense.init_scale == pytest.approx(c) and dense.dropout_rate == drop
   moe = dict(m.ffn_layers())[1]
   # Every FFN a σ-MoE, its only aux loss (the entropy regulariser) at weight γ.
   assert {(type(f).__name__, f.entropy_weight) for _, f in m.ffn_layers()} == {
@@ -156,6 +167,14 @@ def test_csordas_recipe_settings(setting):
   switch = dict(_model(f'models/csordas2023/{setting}/switch.gin').ffn_layers())[1]
   assert switch.top_k == 1 and switch.capacity_factor <= 0  # dropless, as their code
   assert switch.num_experts * switch.expert_size == n_e * g
+  # Their balancing loss scale (0.01 / E² on E·Σ f·P) and init gain 0.1 on c².
+  assert switch.load_balance_weight == pytest.approx(0.01 / switch.num_experts ** 2)
+  assert switch.init_scale == switch.router_init_scale == pytest.approx(c * 0.1 ** 0.5)
+  for family, value_init in (('pkm_softmax', 'scaled_normal'), ('pkm_relu', 'scaled_normal'),
+                             ('pkm_relu_matched', 'csordas')):
+    layer = dict(_model(f'models/csordas2023/{setting}/{family}.gin').ffn_layers())[1]
+    assert (layer.key_init, layer.value_init, layer.num_layers) == (
+        'csordas', value_init, m.num_layers)
   topk = dict(_model(f'models/csordas2023/{setting}/topk_activation.gin').ffn_layers())[1]
   assert topk.topk_activation == 128 and topk.activation == 'relu'
 

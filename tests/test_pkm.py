@@ -75,6 +75,8 @@ def reference(layer, x, segment_ids=None, train=False):
     q = np.repeat(xf[:, None, :], h, axis=1)
   else:
     q = np.einsum('td,dhk->thk', xf, _np(layer.w_query[...]))
+    if layer.b_query is not None:
+      q = q + _np(layer.b_query[...])
     if layer.bn_scale is not None:
       if train:
         mean, var = q[mask].mean(0), q[mask].var(0)
@@ -260,6 +262,27 @@ def test_layer_matches_brute_force_reference(query_proj, score_fn, normalize):
   np.testing.assert_allclose(metrics['value_usage'], len(rows) / N ** 2, atol=1e-6)
 
 
+def test_query_bias_without_batchnorm_as_xlm_has_it():
+  # XLM's query network is a Linear with a bias; with BatchNorm the bias would be subtracted
+  # again, so it is on by default only without BatchNorm.
+  assert _layer().b_query is None and _layer(query_proj=False).b_query is None
+  layer = _layer(3, query_batchnorm=False)
+  assert layer.b_query is not None and layer.bn_scale is None
+  bias = _np(layer.b_query[...])
+  # PyTorch's Linear bias init: U(-1/sqrt(d), 1/sqrt(d)).
+  assert bias.shape == (H, KDIM) and np.abs(bias).max() <= D ** -0.5 and bias.std() > 0.1
+  x = _x()
+  np.testing.assert_allclose(_run(layer, x), reference(layer, x)[0], rtol=1e-4, atol=1e-5)
+  # The bias changes the output (a reference that ignored it would not match).
+  y = _run(layer, x)
+  layer.b_query[...] = jnp.zeros_like(layer.b_query[...])
+  assert not np.allclose(_run(layer, x), y, atol=1e-3)
+  no_bias = _layer(3, query_batchnorm=False, query_bias=False)
+  assert layer.cost().active_params == no_bias.cost().active_params + H * KDIM
+  with pytest.raises(ValueError, match='query_bias=True needs query_proj=True'):
+    _layer(query_proj=False, query_bias=True)
+
+
 def test_auto_settings_follow_each_paper_and_forced_sparse_beyond_num_keys():
   assert not _layer().joint and _layer(query_proj=False).joint
   assert _layer(knn=N).mode == 'dense' and _layer(knn=N - 1).mode == 'sparse'
@@ -395,6 +418,14 @@ def test_value_init_and_logical_axes():
   np.testing.assert_allclose(np.asarray(_layer().values[...]).std(), 1 / np.sqrt(D), rtol=0.1)
   keys = np.asarray(layer.keys1[...])
   assert np.abs(keys).max() <= 1 / np.sqrt(KDIM / 2) and keys.min() < 0 < keys.max()
+  # Csordás et al.'s code: keys N(0, c²/d) and, by default, values N(0, c²/d) (c = 1/2 here).
+  theirs = ProductKeyMemory(64, 4, num_keys=16, knn=16, query_proj=False, key_init='csordas',
+                            value_init='scaled_normal', num_layers=8, rngs=nnx.Rngs(0))
+  for w in (theirs.keys1, theirs.keys2, theirs.values):
+    np.testing.assert_allclose(np.asarray(w[...]).std(), 0.5 / 8, rtol=0.05)
+  assert np.abs(np.asarray(theirs.keys1[...])).max() > 1.5 * 0.5 / 8  # a normal, not bounded
+  with pytest.raises(ValueError, match="key_init='csordas' needs num_layers"):
+    _layer(key_init='csordas')
   specs = nnx.get_partition_spec(nnx.state(layer))
   assert tuple(specs['values'].get_value()) == ('values', 'embed')
   assert tuple(specs['keys1'].get_value()) == ('heads', 'keys', 'kv')

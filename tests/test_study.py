@@ -2,6 +2,7 @@
 their gin twins, expand into the expected run directories, and write configs that parse back
 to the same runs."""
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -215,3 +216,25 @@ def test_spec_errors_name_the_bad_value():
   with pytest.raises(ValueError, match='cannot be written to gin'):
     study._gin_value(object())
   assert study._gin_value((1,)) == '(1,)' and study._gin_value(REQUIRED) == '%gin.REQUIRED'
+
+
+def test_family_training_overrides_merge_over_the_study_settings():
+  # Csordás et al. clip the WikiText-103 small dense and Top-K activation runs at 0.1, every
+  # other run at 0.25 (docs/sources.md#csordas-et-al-2023-training-settings).
+  runs = {e.name: e.train for e in CSORDAS.make_study().expand()}
+  clips = {name: t['optimizer']['clip_norm'] for name, t in runs.items()}
+  assert {n for n, c in clips.items() if c == 0.1} == {'wt103_small/dense',
+                                                       'wt103_small/topk_activation'}
+  assert set(clips.values()) == {0.1, 0.25}
+  # The override changes one optimizer key and keeps the others.
+  small_dense, small_moe = runs['wt103_small/dense'], runs['wt103_small/sigma_moe']
+  assert {**small_dense['optimizer'], 'clip_norm': 0.25} == small_moe['optimizer']
+  assert small_dense['optimizer']['learning_rate'] == 2.5e-4
+  st = _tiny_study()
+  st = dataclasses.replace(st, families=[
+      dataclasses.replace(st.families[0], train={'seed': 7, 'optimizer': {'b2': 0.9}}),
+      *st.families[1:]])
+  exp = {e.name: e for e in st.expand()}
+  assert exp['s/dense'].train == {'train_steps': 2, 'batch_size': 8, 'seed': 7,
+                                  'optimizer': {'b2': 0.9}}
+  assert exp['s/sigma'].train['seed'] == 1

@@ -121,7 +121,7 @@ def _takes_scan_layers(model_fn) -> bool:
 def _param_category(path: tuple[str, ...], ffn_categories: Mapping[tuple, str]) -> str:
   if path[0] == 'embed':
     return 'embedding'
-  if path[0] == 'unembed':
+  if path[0] in ('unembed', 'output_bias'):
     return 'output'
   if path[0] == 'position_table':
     return 'positions'

@@ -61,6 +61,10 @@ def register() -> None:
   from moescale import launch
 
   gin.external_configurable(model_lib.TransformerLM, module='moescale.model')
+  # `INIT_SCALE = @depth_scale()`: Csordás et al.'s c = sqrt(2 / num_layers), computed from
+  # the NUM_LAYERS macro rather than written out per setting.
+  from moescale.layers import common
+  gin.external_configurable(common.depth_scale, module='moescale.layers')
   for cls in (optim.OptimizerConfig, step.StepConfig, trainer.MeshConfig, trainer.TrainConfig):
     gin.external_configurable(cls, module='moescale.train')
   gin.external_configurable(launch.seqio_data, module='moescale.data')

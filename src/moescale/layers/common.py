@@ -107,6 +107,25 @@ def fan_in_normal(fan_in: int, scale: float = 1.0) -> Initializer:
   return nnx.initializers.normal(stddev=scale / float(fan_in) ** 0.5)
 
 
+def depth_scale(num_layers: int, gain: float = 1.0) -> float:
+  """c = sqrt(2·gain / num_layers): Csordás et al.'s init scale for a pre-LN stack.
+
+  Their code starts every linear layer of a block at N(0, c²/fan_in) (attention, the dense FFN,
+  the σ-MoE's experts and router); their Switch baseline multiplies c² by an extra gain of 0.1.
+  gin: `INIT_SCALE = @depth_scale()` with `depth_scale.num_layers = %NUM_LAYERS`.
+  """
+  check_positive(num_layers=num_layers)
+  if not gain > 0:
+    raise ValueError(f'gain={gain!r} must be > 0')
+  return (2.0 * gain / num_layers) ** 0.5
+
+
+def uniform(bound: float) -> Initializer:
+  """U(-bound, bound): PyTorch's default for a Linear's weight and bias is bound 1/sqrt(fan_in)."""
+  init = nnx.initializers.uniform(scale=2.0 * bound)
+  return lambda key, shape, dtype=jnp.float32: init(key, shape, dtype) - jnp.asarray(bound, dtype)
+
+
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     'relu': jax.nn.relu,
     # fairseq's and Megatron's GELU is the exact erf form, not the tanh approximation.

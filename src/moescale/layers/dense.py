@@ -60,6 +60,7 @@ class DenseFFN(nnx.Module):
     self.dropout_rate = dropout
     self.topk_activation = topk_activation
     self.dtype = dtype
+    self.init_scale = init_scale
     self.w_in = common.param(rngs, common.fan_in_normal(d_model, init_scale),
                              (d_model, d_ff), ('embed', 'mlp'), param_dtype)
     self.w_out = common.param(rngs, common.fan_in_normal(d_ff, init_scale),

@@ -43,12 +43,13 @@ from moescale.layers.pkm_ops import (  # noqa: F401  (re-exported)
 
 _SCORE_FNS = ('softmax', 'relu')
 _NORMALIZE = ('auto', 'per_head', 'joint')
-_VALUE_INITS = ('normal', 'csordas')
+_VALUE_INITS = ('normal', 'scaled_normal', 'csordas')
+_KEY_INITS = ('xlm', 'csordas')
 _MODES = ('auto', 'sparse', 'dense')
 
 
 def _check_arguments(d_model, num_heads, num_keys, knn, k_dim, query_proj, query_batchnorm,
-                     num_layers, value_chunk_size, rates, **choices):
+                     query_bias, num_layers, value_chunk_size, rates, **choices):
   """A ValueError naming every bad ProductKeyMemory argument and what would be valid."""
   common.check_positive(d_model=d_model, num_heads=num_heads, num_keys=num_keys, knn=knn,
                         k_dim=k_dim)
@@ -59,16 +60,23 @@ def _check_arguments(d_model, num_heads, num_keys, knn, k_dim, query_proj, query
                      'projection (the query is the input itself)')
   if knn > num_keys ** 2:
     raise ValueError(f'knn={knn!r} must be <= num_keys**2={num_keys ** 2}')
-  valid = dict(score_fn=_SCORE_FNS, normalize=_NORMALIZE, value_init=_VALUE_INITS, mode=_MODES,
-               kernels=kernel_registry.NAMES)
+  valid = dict(score_fn=_SCORE_FNS, normalize=_NORMALIZE, value_init=_VALUE_INITS,
+               key_init=_KEY_INITS, mode=_MODES, kernels=kernel_registry.NAMES)
   for name, value in choices.items():
     if value not in valid[name]:
       raise ValueError(f'unknown {name} {value!r}; valid: {list(valid[name])}')
   if query_batchnorm and not query_proj:
     raise ValueError('query_batchnorm=True needs query_proj=True (Csordás et al.\'s variant '
                      'queries with the LayerNormed input, no BatchNorm)')
-  if choices['value_init'] == 'csordas' and not (num_layers and num_layers > 0):
-    raise ValueError(f"value_init='csordas' needs num_layers > 0, got {num_layers!r}")
+  if query_bias and not query_proj:
+    raise ValueError('query_bias=True needs query_proj=True (without a query network the '
+                     'query is the input itself)')
+  scaled = [f'{k}={v!r}' for k, v in choices.items()
+            if (k, v) in (('value_init', 'csordas'), ('value_init', 'scaled_normal'),
+                          ('key_init', 'csordas'))]
+  if scaled and not (num_layers and num_layers > 0):
+    raise ValueError(f"{', '.join(scaled)} needs num_layers > 0 (c = sqrt(2/num_layers)), "
+                     f'got {num_layers!r}')
   bad = {k: v for k, v in rates.items() if not 0.0 <= v < 1.0}
   if bad:
     raise ValueError(', '.join(f'{k}={v!r} must be in [0, 1)' for k, v in bad.items()))
@@ -88,14 +96,20 @@ class ProductKeyMemory(nnx.Module):
     k_dim: query width per head (even; two halves of k_dim/2). Default d_model; must be
       d_model without a query projection.
     score_fn: 'softmax' (Lample et al.) or 'relu' (Csordás et al.'s improvement).
-    query_proj: Lample et al.'s query network d -> H*k_dim (no bias: BatchNorm removes it).
+    query_proj: Lample et al.'s query network d -> H*k_dim.
       False: Csordás et al.'s variant, every head queries with the (pre-LN'd) input itself.
     query_batchnorm: BatchNorm on the query features (batch statistics over real tokens in
       training, running averages when deterministic). None: on iff query_proj.
+    query_bias: a bias on the query network, as XLM's (a Linear with bias), init as PyTorch's
+      U(-1/sqrt(d), 1/sqrt(d)). None: on iff query_proj without BatchNorm; with BatchNorm
+      the bias is left out because BatchNorm subtracts it again (training and eval alike).
     normalize: softmax 'per_head' over knn, or 'joint' over heads*knn; 'auto' is per head
       with a query projection, joint without (as each paper does). Irrelevant for relu.
-    value_init: 'normal' N(0, 1/d_model) (XLM), or 'csordas' N(0, c**2/num_keys**2) with
-      c = sqrt(2/num_layers) (needs num_layers).
+    value_init: 'normal' N(0, 1/d_model) (XLM); 'scaled_normal' N(0, c**2/d_model), the
+      default of Csordás et al.'s code (`pkm.custom_init: 0`); 'csordas' N(0, c**2/num_keys**2),
+      their proposed init (`custom_init: 5`); c = sqrt(2/num_layers) (needs num_layers).
+    key_init: 'xlm' U(-1/sqrt(k_dim/2), 1/sqrt(k_dim/2)) (XLM), or 'csordas' N(0, c**2/d_model)
+      as Csordás et al.'s code (needs num_layers).
     mode: 'sparse' (product search), 'dense' (score all slots, heads summed), or 'auto':
       dense iff knn >= num_keys, as in the authors' code.
     input_dropout, query_dropout: dropout on x and on the query (Lample et al.).
@@ -113,8 +127,10 @@ class ProductKeyMemory(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int = 4, *, num_keys: int, knn: int,
                k_dim: int | None = None, score_fn: str = 'softmax', query_proj: bool = True,
-               query_batchnorm: bool | None = None, normalize: str = 'auto',
-               value_init: str = 'normal', num_layers: int | None = None, mode: str = 'auto',
+               query_batchnorm: bool | None = None, query_bias: bool | None = None,
+               normalize: str = 'auto',
+               value_init: str = 'normal', key_init: str = 'xlm', num_layers: int | None = None,
+               mode: str = 'auto',
                input_dropout: float = 0.0, query_dropout: float = 0.0, dropout: float = 0.0,
                value_dropout: float = 0.0, batchnorm_momentum: float = 0.9,
                batchnorm_eps: float = 1e-5, value_chunk_size: int | None = None,
@@ -122,11 +138,14 @@ class ProductKeyMemory(nnx.Module):
     k_dim = d_model if k_dim is None else k_dim
     if query_batchnorm is None:
       query_batchnorm = query_proj
+    if query_bias is None:
+      query_bias = query_proj and not query_batchnorm
     rates = dict(input_dropout=input_dropout, query_dropout=query_dropout, dropout=dropout,
                  value_dropout=value_dropout)
     _check_arguments(d_model, num_heads, num_keys, knn, k_dim, query_proj, query_batchnorm,
-                     num_layers, value_chunk_size, rates, score_fn=score_fn,
-                     normalize=normalize, value_init=value_init, mode=mode, kernels=kernels)
+                     query_bias, num_layers, value_chunk_size, rates, score_fn=score_fn,
+                     normalize=normalize, value_init=value_init, key_init=key_init, mode=mode,
+                     kernels=kernels)
 
     self.d_model, self.num_heads, self.num_keys, self.knn = d_model, num_heads, num_keys, knn
     self.k_dim = k_dim
@@ -141,16 +160,20 @@ class ProductKeyMemory(nnx.Module):
     # Scores are routing decisions: at least float32 (float64 stays float64 for grad checks).
     self.score_dtype = jnp.promote_types(jnp.float32, dtype)
 
-    self._init_params(num_keys, k_dim, query_proj, query_batchnorm, value_init, num_layers,
-                      param_dtype, rngs)
+    self._init_params(num_keys, k_dim, query_proj, query_batchnorm, query_bias,
+                      (key_init, value_init), num_layers, param_dtype, rngs)
     self.rngs = rngs if any(v > 0 for v in rates.values()) else None
 
-  def _init_params(self, num_keys, k_dim, query_proj, query_batchnorm, value_init, num_layers,
-                   param_dtype, rngs):
-    """The query projection and BatchNorm (Lample et al.), both halves' sub-keys, the values."""
+  def _init_params(self, num_keys, k_dim, query_proj, query_batchnorm, query_bias, inits,
+                   num_layers, param_dtype, rngs):
+    """The query network and BatchNorm (Lample et al.), both halves' sub-keys, the values."""
     d_model, h, half = self.d_model, self.num_heads, k_dim // 2
     self.w_query = (common.param(rngs, common.fan_in_normal(d_model), (d_model, h, k_dim),
                                  ('embed', 'heads', 'kv'), param_dtype) if query_proj else None)
+    bound = 1.0 / math.sqrt(d_model)
+    bias_init = lambda key, shape, dt: nnx.initializers.uniform(2 * bound)(key, shape, dt) - bound
+    self.b_query = (common.param(rngs, bias_init, (h, k_dim), ('heads', 'kv'), param_dtype)
+                    if query_bias else None)
     if query_batchnorm:
       self.bn_scale = common.param(rngs, nnx.initializers.ones, (h, k_dim), ('heads', 'kv'),
                                    param_dtype)
@@ -162,16 +185,19 @@ class ProductKeyMemory(nnx.Module):
       self.bn_var = stat(jnp.ones((h, k_dim), stat_dtype))
     else:
       self.bn_scale = self.bn_bias = self.bn_mean = self.bn_var = None
+    key_init, value_init = inits
+    self.key_init, self.value_init, self.num_layers = key_init, value_init, num_layers
+    c = common.depth_scale(num_layers) if num_layers else 1.0
     # XLM's sub-key init: U(-1/sqrt(k_dim/2), 1/sqrt(k_dim/2)), independent per head and half.
-    key_init = nnx.initializers.uniform(scale=2.0 / math.sqrt(half))
-    shifted = lambda key, shape, dt: key_init(key, shape, dt) - 1.0 / math.sqrt(half)
-    self.keys1 = common.param(rngs, shifted, (h, num_keys, half), ('heads', 'keys', 'kv'),
+    keys = (common.uniform(1.0 / math.sqrt(half)) if key_init == 'xlm'
+            else common.normal(c / math.sqrt(d_model)))
+    self.keys1 = common.param(rngs, keys, (h, num_keys, half), ('heads', 'keys', 'kv'),
                               param_dtype)
-    self.keys2 = common.param(rngs, shifted, (h, num_keys, half), ('heads', 'keys', 'kv'),
+    self.keys2 = common.param(rngs, keys, (h, num_keys, half), ('heads', 'keys', 'kv'),
                               param_dtype)
     rows = num_keys ** 2
-    std = (math.sqrt(2.0 / num_layers) / math.sqrt(rows) if value_init == 'csordas'
-           else 1.0 / math.sqrt(d_model))
+    std = {'normal': 1.0 / math.sqrt(d_model), 'scaled_normal': c / math.sqrt(d_model),
+           'csordas': c / math.sqrt(rows)}[value_init]
     self.values = common.param(rngs, common.normal(std), (rows, d_model), ('values', 'embed'),
                                param_dtype)
 
@@ -181,6 +207,8 @@ class ProductKeyMemory(nnx.Module):
     if self.w_query is None:
       return jnp.broadcast_to(x[:, None, :], (x.shape[0], self.num_heads, self.d_model))
     q = jnp.einsum('td,dhk->thk', x, self.w_query[...].astype(self.score_dtype))
+    if self.b_query is not None:
+      q = q + self.b_query[...].astype(self.score_dtype)
     if self.bn_scale is None:
       return q
     if deterministic:
@@ -258,6 +286,8 @@ class ProductKeyMemory(nnx.Module):
     if self.w_query is not None:
       flops['query'] = 2 * d * h * k
       params += d * h * k
+    if self.b_query is not None:
+      params += h * k
     if self.bn_scale is not None:
       params += 2 * h * k
     flops['keys'] = 2 * h * n * k  # both halves: 2 * h * n * (k/2) MACs each

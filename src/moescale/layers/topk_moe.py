@@ -102,6 +102,7 @@ class TopKMoE(nnx.Module):
     # Resolved now: an unknown backend or exchange fails here, not at the first call.
     self.dispatch = dispatch_lib.Dispatch(dispatch, expert_exchange, exchange_capacity_factor)
     self.dtype = dtype
+    self.init_scale, self.router_init_scale = init_scale, router_init_scale
     e, d, f = num_experts, d_model, expert_size
     self.w_router = common.param(rngs, common.fan_in_normal(d, router_init_scale), (d, e),
                                  ('embed', 'expert'), param_dtype)

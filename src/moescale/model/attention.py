@@ -34,6 +34,9 @@ class Attention(nnx.Module):
     rotary: rotate queries and keys by the `positions` feature (Su et al. 2021).
     use_bias: biases on all four projections (fairseq: yes; Csordás et al.: no).
     dropout: dropout on the attention probabilities (training only).
+    init_scale: every projection starts at N(0, init_scale²/fan_in) (fan-in d_model, or
+      num_heads·head_dim for the output); Csordás et al. use c = sqrt(2/num_layers)
+      (`common.depth_scale`). Biases start at zero.
     kernels: what computes softmax(q k^T) v: 'xla', a platform's kernels ('cpu': moescale's
       C++ kernel for XLA:CPU) or 'auto' (the platform's where they apply: see
       moescale.kernel_registry). Same results either way.
@@ -42,8 +45,8 @@ class Attention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int | None = None, *,
                rotary: bool = False, use_bias: bool = True, dropout: float = 0.0,
-               kernels: str = 'auto', dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               init_scale: float = 1.0, kernels: str = 'auto', dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if head_dim is None:
       common.check_positive(d_model=d_model, num_heads=num_heads)
       if d_model % num_heads:
@@ -60,15 +63,16 @@ class Attention(nnx.Module):
     self.kernels = kernels
     self.dropout_rate = dropout
     self.dtype = dtype
+    self.init_scale = init_scale
     inner = num_heads * head_dim
-    qkv_init = common.fan_in_normal(d_model)
+    qkv_init = common.fan_in_normal(d_model, init_scale)
     self.q_proj = common.param(rngs, qkv_init, (d_model, num_heads, head_dim),
                                ('embed', 'heads', 'kv'), param_dtype)
     self.k_proj = common.param(rngs, qkv_init, (d_model, num_heads, head_dim),
                                ('embed', 'heads', 'kv'), param_dtype)
     self.v_proj = common.param(rngs, qkv_init, (d_model, num_heads, head_dim),
                                ('embed', 'heads', 'kv'), param_dtype)
-    self.o_proj = common.param(rngs, common.fan_in_normal(inner),
+    self.o_proj = common.param(rngs, common.fan_in_normal(inner, init_scale),
                                (num_heads, head_dim, d_model), ('heads', 'kv', 'embed'),
                                param_dtype)
     if use_bias:
@@ -144,13 +148,14 @@ class RelativeAttention(Attention):
   """
 
   def __init__(self, d_model: int, num_heads: int, head_dim: int | None = None, *,
-               use_bias: bool = True, dropout: float = 0.0, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               use_bias: bool = True, dropout: float = 0.0, init_scale: float = 1.0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     super().__init__(d_model, num_heads, head_dim, rotary=False, use_bias=use_bias,
-                     dropout=dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                     dropout=dropout, init_scale=init_scale, dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs)
     h, k = self.num_heads, self.head_dim
-    self.r_proj = common.param(rngs, common.fan_in_normal(d_model), (d_model, h, k),
-                               ('embed', 'heads', 'kv'), param_dtype)
+    self.r_proj = common.param(rngs, common.fan_in_normal(d_model, init_scale),
+                               (d_model, h, k), ('embed', 'heads', 'kv'), param_dtype)
     zeros = nnx.initializers.zeros
     self.content_bias = common.param(rngs, zeros, (h, k), ('heads', 'kv'), param_dtype)
     self.position_bias = common.param(rngs, zeros, (h, k), ('heads', 'kv'), param_dtype)

@@ -77,10 +77,10 @@ class Block(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, head_dim: int | None, ffn: FFNConstructor,
                *, positions: str, use_bias: bool, dropout: float, attention_dropout: float,
                layernorm_eps: float, dtype, param_dtype, rngs: nnx.Rngs,
-               attention_kernels: str = 'auto'):
+               attention_kernels: str = 'auto', init_scale: float = 1.0):
     norm = dict(eps=layernorm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    attn = dict(use_bias=use_bias, dropout=attention_dropout, dtype=dtype,
-                param_dtype=param_dtype, rngs=rngs)
+    attn = dict(use_bias=use_bias, dropout=attention_dropout, init_scale=init_scale,
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.attention_norm = LayerNorm(d_model, **norm)
     if positions == 'relative':
       self.attention = attention_lib.RelativeAttention(d_model, num_heads, head_dim, **attn)

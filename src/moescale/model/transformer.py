@@ -2,7 +2,7 @@
 
     x = embed(tokens) · sqrt(d)  [+ absolute positions]                 [batch, length, d_model]
     for each block:  x = x + Attn(LN(x));  x = x + FFN(LN(x))            pre-LayerNorm
-    logits = LN(x) @ embed^T  (or a separate output projection)          [batch, length, vocab]
+    logits = LN(x) @ embed^T  (or a separate output layer [+ bias])       [batch, length, vocab]
 
 The model never names an FFN family: `ffn` and `sparse_ffn` are constructors called as
 `ffn(d_model=d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)` (e.g.
@@ -48,6 +48,7 @@ from moescale.model import positions as positions_lib
 from moescale.model.blocks import ACT_RESIDUAL, Block, FFNConstructor, LayerNorm
 
 POSITIONS = ('sinusoidal', 'learned', 'rotary', 'relative')
+EMBEDDING_INITS = ('fairseq', 'csordas')
 
 
 @flax.struct.dataclass
@@ -82,9 +83,19 @@ class TransformerLM(nnx.Module):
     mem_len: Transformer-XL memory kept per layer (positions='relative'); 0 keeps none.
     scale_embeddings: multiply token embeddings by sqrt(d_model) (fairseq, Transformer-XL).
     tie_embeddings: logits use the input embedding matrix (no separate output projection).
+    embedding_init: 'fairseq': the embedding (and an untied output layer) N(0, 1/d_model);
+      'csordas': as Csordás et al.'s code, the embedding Xavier-uniform over
+      (vocab_size, d_model) (std sqrt(2/(vocab_size + d_model)): 0.015 for 8k x 412) and the
+      untied output layer PyTorch's Linear default, U(-1/sqrt(d), 1/sqrt(d)) (its bias too).
+    output_bias: a bias on the (untied) output layer (Csordás et al.: yes; fairseq: no).
     dropout: on embeddings and on both sublayer outputs; attention_dropout: on attention
       probabilities. (Dropout inside the FFN is the FFN constructor's business.)
+    output_dropout: dropout (rate `dropout`) between the final LayerNorm and the output layer
+      (Csordás et al.'s code has it; fairseq not).
     use_bias: biases in the attention projections.
+    init_scale: the attention projections (q, k, v, o and Transformer-XL's position
+      projection) start at N(0, init_scale²/fan_in); Csordás et al. use c = sqrt(2/num_layers)
+      (`layers.common.depth_scale`), and the FFN constructor gets its own.
     attention_kernels: what computes softmax(q k^T) v ('auto', 'xla', 'cpu'; see
       model.attention_kernels). Transformer-XL's relative attention always uses XLA's ops.
     remat: rematerialise each block in the backward pass (nnx.remat).
@@ -103,7 +114,9 @@ class TransformerLM(nnx.Module):
                sparse_layers: str | Sequence[int] = 'every_other',
                positions: str = 'sinusoidal', max_length: int = 2048, mem_len: int = 0,
                scale_embeddings: bool = True, tie_embeddings: bool = True,
-               dropout: float = 0.0, attention_dropout: float = 0.0, use_bias: bool = True,
+               embedding_init: str = 'fairseq', output_bias: bool = False,
+               dropout: float = 0.0, attention_dropout: float = 0.0,
+               output_dropout: bool = False, use_bias: bool = True, init_scale: float = 1.0,
                layernorm_eps: float = 1e-5, attention_kernels: str = 'auto',
                remat: bool = False, scan_layers: bool = True,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -116,6 +129,11 @@ class TransformerLM(nnx.Module):
       raise ValueError(f'unknown positions={positions!r}; valid: {list(POSITIONS)}')
     if mem_len < 0 or (mem_len and positions != 'relative'):
       raise ValueError(f"mem_len={mem_len} needs positions='relative' and must be >= 0")
+    if embedding_init not in EMBEDDING_INITS:
+      raise ValueError(f'unknown embedding_init={embedding_init!r}; valid: '
+                       f'{list(EMBEDDING_INITS)}')
+    if output_bias and tie_embeddings:
+      raise ValueError('output_bias=True needs tie_embeddings=False (a separate output layer)')
     sparse = (blocks_lib.sparse_layer_numbers(sparse_layers, num_layers)
               if sparse_ffn is not None else ())
     self.vocab_size, self.d_model, self.num_layers = vocab_size, d_model, num_layers
@@ -124,27 +142,33 @@ class TransformerLM(nnx.Module):
     self.scale_embeddings = scale_embeddings
     self.sparse_layers = sparse
     self.dropout_rate = dropout
+    self.output_dropout = output_dropout
     self.remat, self.scan_layers = remat, scan_layers
     self.dtype = dtype
 
     # fairseq's Embedding init N(0, d^-1/2): with the sqrt(d) scale, inputs start at unit size.
-    self.embed = common.param(rngs, common.normal(d_model ** -0.5), (vocab_size, d_model),
-                              ('vocab', 'embed'), param_dtype)
+    embed_init = (common.normal(d_model ** -0.5) if embedding_init == 'fairseq'
+                  else nnx.initializers.xavier_uniform())
+    self.embed = common.param(rngs, embed_init, (vocab_size, d_model), ('vocab', 'embed'),
+                              param_dtype)
     self.position_table = (positions_lib.LearnedPositions(
         max_length, d_model, param_dtype=param_dtype, rngs=rngs)
                            if positions == 'learned' else None)
     block_kwargs = dict(d_model=d_model, num_heads=num_heads, head_dim=head_dim,
                         positions=positions, use_bias=use_bias, dropout=dropout,
                         attention_dropout=attention_dropout, layernorm_eps=layernorm_eps,
-                        attention_kernels=attention_kernels, dtype=dtype,
-                        param_dtype=param_dtype)
+                        attention_kernels=attention_kernels, init_scale=init_scale,
+                        dtype=dtype, param_dtype=param_dtype)
     self._build_blocks([sparse_ffn if i in sparse else ffn for i in range(1, num_layers + 1)],
                        block_kwargs, rngs)
     self.final_norm = LayerNorm(d_model, eps=layernorm_eps, dtype=dtype,
                                 param_dtype=param_dtype, rngs=rngs)
+    out_init = (common.normal(d_model ** -0.5) if embedding_init == 'fairseq'
+                else common.uniform(d_model ** -0.5))
     self.unembed = (None if tie_embeddings else common.param(
-        rngs, common.normal(d_model ** -0.5), (d_model, vocab_size), ('embed', 'vocab'),
-        param_dtype))
+        rngs, out_init, (d_model, vocab_size), ('embed', 'vocab'), param_dtype))
+    self.output_bias = (common.param(rngs, common.uniform(d_model ** -0.5), (vocab_size,),
+                                     ('vocab',), param_dtype) if output_bias else None)
     self.rngs = rngs if dropout > 0 else None
 
   def _build_blocks(self, ffns: list[FFNConstructor], block_kwargs: dict, rngs: nnx.Rngs):
@@ -215,10 +239,14 @@ class TransformerLM(nnx.Module):
     x, records, new_memory = run(x, segment_ids, positions, memory, mem_len, deterministic)
 
     x = self.final_norm(x)
+    if self.output_dropout:
+      x = common.dropout(x, self.dropout_rate, deterministic, self.rngs)
     if self.unembed is None:
       logits = jnp.einsum('bld,vd->blv', x, self.embed[...].astype(self.dtype))
     else:
       logits = jnp.einsum('bld,dv->blv', x, self.unembed[...].astype(self.dtype))
+    if self.output_bias is not None:
+      logits = logits + self.output_bias[...].astype(self.dtype)
     logits = shd.constrain(logits, ('act_batch', 'act_length', 'act_vocab'))
     aux_losses, aux_loss, metrics = _collect(records)
     # float32 at least (bfloat16 logits lose the loss), float64 kept for gradient checks.

@@ -20,10 +20,14 @@ class Family:
 
   knob: the key of the size dict that matching may change (e.g. 'expert_size', 'd_ff');
   None: the family is never adjusted.
+  train: what this family's runs change in the study's training settings: a dict or a
+    function (size name, size) -> dict, merged over the study's `train` (the 'optimizer' dict
+    key by key), e.g. Csordás et al.'s Top-K activation runs clip gradients at 0.1.
   """
   name: str
   build: Callable[[Mapping[str, Any]], ModelSpec | None]
   knob: str | None = None
+  train: Mapping[str, Any] | Callable[[str, Mapping], Mapping] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +84,8 @@ class ScalingStudy:
       return None
     return Experiment(name=f'{size_name}/{family.name}', model=spec,
                       data=self._resolve(self.data, size_name, size),
-                      train=dict(self._resolve(self.train, size_name, size) or {}),
+                      train=_merge_train(self._resolve(self.train, size_name, size),
+                                         self._resolve(family.train, size_name, size)),
                       meta={'study': self.name, 'size': size_name, 'family': family.name,
                             **meta})
 
@@ -190,3 +195,14 @@ def table(experiments: Sequence[Experiment], convention: str = 'standard') -> st
   fmt = '  '.join(f'{{:<{w}}}' for w in widths)
   return '\n'.join([fmt.format(*head), fmt.format(*('-' * w for w in widths))] +
                    [fmt.format(*r) for r in rows])
+
+
+def _merge_train(base: Mapping | None, override: Mapping | None) -> dict:
+  """The study's training settings with a family's changes on top (optimizer key by key)."""
+  out = dict(base or {})
+  for key, value in (override or {}).items():
+    if key == 'optimizer' and isinstance(out.get(key), Mapping):
+      out[key] = {**out[key], **value}
+    else:
+      out[key] = value
+  return out
