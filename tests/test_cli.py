@@ -270,6 +270,8 @@ def _gin_sets():
       continue
     if rel == 'runs/pretrain.gin':
       sets.append(['models/decoder.gin', 'ffn/dense.gin', rel])
+    elif rel == 'runs/csordas2023.gin':  # a paper's recipe: joins one of that paper's models
+      sets.append(['models/small/csordas_sigma_moe.gin', rel])
     elif rel.startswith('ffn/'):
       sets.append(['models/decoder.gin', rel])
     elif rel.startswith('sizes/'):

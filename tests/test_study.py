@@ -238,3 +238,56 @@ def test_family_training_overrides_merge_over_the_study_settings():
   assert exp['s/dense'].train == {'train_steps': 2, 'batch_size': 8, 'seed': 7,
                                   'optimizer': {'b2': 0.9}}
   assert exp['s/sigma'].train['seed'] == 1
+
+
+def _resolve(value):
+  """A gin parameter with its macros (also inside containers) replaced by their values."""
+  if isinstance(value, gin.config.ConfigurableReference) and value.evaluate:
+    return _resolve(value.scoped_configurable_fn())
+  if isinstance(value, dict):
+    return {k: _resolve(v) for k, v in value.items()}
+  return value
+
+
+def _csordas_runs():
+  out = []
+  for small in (True, False):
+    for e in CSORDAS.make_study(small=small).expand():
+      out.append(pytest.param(e, _gin_twin('csordas', small, e.name), id=e.name))
+  return out
+
+
+@pytest.mark.parametrize('experiment,gin_file', _csordas_runs())
+def test_csordas_gin_recipe_and_python_study_train_alike(experiment, gin_file):
+  """The operative training and data configs: the model file + runs/csordas2023.gin against
+  experiments/csordas2023.py's run (both from docs/sources.md#csordas-et-al-2023-training-
+  settings)."""
+  vocab = 'sp8k.model'  # WikiText-103's SentencePiece model: a run must name one
+  needs_vocab = experiment.data.kwargs['vocabulary'] is REQUIRED
+  gin_config.parse([gin_file, 'runs/csordas2023.gin'],
+                   ["MODEL_DIR = '/tmp/run'"] + [f"VOCABULARY = '{vocab}'"] * needs_vocab,
+                   finalize=False)
+  evaluate = lambda name: gin.query_parameter(name).scoped_configurable_fn()
+  from_gin = evaluate('run_training.config')
+  from_python = experiment.train_config('/tmp/run')
+  assert from_gin == from_python
+  opt = from_gin.optimizer
+  # Their recipe, not the generic run defaults (b2 0.98, lr 3e-4, clip 1.0, batch 8).
+  assert (opt.b1, opt.b2, opt.eps, opt.weight_decay, opt.decay) == (0.9, 0.999, 1e-8, 0.0,
+                                                                    'cosine')
+  size = experiment.meta['size']
+  if size != 'small':
+    assert opt.learning_rate == 2.5e-4 and from_gin.train_steps == 100_000
+    assert opt.warmup_steps == (4000 if size == 'wt103_big' else 0)
+    assert from_gin.batch_size == (32 if size == 'enwik8' else 64)
+    small_dense = size == 'wt103_small' and experiment.meta['family'] in (
+        'dense', 'topk_activation')
+    assert opt.clip_norm == (0.1 if small_dense else 0.25)
+  data = gin.query_parameter('run_training.data')
+  assert data.configurable.name == experiment.data.function
+  gin_data = {k: _resolve(gin.query_parameter(f'{experiment.data.function}.{k}'))
+              for k in experiment.data.kwargs}
+  python_data = dict(experiment.data.kwargs)
+  if needs_vocab:
+    python_data['vocabulary'] = vocab
+  assert gin_data == python_data
