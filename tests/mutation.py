@@ -86,9 +86,10 @@ def summary(by_module: dict[str, dict[str, str]], chosen: dict[str, list]) -> st
     caught = sum(counts[s] for s in _CAUGHT)
     total = len(by_module[module])
     score = caught / checked if checked else float('nan')
+    shown = f'{score:6.1%}' if checked else f'{"-":>6}'
     lines.append(f'{module:32} {total:7} {len(names):7} {counts["killed"]:6} '
                  f'{counts["timeout"]:7} {counts["survived"]:8} {counts["no tests"]:8} '
-                 f'{counts["not checked"]:9} {score:6.1%}')
+                 f'{counts["not checked"]:9} {shown}')
     if checked:
       size += total
       est += total * score

@@ -126,3 +126,23 @@ def test_artetxe_moe_15b_training_compute_and_size():
   assert total == pytest.approx(accounting.artetxe_formula(l, h, moe_layers=l // 2), rel=1e-12)
   # The paper's 0.43 ZFLOPs and 14.6B parameters, to the printed digits.
   assert abs(total / ZFLOP - 0.43) <= 0.005 and abs(c.total_params / 1e9 - 14.6) <= 0.05
+
+
+def test_a_looped_configuration_is_counted_through_stacked_layers(monkeypatch):
+  """Counting traces a scan_layers=False constructor as stacked layers (once per repeating
+  group, not once per layer: a 1.1T model counts in seconds) and gets the looped counts."""
+  looped = functools.partial(TransformerLM, 64, 32, 4, 2, max_length=32, scan_layers=False,
+                             ffn=functools.partial(DenseFFN, d_ff=64),
+                             sparse_ffn=functools.partial(TopKMoE, num_experts=4,
+                                                          expert_size=16))
+  built = []
+  real = accounting.abstract_model
+  monkeypatch.setattr(accounting, 'abstract_model',
+                      lambda fn, *a: built.append(real(fn, *a)) or built[-1])
+  c = accounting.count(looped, 32)
+  assert [m.scan_layers for m in built] == [True]
+  assert c == accounting.count(real(looped), 32)  # the looped instance, counted as it is
+  # A constructor without a scan_layers argument is built as it is.
+  built.clear()
+  accounting.count(lambda rngs: looped(rngs=rngs), 32)
+  assert [m.scan_layers for m in built] == [False]

@@ -125,7 +125,7 @@ def random_policy_keep(gates: Array, uniform: Array) -> Array:
   gates: [t, k] (raw probs, or normalised over the k choices for normalize_before_dropping).
   uniform: [t, k - 1] draws of U(0, 1), one per non-first choice. The first choice is always kept.
   """
-  first = jnp.ones(gates.shape[:-1] + (1,), dtype=bool)
+  first = jnp.ones_like(gates[..., :1], dtype=bool)
   return jnp.concatenate([first, 2.0 * gates[..., 1:] > uniform], axis=-1)
 
 
