@@ -9,9 +9,11 @@ the experts until each MoE costs what its twin does.
     python experiments/artetxe2022.py --dry_run --match train_flops
     python experiments/artetxe2022.py --small --root runs/artetxe_small   # trains on a CPU
 
-Paper-scale runs need data this project does not ship: register a seqio task for the
-training mix (ARTETXE_TASK) and pass its vocabulary (the GPT-2 BPE of 50261 ids) with
---vocabulary. Batch sizes and learning rates are GPT-3's per-size values (Brown et al. 2020,
+Paper-scale runs need data this project does not ship: the training mix as text files (one
+paragraph per line, documents separated by a blank line, as fairseq-preprocess reads it) and
+its vocabulary (the GPT-2 BPE of 50261 ids), given with --train_files, --validation_files and
+--vocabulary: `register_pretraining_data` registers them as ARTETXE_TASK in fairseq's format
+(every line ends with EOS; the model never sees a newline), or pass --task for a task of yours. Batch sizes and learning rates are GPT-3's per-size values (Brown et al. 2020,
 Table 2.1: batches of 0.5M-2M tokens, learning rates 6e-4 to 1e-4); they were not checked
 against Artetxe et al.'s paper or fairseq (docs/sources.md#artetxe-et-al-2022-training-settings):
 verify them before a real run.
@@ -117,6 +119,15 @@ def make_study(match: str | None = None, small: bool = False, vocabulary=REQUIRE
   return ScalingStudy(name, sizes, FAMILIES, data=data, train=train, matching=matching)
 
 
+def register_pretraining_data(train_files, validation_files, vocabulary, name=ARTETXE_TASK):
+  """The training mix as fairseq saw it: documents are runs of non-blank lines, and every line
+  (a paragraph) ends with EOS instead of a newline. Imports seqio and TensorFlow.
+  (docs/sources.md#artetxe-et-al-2022-data-and-evaluation)"""
+  from moescale.data import tasks
+  return tasks.register_text_task(name, train_files, validation_files, vocabulary,
+                                  unit='paragraph', line_breaks='eos')
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -130,9 +141,15 @@ def main(argv=None) -> int:
   p.add_argument('--only', nargs='*', default=None, help='size names to expand')
   p.add_argument('--vocabulary', default=None, help='vocabulary of the training task')
   p.add_argument('--task', default=ARTETXE_TASK, help='seqio task or mixture to train on')
+  p.add_argument('--train_files', nargs='*', default=None,
+                 help='text files of the training mix: registers --task in fairseq format')
+  p.add_argument('--validation_files', nargs='*', default=None, help='its validation files')
   p.add_argument('--families', nargs='*', default=None, help='family names to keep')
   p.add_argument('--train_steps', type=int, default=None, help='override the step count')
   args = p.parse_args(argv)
+  if args.train_files:
+    register_pretraining_data(args.train_files, args.validation_files, args.vocabulary,
+                              name=args.task)
   study = make_study(args.match, args.small, args.vocabulary or REQUIRED, args.task,
                      args.train_steps)
   return run_from_args(study, args.root, args.only, args.families, args.dry_run,

@@ -481,3 +481,28 @@ def test_text_units_and_streamed_splits(tmp_path):
   assert shuffled == [d.decode() for d in source.documents('train', True, 1)]
   for k in range(0, 18, 3):  # each file's documents stay together, in order
     assert [d[-2:] for d in shuffled[k:k + 3]] == ['d0', 'd1', 'd2']
+
+
+def test_line_breaks_eos_is_fairseqs_format(tmp_path):
+  """Artetxe et al.'s data went through fairseq-preprocess: every line ends with EOS and no
+  newline is ever a token; documents end with one more EOS (the blank line between them)."""
+  from moescale.data import tasks
+  path = tmp_path / 'a.txt'
+  path.write_text('one\ntwo é\n\nthree\n', encoding='utf-8')
+
+  def tokens(line_breaks):
+    task = tasks.register_text_task(_name(line_breaks), str(path), unit='paragraph',
+                                    line_breaks=line_breaks)
+    ds = task.get_dataset({'targets': 64}, split='train', shuffle=False)
+    return [list(ex['targets']) for ex in ds.as_numpy_iterator()]
+
+  eos_format = tokens('eos')
+  assert sorted(eos_format) == sorted([
+      _byte_ids('one', eos=False) + [1] + _byte_ids('two é', eos=False) + [1, 1],
+      _byte_ids('three', eos=False) + [1, 1]])
+  newline = _byte_ids('\n', eos=False)[0]
+  assert all(newline not in doc for doc in eos_format)
+  # The default keeps newlines as text.
+  assert sorted(tokens('keep')) == sorted([_byte_ids('one\ntwo é'), _byte_ids('three')])
+  with pytest.raises(ValueError, match="line_breaks='crlf'; valid"):
+    tasks.register_text_task(_name('bad'), str(path), line_breaks='crlf')

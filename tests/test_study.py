@@ -291,3 +291,15 @@ def test_csordas_gin_recipe_and_python_study_train_alike(experiment, gin_file):
   if needs_vocab:
     python_data['vocabulary'] = vocab
   assert gin_data == python_data
+
+
+def test_artetxe_pretraining_data_is_registered_in_fairseq_format(tmp_path):
+  path = tmp_path / 'mix.txt'
+  path.write_text('doc one, paragraph one\nparagraph two\n\ndoc two\n', encoding='utf-8')
+  task = ARTETXE.register_pretraining_data([str(path)], None, 'bytes',
+                                           name=f'test_artetxe_{tmp_path.name}')
+  docs = sorted(list(ex['targets']) for ex in task.get_dataset(
+      {'targets': 128}, split='train', shuffle=False).as_numpy_iterator())
+  ids = lambda text: [b + 3 for b in text.encode()]
+  assert docs == sorted([ids('doc one, paragraph one') + [1] + ids('paragraph two') + [1, 1],
+                         ids('doc two') + [1, 1]])

@@ -35,6 +35,7 @@ import numpy as np
 from moescale.data import corpus
 from moescale.data import vocab as vocab_lib
 from moescale.data._tf import tf
+from moescale.data.preprocessors import chunk_targets, tokenize_lines
 import seqio  # pylint: disable=g-bad-import-order  (after _tf: it configures TF)
 
 DEFAULT_SHUFFLE_BUFFER = 10_000
@@ -117,31 +118,7 @@ def _as_bytes(document: corpus.Document) -> bytes:
   return document.encode('utf-8') if isinstance(document, str) else document
 
 
-def chunk_targets(dataset: tf.data.Dataset,
-                  sequence_length: Mapping[str, int] | None = None
-                  ) -> tf.data.Dataset:
-  """Cuts 'targets' into consecutive chunks of at most the targets length.
-
-  [t0 .. t9] with length 4 -> [t0..t3], [t4..t7], [t8, t9]. No token is
-  dropped; without a sequence length the dataset is returned unchanged.
-  """
-  length = (sequence_length or {}).get('targets')
-  if not length:
-    return dataset
-
-  def split(example):
-    tokens = example['targets']
-    n = tf.size(tokens)
-    num_chunks = (n + length - 1) // length
-    padded = tf.pad(tokens, [[0, num_chunks * length - n]])
-    return {
-        'targets': tf.reshape(padded, [num_chunks, length]),
-        'length': tf.minimum(length, n - tf.range(num_chunks) * length),
-    }
-
-  return (dataset.map(split, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-          .map(lambda x: {'targets': x['targets'][:x['length']]},
-               num_parallel_calls=tf.data.AUTOTUNE))
+LINE_BREAKS = ('keep', 'eos')
 
 
 # ------------------------------------------------------------ registration
@@ -150,11 +127,14 @@ def chunk_targets(dataset: tf.data.Dataset,
 def _add_task(name: str, splits: Mapping[str, Sequence[corpus.Part]],
               vocabulary: Any, *, add_eos: bool, config: Any,
               shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
-              max_in_memory_bytes: int = MAX_IN_MEMORY_BYTES) -> seqio.Task:
+              max_in_memory_bytes: int = MAX_IN_MEMORY_BYTES,
+              line_breaks: str = 'keep') -> seqio.Task:
   """Registers (idempotently) a task reading `splits`."""
+  if line_breaks not in LINE_BREAKS:
+    raise ValueError(f'line_breaks={line_breaks!r}; valid: {list(LINE_BREAKS)}')
   vocabulary = vocab_lib.get_vocabulary(vocabulary)
   fingerprint = repr((config, vocab_lib.vocabulary_spec(vocabulary), add_eos,
-                      shuffle_buffer_size, max_in_memory_bytes))
+                      shuffle_buffer_size, max_in_memory_bytes, line_breaks))
   if name in seqio.TaskRegistry.names():
     if _CONFIGS.get(name) == fingerprint:
       return seqio.TaskRegistry.get(name)
@@ -169,8 +149,8 @@ def _add_task(name: str, splits: Mapping[str, Sequence[corpus.Part]],
       output_features={'targets': seqio.Feature(
           vocabulary, add_eos=add_eos, dtype=tf.int32)},
       preprocessors=[
-          functools.partial(seqio.preprocessors.tokenize,
-                            copy_pretokenized=False, with_eos=True),
+          tokenize_lines if line_breaks == 'eos' else functools.partial(
+              seqio.preprocessors.tokenize, copy_pretokenized=False, with_eos=True),
           chunk_targets,
       ],
       shuffle_buffer_size=shuffle_buffer_size)
@@ -216,6 +196,7 @@ def register_text_task(
     test_files: str | Sequence[str] | None = None,
     unit: str = 'paragraph',
     add_eos: bool = True,
+    line_breaks: str = 'keep',
     shuffle_buffer_size: int = DEFAULT_SHUFFLE_BUFFER,
     max_in_memory_bytes: int = MAX_IN_MEMORY_BYTES,
 ) -> seqio.Task:
@@ -231,6 +212,9 @@ def register_text_task(
     unit: what a document is in 'text' files: 'paragraph' (runs of
       non-blank lines), 'line' or 'file'; see corpus.read_text_documents.
     add_eos: end every document with EOS (before chunking).
+    line_breaks: 'keep' (newlines are text, tokenized like any character) or 'eos'
+      (fairseq's format, as Artetxe et al.'s data: every line ends with EOS instead of a
+      newline; see `tokenize_lines`).
     shuffle_buffer_size: chunks in seqio's shuffle buffer.
     max_in_memory_bytes: splits up to this size are read into memory and
       shuffled by document; larger ones are streamed, shuffled by file.
@@ -246,7 +230,7 @@ def register_text_task(
             {s: [p.path for p in parts] for s, parts in splits.items()})
   return _add_task(name, splits, vocabulary, add_eos=add_eos, config=config,
                    shuffle_buffer_size=shuffle_buffer_size,
-                   max_in_memory_bytes=max_in_memory_bytes)
+                   max_in_memory_bytes=max_in_memory_bytes, line_breaks=line_breaks)
 
 
 def register_wikitext103(name: str, data_dir: str | os.PathLike,
