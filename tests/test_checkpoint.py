@@ -27,7 +27,7 @@ def _abstract(state, sharding=None):
 
 
 def test_round_trip_keeps_values_and_key_implementations(tmp_path):
-  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
   state = _state()
   assert ckpt.save(5, state, {'position': 7})
   ckpt.wait()
@@ -48,7 +48,7 @@ def test_round_trip_keeps_values_and_key_implementations(tmp_path):
 def test_restore_places_arrays_by_the_abstract_shardings(tmp_path):
   mesh = jax.make_mesh((8,), ('data',))
   sharding = NamedSharding(mesh, P('data'))
-  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
   state = _state()
   ckpt.save(1, state, {})
   ckpt.wait()
@@ -64,7 +64,7 @@ def test_restore_places_arrays_by_the_abstract_shardings(tmp_path):
 
 
 def test_keeps_the_newest_n_and_restores_any_kept_step(tmp_path):
-  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, async_save=False)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2)
   state = _state()
   for step in (1, 2, 3):
     ckpt.save(step, {**state, 'step': jnp.int32(step)}, {'step': step})
@@ -76,7 +76,7 @@ def test_keeps_the_newest_n_and_restores_any_kept_step(tmp_path):
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):
-  ckpt = checkpoint.Checkpointer(str(tmp_path / 'fresh'), async_save=False)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'fresh'))
   assert (tmp_path / 'fresh' / 'checkpoints').is_dir()  # created on construction
   with pytest.raises(checkpoint.CheckpointError, match='no checkpoint in'):
     ckpt.restore(_abstract(_state()))

@@ -154,7 +154,7 @@ def count(model_fn_or_model, context_length: int, query_length: int | None = Non
   model = _build(model_fn_or_model)
   total = _num_params(nnx.state(model, nnx.Param))
   # Stacked (scanned) blocks hold every group's weights in one module: per-layer counts divide.
-  groups = getattr(model, 'num_groups', 1) if getattr(model, 'blocks', None) is None else 1
+  groups = 1 if model.blocks is not None else model.num_groups
 
   breakdown: dict[str, float] = {}
   categories = dict.fromkeys(CATEGORIES, 0.0)
@@ -180,7 +180,7 @@ def count(model_fn_or_model, context_length: int, query_length: int | None = Non
                    'attention_flops': ac.total_flops})
   add({'output': 2.0 * model.d_model * model.vocab_size}, MODEL_CATEGORIES.get)
   forward = float(sum(breakdown.values()))
-  routers = sum(v for k, v in breakdown.items() if 'router' in k or 'selection' in k)
+  routers = sum(v for k, v in breakdown.items() if 'router' in k)
   train = {
       'standard': 3.0 * forward,
       'recompute': 4.0 * forward,

@@ -59,10 +59,11 @@ def _data_to_keys(tree, like):
 class Checkpointer:
   """Periodic + final saves, keep-N, resume from the latest complete step."""
 
-  def __init__(self, model_dir: str, keep: int | None = 3, async_save: bool = True):
+  def __init__(self, model_dir: str, keep: int | None = 3):
     self.directory = os.path.abspath(os.path.join(model_dir, 'checkpoints'))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                           enable_async_checkpointing=async_save)
+    # orbax's saves are asynchronous: save() returns while the arrays are written, and the
+    # next save, restore() or wait() waits for it (training continues meanwhile).
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
 
