@@ -407,3 +407,16 @@ def test_jit_with_expert_dropout_and_bfloat16_compute():
   # The router sees the same float32 logits and the same dropout key, so the same experts.
   np.testing.assert_allclose(np.asarray(y, np.float32), _y(ref, x, deterministic=False),
                              rtol=0.05, atol=0.05)
+
+
+def test_expert_usage_and_router_dtype_at_the_edges():
+  # One computed assignment is all of the usage; none (all sentinel) is no usage, not NaN.
+  np.testing.assert_array_equal(sigma_moe.expert_usage(jnp.array([[2, 4]]), 4), [0, 0, 1, 0])
+  np.testing.assert_array_equal(sigma_moe.expert_usage(jnp.array([[4, 4]]), 4), [0, 0, 0, 0])
+  # Logits in float32 for float32 or bfloat16 inputs, also when 64-bit types are enabled
+  # (float64 only for float64 inputs).
+  w = jnp.ones((3, 2), jnp.float32)
+  with jax.enable_x64(True):
+    for dtype in (jnp.float32, jnp.bfloat16):
+      assert sigma_moe.router_logits(jnp.ones((2, 3), dtype), w).dtype == jnp.float32
+    assert sigma_moe.router_logits(jnp.ones((2, 3), jnp.float64), w).dtype == jnp.float64
