@@ -420,3 +420,16 @@ def test_expert_usage_and_router_dtype_at_the_edges():
     for dtype in (jnp.float32, jnp.bfloat16):
       assert sigma_moe.router_logits(jnp.ones((2, 3), dtype), w).dtype == jnp.float32
     assert sigma_moe.router_logits(jnp.ones((2, 3), jnp.float64), w).dtype == jnp.float64
+
+
+def test_entropy_regularizer_is_exact_in_float64():
+  """The float64 gradient checks need float64 all the way: the token count too."""
+  rng = np.random.default_rng(0)
+  z = rng.normal(size=(3, 5)) * 2
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p_bar = (p / p.sum(-1, keepdims=True)).mean(0)
+  with jax.enable_x64(True):
+    for mask in (None, jnp.ones(3, bool)):
+      got = sigma_moe.entropy_regularizer(jnp.asarray(z), mask)
+      assert got.dtype == jnp.float64
+      np.testing.assert_allclose(got, np.sum(p_bar * np.log(p_bar)), rtol=1e-13)

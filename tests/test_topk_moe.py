@@ -540,3 +540,17 @@ def test_cost_from_config_alone():
   assert cost.flops == {'router': 2 * D * E, 'experts': 2 * 2 * 2 * D * F}
   assert cost.active_params == D * E + 2 * (2 * D * F + F + D)
   assert TopKMoE(D, E, F, 1, rngs=nnx.Rngs(0)).cost().active_params == D * E + 2 * D * F
+
+
+def test_router_losses_of_a_single_real_token():
+  """Means over the real tokens: with one real token they are that token's values."""
+  from moescale.layers import topk_routing
+  logits = jax.random.normal(jax.random.key(0), (3, 4))
+  mask = jnp.array([False, True, False])
+  lse = jax.nn.logsumexp(logits[1])
+  np.testing.assert_allclose(topk_routing.router_z_loss(logits, mask), lse ** 2, rtol=1e-6)
+  probs = jax.nn.softmax(logits)
+  top1 = jnp.argmax(logits, -1)
+  # E * p_1[top1_1]: the one token is the whole batch.
+  np.testing.assert_allclose(topk_routing.load_balance_loss(probs, top1, mask),
+                             4 * probs[1, top1[1]], rtol=1e-6)
