@@ -183,3 +183,13 @@ def token_mask(segment_ids: Array | None, shape: Sequence[int]) -> Array:
     raise ValueError(
         f'segment_ids shape {tuple(segment_ids.shape)} must be [batch, length] = {tuple(shape)}')
   return segment_ids != 0
+
+
+def router_logits(x: Array, w_router: Array) -> Array:
+  """x: [t, d], w_router: [d, e] -> logits [t, e] in float32 (float64 if x is float64).
+
+  Routers compute in (at least) float32: top-k / argmax on bfloat16 logits ties and flips
+  experts. Every routed family (top-k MoE, σ-MoE) scores with this.
+  """
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  return jnp.einsum('td,de->te', x.astype(dtype), w_router.astype(dtype))

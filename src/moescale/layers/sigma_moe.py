@@ -30,6 +30,7 @@ from moescale.layers import common, registry
 from moescale.layers import dispatch as dispatch_lib
 
 Array = jax.Array
+router_logits = common.router_logits  # the routers' shared scoring (also the top-k MoE's)
 
 SELECTIONS = ('sigmoid', 'softmax', 'softmax_renorm')
 INITS = ('csordas', 'standard')
@@ -41,15 +42,6 @@ def _check_choice(what: str, value, valid) -> None:
 
 
 # ----------------------------------------------------------------------------------- routing
-
-
-def router_logits(x: Array, w_router: Array) -> Array:
-  """x: [t, d], w_router: [d, e] -> logits [t, e] in float32 (float64 if x is float64).
-
-  Routers compute in (at least) float32: top-k on bfloat16 logits ties and flips experts.
-  """
-  dtype = jnp.promote_types(x.dtype, jnp.float32)
-  return jnp.einsum('td,de->te', x.astype(dtype), w_router.astype(dtype))
 
 
 def expert_dropout_mask(key: Array, shape, rate: float) -> Array:

@@ -63,6 +63,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moescale.layers.common import router_logits  # noqa: F401  (the routers' shared scoring)
+
 Array = jax.Array
 
 SECOND_POLICIES = ('all', 'sampling', 'random')
@@ -70,15 +72,6 @@ SECOND_POLICIES = ('all', 'sampling', 'random')
 
 # ----------------------------------------------------------------------------------- routing
 # Plain functions, traced inside the layer's (and the model's) jit.
-
-
-def router_logits(x: Array, w_router: Array) -> Array:
-  """x: [t, d], w_router: [d, e] -> logits [t, e] in float32 (float64 if x is float64).
-
-  Routers compute in (at least) float32: argmax on bfloat16 logits ties and flips experts.
-  """
-  dtype = jnp.promote_types(x.dtype, jnp.float32)
-  return jnp.einsum('td,de->te', x.astype(dtype), w_router.astype(dtype))
 
 
 def router_probs(logits: Array) -> Array:
