@@ -149,14 +149,15 @@ class TopKMoE(nnx.Module):
     logits = router_logits(x_router, self.w_router[...])
     probs = router_probs(logits)
 
-    policy = 'all' if deterministic or k == 1 else self.second_policy
+    # The second-choice policy only matters in training with k > 1 ('all' otherwise).
+    policy_applies = not deterministic and k > 1
     noise = (jax.random.gumbel(self._noise_key(), logits.shape, logits.dtype)
-             if policy == 'sampling' else None)
+             if policy_applies and self.second_policy == 'sampling' else None)
     choices, gates = top_k_choices(logits, k, noise)
     if k > 1 and self.normalize_before_dropping:
       gates = normalize_gates(gates)
     valid = jnp.broadcast_to(mask[:, None], (t, k))
-    if policy == 'random':
+    if policy_applies and self.second_policy == 'random':
       uniform = jax.random.uniform(self._noise_key(), (t, k - 1), gates.dtype)
       valid = valid & random_policy_keep(gates, uniform)
 
