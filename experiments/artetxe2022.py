@@ -82,7 +82,8 @@ def moe_model(size) -> ModelSpec | None:
                            expert_size=size.get('expert_size', size['d_ff']), top_k=2,
                            capacity_factor=cf, eval_capacity_factor=cf, second_policy='all',
                            activation='gelu', use_bias=True, renormalize=True,
-                           load_balance_weight=0.01, router_z_weight=0.0))
+                           load_balance_weight=0.01, router_z_weight=0.0,
+                           group_size='shard'))  # fairseq: each GPU's tokens are a group
 
 
 FAMILIES = (Family('dense', dense_model, knob='d_ff'),

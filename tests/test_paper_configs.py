@@ -78,6 +78,7 @@ def test_artetxe_recipe_settings():
   assert (moe.num_experts, moe.top_k, moe.expert_size) == (512, 2, 4096)
   assert moe.second_policy == 'all' and moe.capacity_factor == 1.0
   assert moe.eval_capacity_factor == 1.0 and moe.renormalize
+  assert moe.group_size == 'shard'  # fairseq routes each GPU's tokens as one group
   assert moe.activation == dense.activation == 'gelu'
   assert moe.b_in is not None and dense.b_in is not None
   # fairseq's activation_dropout is 0: no dropout inside the dense FFN, as in the experts.

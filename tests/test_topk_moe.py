@@ -554,3 +554,40 @@ def test_router_losses_of_a_single_real_token():
   # E * p_1[top1_1]: the one token is the whole batch.
   np.testing.assert_allclose(topk_routing.load_balance_loss(probs, top1, mask),
                              4 * probs[1, top1[1]], rtol=1e-6)
+
+
+def test_load_balance_loss_is_per_group_then_averaged():
+  """GShard and fairseq balance each routing group (each GPU's tokens) and average."""
+  # Group 1 sends its 4 tokens to expert 0, group 2 spreads them over experts 0..3.
+  layer, x = _hand_routed([0, 0, 0, 0, 0, 1, 2, 3], capacity_factor=0.0, group_size=4)
+  r = layer.route(x)
+  _, losses, _ = _call(layer, x)
+  probs, top1 = np.asarray(r.probs), np.asarray(r.choices[:, 0])
+
+  def lb(rows):  # E * sum_e mean(p_e) * frac(top1 = e)
+    return E * np.sum(probs[rows].mean(0) * np.bincount(top1[rows], minlength=E) / len(top1[rows]))
+
+  want = (lb(slice(0, 4)) + lb(slice(4, 8))) / 2
+  np.testing.assert_allclose(losses['load_balance'], want, rtol=1e-5)
+  whole, x = _hand_routed([0, 0, 0, 0, 0, 1, 2, 3], capacity_factor=0.0)
+  assert not np.isclose(want, lb(slice(0, 8)))  # a different number for one group
+  np.testing.assert_allclose(_call(whole, x)[1]['load_balance'], lb(slice(0, 8)), rtol=1e-5)
+
+
+def test_shard_groups_follow_the_mesh():
+  """group_size='shard': one group per data-parallel shard of the mesh traced under (fairseq's
+  per-GPU groups); the whole batch without a mesh."""
+  from moescale import sharding as shd
+  first = [0] * 8
+  layer, x = _hand_routed(first, shape=(4, 2), capacity_factor=1.0, group_size='shard')
+  alone = layer.route(x).kept[:, 0]
+  np.testing.assert_array_equal(np.flatnonzero(alone), [0, 1])   # one group: capacity 2
+  mesh = shd.make_mesh(data=2, devices=jax.devices()[:2])
+  with shd.use_mesh(mesh):
+    sharded = jax.jit(lambda x: layer.route(x).kept[:, 0])(x)
+    ref_layer, _ = _hand_routed(first, shape=(4, 2), capacity_factor=1.0, group_size=4)
+    want = ref_layer.route(x).kept[:, 0]
+  np.testing.assert_array_equal(sharded, want)                   # two groups of 4 tokens
+  np.testing.assert_array_equal(np.flatnonzero(sharded), [0, 4])
+  with shd.use_mesh(shd.make_mesh(data=8)), pytest.raises(ValueError, match="'shard'"):
+    jax.eval_shape(lambda x: layer.route(x).kept, x)             # 4 rows, 8 shards

@@ -141,6 +141,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_shards() -> int:
+  """How many ways the batch is split in the mesh JAX is tracing under (the product of the
+  BATCH_AXES sizes; 1 without a mesh): the data-parallel shards, each one device's rows."""
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = {} if mesh.empty else dict(mesh.shape)
+  return int(np.prod([sizes.get(a, 1) for a in BATCH_AXES]))
+
+
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
   """The one context a sharded program is traced and run under: JAX's mesh (`jax.set_mesh`)

@@ -99,11 +99,7 @@ class ExpertParallel:
             and tokens % self._row_shards() == 0)
 
   def _row_shards(self) -> int:
-    sizes = self._mesh_sizes()
-    rows = 1
-    for a in shd.BATCH_AXES:
-      rows *= sizes[a]
-    return rows
+    return shd.batch_shards()
 
   def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
     return self.apply(x, expert_index, weights, experts, activation, capacity)[0]

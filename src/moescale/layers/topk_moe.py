@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moescale import sharding as shd
 from moescale.layers import common, registry
 from moescale.layers import dispatch as dispatch_lib
 from moescale.layers.topk_routing import (  # noqa: F401  (re-exported)
@@ -39,7 +40,10 @@ class TopKMoE(nnx.Module):
     capacity_factor: slots per expert = ceil(cf * k * group_size / E) in training; <= 0 dropless.
     eval_capacity_factor: the same for deterministic=True; None = capacity_factor.
     group_size: consecutive tokens (batch-major) routed together; batch * length must be
-      divisible by it. None: the whole batch is one group.
+      divisible by it. None: the whole batch is one group. 'shard': the tokens of one
+      data-parallel shard (`sharding.batch_shards()` groups per call; the whole batch without
+      a mesh), as fairseq routes each GPU's local tokens; with microbatches, one shard's rows
+      of the microbatch.
     second_policy: 'all' | 'sampling' | 'random' (see the module docstring; training only).
     normalize_before_dropping: normalise the gates over the top_k choices before the 'random'
       test and capacity dropping, not after (fairseq); needs renormalize=True.
@@ -66,7 +70,7 @@ class TopKMoE(nnx.Module):
 
   def __init__(self, d_model: int, num_experts: int, expert_size: int, top_k: int = 2, *,
                capacity_factor: float = 1.0, eval_capacity_factor: float | None = None,
-               group_size: int | None = None, second_policy: str = 'all',
+               group_size: int | str | None = None, second_policy: str = 'all',
                normalize_before_dropping: bool = False, renormalize: bool = True,
                activation: str = 'gelu', use_bias: bool = False, router_jitter: float = 0.0,
                load_balance_weight: float = 0.01, router_z_weight: float = 0.0,
@@ -77,8 +81,9 @@ class TopKMoE(nnx.Module):
     common.check_routing(num_experts, top_k, d_model=d_model, expert_size=expert_size)
     if second_policy not in SECOND_POLICIES:
       raise ValueError(f'unknown second_policy {second_policy!r}; valid: {list(SECOND_POLICIES)}')
-    if group_size is not None and not (isinstance(group_size, int) and group_size > 0):
-      raise ValueError(f'group_size={group_size!r} must be a positive int or None (whole batch)')
+    if group_size not in (None, 'shard') and not (isinstance(group_size, int) and group_size > 0):
+      raise ValueError(f"group_size={group_size!r} must be a positive int, 'shard' (one "
+                       'data-parallel shard) or None (the whole batch)')
     if not 0.0 <= router_jitter < 1.0:
       raise ValueError(f'router_jitter={router_jitter!r} must be in [0, 1)')
     if normalize_before_dropping and not renormalize:
@@ -122,6 +127,23 @@ class TopKMoE(nnx.Module):
       return self.rngs.gating()
     return self.rngs.dropout()
 
+  def _group(self, b: int, l: int) -> int:
+    """Tokens per routing group for a [b, l] batch (read while tracing: 'shard' follows the
+    mesh). With no tokens (t = 0) a group of 1, so that nothing divides by 0."""
+    t = b * l
+    if self.group_size is None:
+      return max(t, 1)
+    if self.group_size == 'shard':
+      shards = shd.batch_shards()
+      if b % shards:
+        raise ValueError(f"group_size='shard': the batch of {b} rows does not split into the "
+                         f'mesh\'s {shards} data-parallel shards')
+      return max(t // shards, 1)
+    if t % self.group_size:
+      raise ValueError(f'batch * length = {b} * {l} = {t} is not divisible by '
+                       f'group_size={self.group_size}; use a divisor of {t} or None')
+    return self.group_size
+
   def route(self, x: Array, deterministic: bool = True,
             segment_ids: Array | None = None) -> Routing:
     """x: [batch, length, d_model] -> the Routing of its batch * length tokens."""
@@ -129,12 +151,7 @@ class TopKMoE(nnx.Module):
     if d != self.d_model:
       raise ValueError(f'x has d_model={d}, layer expects {self.d_model}')
     t, e, k = b * l, self.num_experts, self.top_k
-    # The whole batch is one group; with no tokens (t = 0) a group of 1, so that nothing
-    # divides by 0 (zero groups are routed either way).
-    group = max(t, 1) if self.group_size is None else self.group_size
-    if t % group:
-      raise ValueError(f'batch * length = {b} * {l} = {t} is not divisible by '
-                       f'group_size={self.group_size}; use a divisor of {t} or None')
+    group = self._group(b, l)
     mask = common.token_mask(segment_ids, (b, l)).reshape(t)
     cf = self.capacity_factor
     if deterministic and self.eval_capacity_factor is not None:
@@ -190,7 +207,7 @@ class TopKMoE(nnx.Module):
     # The backend sees all groups at once: an expert gets at most capacity slots per group, and
     # never more than t assignments (a token picks an expert at most once).
     # At least 1: the slot backends need a slot per expert even when t = 0 leaves none in use.
-    num_groups = t // (self.group_size or max(t, 1))
+    num_groups = t // self._group(b, l)
     hint = None if r.capacity is None else max(1, min(r.capacity * num_groups, t))
     y, exchange_dropped = self.dispatch.apply(x.reshape(t, d).astype(self.dtype), r.expert_index,
                                               r.weights, experts, self.act, capacity=hint)
@@ -199,7 +216,13 @@ class TopKMoE(nnx.Module):
     num_real = jnp.maximum(jnp.sum(real), 1)
     survived = jnp.sum(jax.nn.one_hot(r.expert_index, self.num_experts, dtype=jnp.float32),
                        axis=(0, 1))  # The sentinel's one-hot row is all zero.
-    losses = {'load_balance': load_balance_loss(r.probs, r.choices[:, 0], r.mask),
+    # Balanced per routing group, then averaged over the groups, as GShard and fairseq (each
+    # GPU's local loss, averaged by data parallelism): one group is the whole-batch loss.
+    g = max(num_groups, 1)  # t = 0: one empty group (loss 0)
+    per_group = jax.vmap(load_balance_loss)(r.probs.reshape(g, t // g, self.num_experts),
+                                            r.choices[:, 0].reshape(g, t // g),
+                                            r.mask.reshape(g, t // g))
+    losses = {'load_balance': jnp.mean(per_group),
               'router_z': router_z_loss(r.logits, r.mask)}
     weights = {'load_balance': self.load_balance_weight, 'router_z': self.router_z_weight}
     # fraction_dropped counts capacity overflow only, not second choices 'random' let go.
