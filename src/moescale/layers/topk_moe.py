@@ -218,11 +218,14 @@ class TopKMoE(nnx.Module):
                        axis=(0, 1))  # The sentinel's one-hot row is all zero.
     # Balanced per routing group, then averaged over the groups, as GShard and fairseq (each
     # GPU's local loss, averaged by data parallelism): one group is the whole-batch loss.
-    g = max(num_groups, 1)  # t = 0: one empty group (loss 0)
-    per_group = jax.vmap(load_balance_loss)(r.probs.reshape(g, t // g, self.num_experts),
-                                            r.choices[:, 0].reshape(g, t // g),
-                                            r.mask.reshape(g, t // g))
-    losses = {'load_balance': jnp.mean(per_group),
+    if num_groups > 1:
+      g = num_groups
+      balance = jnp.mean(jax.vmap(load_balance_loss)(
+          r.probs.reshape(g, t // g, self.num_experts), r.choices[:, 0].reshape(g, t // g),
+          r.mask.reshape(g, t // g)))
+    else:  # one group (or t = 0): the whole batch's loss
+      balance = load_balance_loss(r.probs, r.choices[:, 0], r.mask)
+    losses = {'load_balance': balance,
               'router_z': router_z_loss(r.logits, r.mask)}
     weights = {'load_balance': self.load_balance_weight, 'router_z': self.router_z_weight}
     # fraction_dropped counts capacity overflow only, not second choices 'random' let go.

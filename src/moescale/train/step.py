@@ -91,8 +91,8 @@ def create_train_state(model_fn, optimizer: optax.GradientTransformation, seed: 
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                       opt_state=optimizer.init(params))
 
-  with jax.set_mesh(mesh):
-    state = jax.jit(init, out_shardings=state_sh)()
+  # The out_shardings carry the mesh: no mesh context is needed (the constructors read none).
+  state = jax.jit(init, out_shardings=state_sh)()
   return graphdef, state, state_sh
 
 
