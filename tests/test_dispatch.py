@@ -194,6 +194,21 @@ def test_sort_assignments_is_stable_with_dropped_last():
   np.testing.assert_array_equal(sizes, [3, 1, 2])
 
 
+@pytest.mark.parametrize('num_experts', [2**21 - 1, 2**21])
+def test_sort_and_rank_is_stable_on_both_sides_of_the_int32_key_limit(num_experts):
+  """The fast path sorts int32 keys expert * n + pair; n * (E + 1) >= 2**31 would overflow
+  them (E + 1 = 2**21, n = 1024 is the limit), so the stable argsort takes over there."""
+  n = 1024
+  rng = np.random.default_rng(0)
+  flat = rng.integers(0, num_experts + 1, n).astype(np.int32)   # num_experts = dropped
+  flat[-8:] = num_experts                                       # the largest keys
+  s = jax.jit(dispatch_ops.sort_and_rank, static_argnums=1)(jnp.asarray(flat[:, None]),
+                                                            num_experts)
+  order = np.argsort(flat, kind='stable')
+  np.testing.assert_array_equal(s.order, order)
+  np.testing.assert_array_equal(s.sorted_expert, flat[order])
+
+
 def test_blocked_layout_blocks_are_single_expert_and_padding_below_granule():
   _, index, *_ = _problem(t=50, k=2, seed=7)
   block, granule = 8, 2
