@@ -30,8 +30,8 @@ bench: $(STAMP)
 	$(VENV)/bin/moescale bench
 
 # Mutation testing (mutmut) of the modules setup.cfg's [mutmut] lists, on the fast tests. Not
-# part of `make test`; mutmut is installed here, not as a test dependency. All ~2,900 mutants
-# take ~10 hours on 2 cores; `make mutate MUTATE_SAMPLE=20` runs 20 per module (under an hour),
+# part of `make test`; mutmut is installed here, not as a test dependency. All ~3,100 mutants
+# take about a day on 2 cores; `make mutate MUTATE_SAMPLE=20` runs 20 per module (~1.5 hours),
 # the same ones for the same MUTATE_SEED. mutants/ keeps every verdict: a rerun tests only the
 # mutants of functions that changed. docs/mutation.md: the scores and the mutants kept alive.
 # One child at a time: each mutant's tests already use every core through XLA. The tests' XLA
