@@ -170,10 +170,8 @@ class ProductKeyMemory(nnx.Module):
     d_model, h, half = self.d_model, self.num_heads, k_dim // 2
     self.w_query = (common.param(rngs, common.fan_in_normal(d_model), (d_model, h, k_dim),
                                  ('embed', 'heads', 'kv'), param_dtype) if query_proj else None)
-    bound = 1.0 / math.sqrt(d_model)
-    bias_init = lambda key, shape, dt: nnx.initializers.uniform(2 * bound)(key, shape, dt) - bound
-    self.b_query = (common.param(rngs, bias_init, (h, k_dim), ('heads', 'kv'), param_dtype)
-                    if query_bias else None)
+    self.b_query = (common.param(rngs, common.uniform(1.0 / math.sqrt(d_model)), (h, k_dim),
+                                 ('heads', 'kv'), param_dtype) if query_bias else None)
     if query_batchnorm:
       self.bn_scale = common.param(rngs, nnx.initializers.ones, (h, k_dim), ('heads', 'kv'),
                                    param_dtype)

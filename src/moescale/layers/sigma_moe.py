@@ -153,7 +153,7 @@ def expert_usage(expert_index: Array, num_experts: int) -> Array:
 
 def csordas_scale(num_layers: int | None) -> float:
   """c = sqrt(2 / num_layers) for a pre-LN stack; 1.0 when the depth is not given."""
-  return 1.0 if num_layers is None else math.sqrt(2.0 / num_layers)
+  return 1.0 if num_layers is None else common.depth_scale(num_layers)
 
 
 def csordas_init(d_model: int, num_experts: int, expert_size: int,

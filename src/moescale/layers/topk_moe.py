@@ -185,7 +185,8 @@ class TopKMoE(nnx.Module):
     renormalize = k > 1 and self.renormalize and not self.normalize_before_dropping
     weights = combine_weights(gates, kept, renormalize)
     expert_index = jnp.where(kept, choices, e).astype(jnp.int32)
-    return Routing(expert_index, weights, choices, kept, slots, logits, probs, mask, capacity)
+    return Routing(expert_index, weights, choices, kept, slots, logits, probs, mask, capacity,
+                   num_groups)
 
   def __call__(self, x: Array, *, deterministic: bool = True,
                segment_ids: Array | None = None) -> tuple[Array, common.Aux]:
@@ -207,7 +208,7 @@ class TopKMoE(nnx.Module):
     # The backend sees all groups at once: an expert gets at most capacity slots per group, and
     # never more than t assignments (a token picks an expert at most once).
     # At least 1: the slot backends need a slot per expert even when t = 0 leaves none in use.
-    num_groups = t // self._group(b, l)
+    num_groups = r.num_groups
     hint = None if r.capacity is None else max(1, min(r.capacity * num_groups, t))
     y, exchange_dropped = self.dispatch.apply(x.reshape(t, d).astype(self.dtype), r.expert_index,
                                               r.weights, experts, self.act, capacity=hint)

@@ -210,6 +210,7 @@ class Routing(NamedTuple):
   choices: [t, k] int32 chosen experts before any dropping.  kept: [t, k] bool.
   slot_position: [t, k] slot within the expert's per-group buffer (-1 if it took none).
   logits, probs: [t, e].  mask: [t] bool, real tokens.  capacity: per group, None if dropless.
+  num_groups: routing groups of t / num_groups consecutive tokens (0 when t = 0).
   """
   expert_index: Array
   weights: Array
@@ -220,3 +221,4 @@ class Routing(NamedTuple):
   probs: Array
   mask: Array
   capacity: int | None
+  num_groups: int = 1
