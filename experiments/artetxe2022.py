@@ -13,53 +13,88 @@ Paper-scale runs need data this project does not ship: the training mix as text 
 paragraph per line, documents separated by a blank line, as fairseq-preprocess reads it) and
 its vocabulary (the GPT-2 BPE of 50261 ids), given with --train_files, --validation_files and
 --vocabulary: `register_pretraining_data` registers them as ARTETXE_TASK in fairseq's format
-(every line ends with EOS; the model never sees a newline), or pass --task for a task of yours. Batch sizes and learning rates are GPT-3's per-size values (Brown et al. 2020,
-Table 2.1: batches of 0.5M-2M tokens, learning rates 6e-4 to 1e-4); they were not checked
-against Artetxe et al.'s paper or fairseq (docs/sources.md#artetxe-et-al-2022-training-settings):
-verify them before a real run.
+(every line ends with EOS; the model never sees a newline), or pass --task for a task of yours.
+
+Training follows the authors' own runs (RUNS, docs/sources.md#artetxe-et-al-2022-training-
+settings): each model's learning rate, batch, warmup, updates, weight decay and dropout as the
+run directories of the released checkpoints name them, and what every run shares as their
+fairseq sweep sets it: Adam (0.9, 0.98), eps 1e-8, no gradient clipping, linear warmup then
+linear decay to 0 at the last update, weight decay on every parameter. gin/runs/artetxe2022.gin
+is the same recipe for the gin model files.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
+from typing import NamedTuple
 
 from moescale.study import (REQUIRED, Component, DataSpec, Family, Matching, ModelSpec,
                             ScalingStudy, run_from_args)
 
 VOCAB_SIZE = 50261          # unpadded: the V of their compute formula (see base.gin)
 SEQ_LEN = 2048
-TOKENS = 300e9
+TOKENS = 300e9               # training tokens: each run's updates are TOKENS // its batch
 ARTETXE_TASK = 'artetxe2022_pretrain'
 
 # name -> shape (docs/sources.md#artetxe-et-al-2022-model-table); 'moe' names the MoE that has
-# this shape, whose experts have expert_size units (= d_ff: the shape twins).
+# this shape, whose experts have expert_size units (= d_ff: the shape twins). dropout (also the
+# attention dropout) is that of the dense model and of its MoE twin alike: their run directories
+# say 0.0 for 355M and 52B, 0.1 for every other model.
 SIZES = {
     '125m': dict(num_layers=12, d_model=768, num_heads=12, d_ff=3072, expert_size=3072,
-                 moe='15b', batch_tokens=2**19, lr=6e-4),
+                 moe='15b', dropout=0.1),
     '355m': dict(num_layers=24, d_model=1024, num_heads=16, d_ff=4096, expert_size=4096,
-                 moe='52b', batch_tokens=2**19, lr=3e-4),
+                 moe='52b', dropout=0.0),
     '1.3b': dict(num_layers=24, d_model=2048, num_heads=32, d_ff=8192, expert_size=8192,
-                 moe='207b', batch_tokens=2**20, lr=2e-4),
-    '2.7b': dict(num_layers=32, d_model=2560, num_heads=32, d_ff=10240, moe=None,
-                 batch_tokens=2**20, lr=1.6e-4),
+                 moe='207b', dropout=0.1),
+    '2.7b': dict(num_layers=32, d_model=2560, num_heads=32, d_ff=10240, moe=None, dropout=0.1),
     '6.7b': dict(num_layers=32, d_model=4096, num_heads=32, d_ff=16384, expert_size=16384,
-                 moe='1.1t', batch_tokens=2**21, lr=1.2e-4),
-    '13b': dict(num_layers=40, d_model=5120, num_heads=40, d_ff=20480, moe=None,
-                batch_tokens=2**21, lr=1e-4),
+                 moe='1.1t', dropout=0.1),
+    '13b': dict(num_layers=40, d_model=5120, num_heads=40, d_ff=20480, moe=None, dropout=0.1),
 }
 
-# CPU-sized twins of gin/models/small/artetxe_{dense,moe}.gin, on the embedded corpus.
+
+class Run(NamedTuple):
+  """One model's training run: peak LR, warmup and total updates, tokens a batch, weight decay."""
+  lr: float
+  warmup: int
+  steps: int
+  batch_tokens: int
+  weight_decay: float
+
+
+# The authors' runs, per model (docs/sources.md#artetxe-et-al-2022-training-settings). Warmup
+# is 375M tokens over the batch, rounded down, but some runs count 375e6 tokens and others
+# 375 * 2**20: hence integers, not a formula. The MoEs do not always copy their dense twin
+# (52B counts its warmup from 375e6 tokens, 207B has a lower LR, 2000 warmup updates and no
+# weight decay),
+# so every model has its own row.
+RUNS = {
+    '125m': Run(6e-4, 750, 572204, 2**19, 0.01),   # their sweep's 125M configuration
+    '355m': Run(3e-4, 715, 572204, 2**19, 0.01),
+    '1.3b': Run(2e-4, 357, 286102, 2**20, 0.01),
+    '2.7b': Run(1.6e-4, 357, 286102, 2**20, 0.01),
+    '6.7b': Run(1.2e-4, 187, 143051, 2**21, 0.01),
+    '13b': Run(1e-4, 187, 143051, 2**21, 0.01),
+    '15b': Run(6e-4, 750, 572204, 2**19, 0.01),
+    '52b': Run(3e-4, 715, 572204, 2**19, 0.01),
+    '207b': Run(1.6e-4, 2000, 286102, 2**20, 0.0),
+    '1.1t': Run(1.2e-4, 187, 143051, 2**21, 0.01),   # the 2048-token retrain (moe_1.1T_2048ctx)
+}
+
+# CPU-sized twins of gin/models/small/artetxe_{dense,moe}.gin, on the embedded corpus, and
+# their run: the recipe above at a scale a CPU trains in minutes (16 sequences of 128 tokens).
 SMALL_SIZES = {
     'small': dict(num_layers=4, d_model=128, num_heads=4, d_ff=512, expert_size=512, moe='small',
-                  num_experts=8, vocab_size=264, max_length=128),
+                  num_experts=8, vocab_size=264, max_length=128, dropout=0.1),
 }
+SMALL_RUNS = {'small': Run(3e-3, 5, 30, 16 * 128, 0.01)}
 
 
 def dense_model(size) -> ModelSpec:
   """gin/models/artetxe2022/base.gin + ffn/dense.gin at this size."""
-  dropout = 0.1
+  dropout = size['dropout']
   return ModelSpec(
       vocab_size=size.get('vocab_size', VOCAB_SIZE), d_model=size['d_model'],
       num_layers=size['num_layers'], num_heads=size['num_heads'],
@@ -86,15 +121,22 @@ def moe_model(size) -> ModelSpec | None:
                            group_size='shard'))  # fairseq: each GPU's tokens are a group
 
 
-FAMILIES = (Family('dense', dense_model, knob='d_ff'),
-            Family('moe', moe_model, knob='expert_size'))
+def _run_settings(run: Run, seq_len: int, train_steps: int | None, log_period: int) -> dict:
+  """TrainConfig kwargs of one run: its row of the table, and what all their runs share."""
+  return dict(train_steps=train_steps or run.steps, batch_size=run.batch_tokens // seq_len,
+              log_period=log_period,
+              # fairseq's Adam decays every parameter, biases and LayerNorms included;
+              # `--clip-norm 0.0` is no clipping; polynomial_decay (power 1, end LR 0) is linear.
+              optimizer=dict(learning_rate=run.lr, warmup_steps=run.warmup, b1=0.9, b2=0.98,
+                             eps=1e-8, weight_decay=run.weight_decay, weight_decay_params='all',
+                             decay='linear', end_lr_fraction=0.0, clip_norm=None))
 
 
 def make_study(match: str | None = None, small: bool = False, vocabulary=REQUIRED,
                task: str = ARTETXE_TASK, train_steps: int | None = None) -> ScalingStudy:
   """The paper's grid. match: None (shape twins) or a quantity the MoE's expert_size matches
   to its dense twin (e.g. 'train_flops'); small: the CPU-sized grid on the embedded corpus."""
-  sizes = SMALL_SIZES if small else SIZES
+  sizes, runs = (SMALL_SIZES, SMALL_RUNS) if small else (SIZES, RUNS)
   matching = Matching(match, reference='dense', convention='standard')
 
   def data(name, size):
@@ -104,20 +146,16 @@ def make_study(match: str | None = None, small: bool = False, vocabulary=REQUIRE
     return DataSpec('seqio', mixture_or_task_name=task,
                     task_feature_lengths={'targets': SEQ_LEN}, vocabulary=vocabulary)
 
-  def train(name, size):
-    if small:
-      return dict(train_steps=train_steps or 30, batch_size=16, log_period=5, eval_steps=4,
-                  optimizer=dict(learning_rate=3e-3, warmup_steps=5, b1=0.9, b2=0.98,
-                                 weight_decay=0.01, decay='linear'))
-    batch = size['batch_tokens'] // SEQ_LEN          # 256, 512 or 1024 sequences
-    steps = train_steps or math.ceil(TOKENS / (batch * SEQ_LEN))
-    warmup = math.ceil(375e6 / (batch * SEQ_LEN))   # 375M tokens of warmup (GPT-3)
-    return dict(train_steps=steps, batch_size=batch, log_period=100,
-                optimizer=dict(learning_rate=size['lr'], warmup_steps=warmup, b1=0.9,
-                               b2=0.98, weight_decay=0.01, decay='linear', clip_norm=1.0))
+  def settings(run_name, size):
+    return _run_settings(runs[run_name], size.get('max_length', SEQ_LEN), train_steps,
+                         log_period=5 if small else 100)
 
+  # The study's settings are the dense model's run; the MoE family puts its own run on top.
+  families = (Family('dense', dense_model, knob='d_ff'),
+              Family('moe', moe_model, knob='expert_size',
+                     train=lambda name, size: settings(size['moe'], size)))
   name = 'artetxe2022' + ('_small' if small else '') + (f'_{match}' if match else '')
-  return ScalingStudy(name, sizes, FAMILIES, data=data, train=train, matching=matching)
+  return ScalingStudy(name, sizes, families, data=data, train=settings, matching=matching)
 
 
 def register_pretraining_data(train_files, validation_files, vocabulary, name=ARTETXE_TASK):

@@ -260,6 +260,11 @@ def test_impossible_config_names_the_value(capsys):
   assert rc == 2 and 'top_k=9' in err and 'num_experts=8' in err
 
 
+# A paper's training recipe reads macros of that paper's model files: it joins one of them.
+_RECIPE_MODELS = {'runs/csordas2023.gin': 'models/small/csordas_sigma_moe.gin',
+                  'runs/artetxe2022.gin': 'models/small/artetxe_moe.gin'}
+
+
 def _gin_sets():
   """Every shipped gin file but the pair files (gin/pairs/: they bind only `Pair`; every one is
   loaded and checked by test_pairs), as a parseable set: fragments get a model to join."""
@@ -270,8 +275,8 @@ def _gin_sets():
       continue
     if rel == 'runs/pretrain.gin':
       sets.append(['models/decoder.gin', 'ffn/dense.gin', rel])
-    elif rel == 'runs/csordas2023.gin':  # a paper's recipe: joins one of that paper's models
-      sets.append(['models/small/csordas_sigma_moe.gin', rel])
+    elif rel in _RECIPE_MODELS:
+      sets.append([_RECIPE_MODELS[rel], rel])
     elif rel.startswith('ffn/'):
       sets.append(['models/decoder.gin', rel])
     elif rel.startswith('sizes/'):

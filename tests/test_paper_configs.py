@@ -68,7 +68,10 @@ def test_artetxe_recipe_settings():
   m = _model('models/artetxe2022/moe_52b.gin')
   assert m.vocab_size == 50261 and m.positions == 'sinusoidal'
   assert m.unembed is None and m.scale_embeddings  # tied, scaled by sqrt(d)
-  assert m.dropout_rate == 0.1
+  # 52B's run (as 355M's) had no dropout; every other model's 0.1
+  # (docs/sources.md#artetxe-et-al-2022-training-settings).
+  assert m.dropout_rate == 0.0
+  assert _model('models/artetxe2022/moe_15b.gin').dropout_rate == 0.1
   assert m.sparse_layers == tuple(range(2, 25, 2))
   ffns = dict(m.ffn_layers())
   dense, moe = ffns[1], ffns[2]

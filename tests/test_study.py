@@ -293,6 +293,76 @@ def test_csordas_gin_recipe_and_python_study_train_alike(experiment, gin_file):
   assert gin_data == python_data
 
 
+def _artetxe_runs():
+  out = []
+  for small in (True, False):
+    for e in ARTETXE.make_study(small=small).expand():
+      out.append(pytest.param(e, _gin_twin('artetxe', small, e.name), id=e.name))
+  return out
+
+
+# The authors' runs (docs/sources.md#artetxe-et-al-2022-training-settings), written out rather
+# than read from the study: peak LR, warmup updates, updates, batch (2048-token sequences),
+# weight decay, dropout (= attention dropout).
+ARTETXE_RUNS = {
+    '125m/dense': (6e-4, 750, 572204, 256, 0.01, 0.1),
+    '355m/dense': (3e-4, 715, 572204, 256, 0.01, 0.0),
+    '1.3b/dense': (2e-4, 357, 286102, 512, 0.01, 0.1),
+    '2.7b/dense': (1.6e-4, 357, 286102, 512, 0.01, 0.1),
+    '6.7b/dense': (1.2e-4, 187, 143051, 1024, 0.01, 0.1),
+    '13b/dense': (1e-4, 187, 143051, 1024, 0.01, 0.1),
+    '125m/moe': (6e-4, 750, 572204, 256, 0.01, 0.1),      # 15B
+    '355m/moe': (3e-4, 715, 572204, 256, 0.01, 0.0),      # 52B
+    '1.3b/moe': (1.6e-4, 2000, 286102, 512, 0.0, 0.1),    # 207B: not its twin's LR, warmup, wd
+    '6.7b/moe': (1.2e-4, 187, 143051, 1024, 0.01, 0.1),   # 1.1T (the 2048-token retrain)
+}
+
+
+@pytest.mark.parametrize('experiment,gin_file', _artetxe_runs())
+def test_artetxe_gin_recipe_and_python_study_train_alike(experiment, gin_file):
+  """The operative training and data configs: the model file + runs/artetxe2022.gin against
+  experiments/artetxe2022.py's run, and both against the authors' runs."""
+  vocab = 'gpt2_bpe.model'  # their GPT-2 BPE: a paper-scale run must name one
+  needs_vocab = experiment.data.kwargs['vocabulary'] is REQUIRED
+  files, bindings = [gin_file, 'runs/artetxe2022.gin'], ["MODEL_DIR = '/tmp/run'"]
+  if needs_vocab:
+    with pytest.raises(ValueError, match='ARTETXE_VOCABULARY'):
+      gin_config.parse(files, bindings)
+  gin_config.parse(files, bindings + [f"VOCABULARY = '{vocab}'"] * needs_vocab, finalize=False)
+  from_gin = gin.query_parameter('run_training.config').scoped_configurable_fn()
+  assert from_gin == experiment.train_config('/tmp/run')
+  opt = from_gin.optimizer
+  # Their recipe, not the generic run defaults (clip 1.0, cosine, decay of matrices only).
+  assert (opt.name, opt.b1, opt.b2, opt.eps, opt.decay, opt.end_lr_fraction) == (
+      'adamw', 0.9, 0.98, 1e-8, 'linear', 0.0)
+  assert opt.clip_norm is None and opt.weight_decay_params == 'all'
+  dropout = gin.query_parameter('%DROPOUT')
+  assert dropout == experiment.model['dropout'] == experiment.model['attention_dropout']
+  if experiment.meta['size'] != 'small':
+    assert (opt.learning_rate, opt.warmup_steps, from_gin.train_steps, from_gin.batch_size,
+            opt.weight_decay, dropout) == ARTETXE_RUNS[experiment.name]
+    # 300B tokens, in whole updates of the batch.
+    assert from_gin.train_steps == int(300e9) // (from_gin.batch_size * 2048)
+  data = gin.query_parameter('run_training.data')
+  assert data.configurable.name == experiment.data.function
+  gin_data = {k: _resolve(gin.query_parameter(f'{experiment.data.function}.{k}'))
+              for k in experiment.data.kwargs}
+  python_data = dict(experiment.data.kwargs)
+  if needs_vocab:
+    python_data['vocabulary'] = vocab
+  assert gin_data == python_data
+
+
+def test_artetxe_step_override_reaches_both_families():
+  # The MoE family trains with its own run (RUNS), merged over the dense one: a --train_steps
+  # must still win there, and nothing else change.
+  runs = {e.name: e.train for e in ARTETXE.make_study(train_steps=7).expand()}
+  paper = {e.name: e.train for e in ARTETXE.make_study().expand()}
+  assert set(runs) == set(ARTETXE_RUNS)
+  for name, train in runs.items():
+    assert train == {**paper[name], 'train_steps': 7}
+
+
 def test_artetxe_pretraining_data_is_registered_in_fairseq_format(tmp_path):
   path = tmp_path / 'mix.txt'
   path.write_text('doc one, paragraph one\nparagraph two\n\ndoc two\n', encoding='utf-8')

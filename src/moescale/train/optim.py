@@ -1,7 +1,8 @@
 """Optimiser: optax AdamW with warmup + decay, clipping, masked weight decay, per-group LRs.
 
 All of it is optax; this file only wires the papers' recipes into one constructor:
-- Artetxe et al.: Adam(0.9, 0.98), linear warmup then linear decay, weight decay 0.01.
+- Artetxe et al.: Adam(0.9, 0.98), linear warmup then linear decay to 0, weight decay 0.01 on
+  every parameter (fairseq decays biases and norms too), no clipping.
 - Csordás et al.: AdamW(0.9, 0.999) lr 2.5e-4, no weight decay, cosine to 0, clip 0.25.
 Plain SGD is there for checks whose answer must scale with the gradient (Adam's update is
 blind to a constant factor on every gradient: see tests/test_train_sharded.py).
@@ -20,6 +21,7 @@ from flax import nnx
 
 _DECAYS = ('cosine', 'linear', 'rsqrt', 'constant')
 _NAMES = ('adamw', 'sgd')
+_DECAYED = ('matrices', 'all')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +32,9 @@ class OptimizerConfig:
   learning_rate: peak LR after warmup.
   decay: 'cosine' | 'linear' (to end_lr_fraction·peak at total_steps) | 'rsqrt' (∝ 1/sqrt(step)
     after warmup) | 'constant'.
-  weight_decay: decoupled (AdamW); never applied to norms, biases or other 1-d parameters.
+  weight_decay: decoupled (AdamW), on the parameters weight_decay_params names.
+  weight_decay_params: 'matrices' (not norms, biases or other 1-d parameters) | 'all' (every
+    parameter, as fairseq's Adam decays them: Artetxe et al.'s recipe).
   clip_norm: global gradient-norm clipping (None or <= 0: off).
   group_lr: {regex on the parameter path: LR multiplier}, first match wins, e.g.
     {r'pkm.*values': 10.0} for PKM value tables (Lample et al. use a larger LR for values).
@@ -44,6 +48,7 @@ class OptimizerConfig:
   b2: float = 0.98
   eps: float = 1e-8
   weight_decay: float = 0.0
+  weight_decay_params: str = 'matrices'
   clip_norm: float | None = 1.0
   group_lr: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
@@ -52,6 +57,8 @@ class OptimizerConfig:
       raise ValueError(f'optimizer name={self.name!r}; valid: {_NAMES}')
     if self.decay not in _DECAYS:
       raise ValueError(f'decay={self.decay!r}; valid: {_DECAYS}')
+    if self.weight_decay_params not in _DECAYED:
+      raise ValueError(f'weight_decay_params={self.weight_decay_params!r}; valid: {_DECAYED}')
     if self.learning_rate <= 0:
       raise ValueError(f'learning_rate={self.learning_rate!r} must be > 0')
     if self.warmup_steps < 0:
@@ -102,14 +109,14 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, params: nnx.State
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(transformation, schedule) for `params` (an nnx.State of nnx.Param, abstract is fine)."""
   schedule = learning_rate_schedule(cfg, total_steps)
+  mask = decay_mask if cfg.weight_decay_params == 'matrices' else None  # None: every parameter
 
   def rule(lr):
     if cfg.name == 'sgd':
       # Decoupled decay, as AdamW's: lr * (g + wd * p) is a step of lr*wd*p towards zero.
-      return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
-                         optax.sgd(lr))
+      return optax.chain(optax.add_decayed_weights(cfg.weight_decay, mask=mask), optax.sgd(lr))
     return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                       mask=decay_mask)
+                       mask=mask)
 
   if cfg.group_lr:
     groups = {p: rule(lambda s, m=m: schedule(s) * m) for p, m in cfg.group_lr.items()}
