@@ -6,8 +6,11 @@ sharding): the independent side of the train-step, sharded and multi-process tes
 
 w are the loss weights (0 on padding), c_name the weight the test gave a family's auxiliary
 loss, and aux_name that loss as the sublayers report it unweighted among their metrics, summed
-over layers and averaged over microbatches (per-batch statistics such as the load-balancing
-loss are per microbatch; see moescale.train.step.StepConfig).
+over layers and averaged over microbatches (per-group statistics such as the load-balancing
+loss are per microbatch; see moescale.train.step.StepConfig), except the losses the paper
+defines over the whole batch (WHOLE_BATCH: σ-MoE's entropy of the batch-mean router
+distribution), taken from one forward pass of the whole batch. That needs the σ-MoE layers'
+inputs not to depend on the split: no capacity-dropping layer before them and no dropout.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+
+WHOLE_BATCH = ('entropy',)
 
 
 def microbatch_rows(batch_size: int, grad_accum_steps: int = 1,
@@ -56,8 +62,15 @@ def objective(graphdef, params, rest, batch, aux_weights, z_loss=0.0, grad_accum
     # weighted here by the weights the test gave the families.
     for key, value in out.metrics.items():
       name = key.split('/', 1)[1]
-      if name in aux_weights:
+      if name in aux_weights and name not in WHOLE_BATCH:
         weighted[name] = weighted.get(name, 0.0) + aux_weights[name] * value / len(parts)
+  whole = nnx.merge(graphdef, params, rest)(
+      batch['decoder_input_tokens'], segment_ids=batch.get('decoder_segment_ids'),
+      positions=batch.get('decoder_positions'), deterministic=deterministic)
+  for key, value in whole.metrics.items():
+    name = key.split('/', 1)[1]
+    if name in aux_weights and name in WHOLE_BATCH:
+      weighted[name] = weighted.get(name, 0.0) + aux_weights[name] * value
   aux = sum(weighted.values(), 0.0)
   total = xent + z_loss * z + aux
   return total, {'xent': xent, 'z': z, 'aux': aux,

@@ -491,6 +491,34 @@ def test_memory_reproduces_the_concatenated_sequence(scan):
   assert third.memory[1].shape == (2, seg_len, D)
 
 
+@pytest.mark.parametrize('scan', [False, True])
+def test_masked_memory_slots_are_invisible(scan):
+  # A fixed-size memory whose slots are masked must act as the shorter memory of its real
+  # slots: all masked = no memory (a stream's first segment); the last half real = a memory
+  # of half the length (relative distances count from the query, so they agree too).
+  seg_len = 4
+  model = _model('relative', num_layers=2, mem_len=2 * seg_len, scan_layers=scan)
+  s1, s2 = _tokens((2, seg_len), 1), _tokens((2, seg_len), 2)
+  garbage = [jnp.full((2, 2 * seg_len, D), 3.0)] * 2
+  none_real = jnp.zeros((2, 2 * seg_len), bool)
+  empty = model(s1, memory=garbage, memory_mask=none_real)
+  np.testing.assert_allclose(empty.logits, model(s1).logits, rtol=1e-5, atol=1e-5)
+  # The returned mask: the old (all False) slots shift out, the segment's tokens come in.
+  assert empty.memory_mask.tolist() == [[False] * seg_len + [True] * seg_len] * 2
+  second = model(s2, memory=empty.memory, memory_mask=empty.memory_mask)
+  short = model(s2, memory=model(s1, mem_len=seg_len).memory)
+  np.testing.assert_allclose(second.logits, short.logits, rtol=1e-5, atol=1e-5)
+  assert second.memory_mask.all()
+  # Row-wise: row 0 keeps its memory, row 1 restarts.
+  mixed = jnp.array([[True] * 2 * seg_len, [False] * 2 * seg_len])
+  out = model(s2, memory=second.memory, memory_mask=mixed)
+  full = model(s2, memory=second.memory)
+  np.testing.assert_allclose(out.logits[0], full.logits[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.logits[1], model(s2[1:]).logits[0], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='memory_mask'):
+    model(s2, memory_mask=mixed)
+
+
 def test_memory_is_a_constant_for_gradients():
   model = _model('relative', num_layers=2, mem_len=4)
   graphdef, state = nnx.split(model)

@@ -112,6 +112,38 @@ def test_step_applies_the_gradient_of_the_plain_objective(accum, parallel):
   assert int(new.step) == 1
 
 
+def test_whole_batch_entropy_pools_the_dropout_draws_of_the_gradient_pass():
+  """With dropout and expert dropout, the pre-pass must draw what the gradient pass draws (it
+  starts from the same RNG state): the entropy a split step reports is that of the statistics
+  of exactly those forward passes. Kills: a pre-pass from the state the gradient pass leaves,
+  or with fresh RNG streams."""
+  noisy = functools.partial(
+      TransformerLM, vocab_size=V, d_model=16, num_layers=2, num_heads=2, dropout=0.3,
+      ffn=functools.partial(SigmaMoE, num_experts=4, expert_size=8, top_k=2, num_layers=2,
+                            entropy_weight=0.5, expert_dropout=0.3))
+  tx = optax.sgd(0.0)
+  graphdef, state = _one_device_state(noisy, tx)
+  cfg = step_lib.StepConfig(parallel_microbatches=2)
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  _, metrics = jax.jit(step_lib.make_train_step(graphdef, tx, lambda s: 0.0, cfg))(state, batch)
+  # Replay the two microbatches' forward passes from the step's starting RNG state.
+  model = nnx.merge(graphdef, state.params, state.rest)
+  pooled = None
+  for rows in ref.microbatch_rows(4, 1, 2):
+    mb = {k: v[rows] for k, v in batch.items()}
+    out = model(mb['decoder_input_tokens'], segment_ids=mb['decoder_segment_ids'],
+                positions=mb['decoder_positions'], deterministic=False)
+    pooled = out.batch_stats if pooled is None else jax.tree.map(jnp.add, pooled,
+                                                                 out.batch_stats)
+  want = model.batch_losses(pooled)['entropy']
+  np.testing.assert_allclose(metrics['aux/entropy'], want, rtol=1e-5)
+  # ...which the dropout draws do move (else the test could not tell).
+  clean = nnx.merge(graphdef, state.params, state.rest)(
+      batch['decoder_input_tokens'], segment_ids=batch['decoder_segment_ids'],
+      positions=batch['decoder_positions'], deterministic=True)
+  assert abs(float(clean.aux_losses['entropy']) - float(want)) > 1e-4 * abs(float(want))
+
+
 def test_reported_loss_ignores_padding_and_z_loss_enters_only_the_objective():
   """The logged `loss` is the LM cross-entropy of real tokens: the same batch with padding
   holding other tokens gives the same numbers; the z-loss moves `total_loss` only."""

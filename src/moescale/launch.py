@@ -20,11 +20,13 @@ log = logging.getLogger(__name__)
 
 def seqio_data(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                vocabulary: str = 'bytes', eval_splits: tuple[str, ...] | None = None,
-               pack: bool = True):
-  """The seqio data source for a registered task or mixture (imports seqio / TensorFlow)."""
+               pack: bool = True, stream: bool = False):
+  """The seqio data source for a registered task or mixture (imports seqio / TensorFlow).
+  stream: contiguous per-row token streams for Transformer-XL memory (moescale.data.stream)."""
   from moescale.data import source
   return source.SeqioDataSource(mixture_or_task_name, dict(task_feature_lengths),
-                                vocabulary=vocabulary, eval_splits=eval_splits, pack=pack)
+                                vocabulary=vocabulary, eval_splits=eval_splits, pack=pack,
+                                stream=stream)
 
 
 def synthetic_data(vocab_size: int = 64, length: int = 32, branching: int = 2):

@@ -30,6 +30,9 @@ class SeqioDataSource:
       training task's 'validation' split (else its non-train splits), and for
       the default in-domain corpus also the out-of-domain ones.
     pack: pack chunks into rows.
+    stream: instead of packed shuffled chunks, each split as one contiguous token stream
+      whose rows continue from batch to batch (moescale.data.stream): what a model with
+      Transformer-XL memory trains and evaluates on. Needs a task, not a mixture.
 
   Batch sizes given to the iterators are per host, as the trainer passes them;
   the global batch is batch_size * num_shards.
@@ -38,11 +41,14 @@ class SeqioDataSource:
   def __init__(self, mixture_or_task_name: str,
                task_feature_lengths: Mapping[str, int],
                vocabulary: Any = vocab_lib.BYTES,
-               eval_splits: tuple[str, ...] | None = None, pack: bool = True):
+               eval_splits: tuple[str, ...] | None = None, pack: bool = True,
+               stream: bool = False):
     self.name = mixture_or_task_name
     self.task_feature_lengths = dict(task_feature_lengths)
     self.vocabulary_spec = vocabulary
     self.pack = pack
+    self.stream = stream
+    self._stream_tokens: dict[tuple[str, str], Any] = {}
     provider = tasks_lib.get_provider(mixture_or_task_name, vocabulary)
     self.vocabulary = provider.output_features['targets'].vocabulary
     self.vocab_size = self.vocabulary.vocab_size
@@ -67,7 +73,10 @@ class SeqioDataSource:
   def train_iterator(self, batch_size: int, shard_id: int = 0,
                      num_shards: int = 1, seed: int = 0,
                      position: Mapping[str, int] | None = None
-                     ) -> DataPipeline:
+                     ):
+    if self.stream:
+      return self._stream('train', batch_size * num_shards, shard_id, num_shards, None,
+                          position)
     return DataPipeline(self.name, self.task_feature_lengths, 'train',
                         batch_size * num_shards, seed=seed, shuffle=True,
                         shard_id=shard_id, num_shards=num_shards,
@@ -86,6 +95,9 @@ class SeqioDataSource:
       return dict(self._eval_pipelines[key])
     out = self._eval_pipelines[key] = {}
     for split in self.eval_splits:
+      if self.stream:
+        out[split] = self._stream(split, batch_size * num_shards, shard_id, num_shards, 1)
+        continue
       name, task_split = self._resolve(split)
       out[split] = DataPipeline(
           name, self.task_feature_lengths, task_split, batch_size * num_shards,
@@ -93,6 +105,17 @@ class SeqioDataSource:
           num_shards=num_shards, vocabulary=self.vocabulary_spec,
           pack=self.pack)
     return dict(out)
+
+  def _stream(self, split, batch_size, shard_id, num_shards, num_epochs, position=None):
+    from moescale.data import stream as stream_lib
+    name, task_split = self._resolve(split)
+    if (name, task_split) not in self._stream_tokens:  # tokenizing a split is the slow part
+      self._stream_tokens[name, task_split] = stream_lib.split_tokens(
+          name, task_split, self.vocabulary_spec)
+    return stream_lib.StreamIterator(
+        self._stream_tokens[name, task_split], self.sequence_length, batch_size,
+        shard_id=shard_id, num_shards=num_shards, num_epochs=num_epochs,
+        name=f'{name}:{task_split}', state=position)
 
   def bytes_per_token(self, split: str) -> float | None:
     """UTF-8 bytes per predicted token of an eval split (for bits per byte)."""

@@ -60,9 +60,16 @@ class Aux(NamedTuple):
   losses: name -> scalar, weighted by the sublayer's own loss weights (0-weight losses left
     out): the model adds their sum to the LM loss.
   metrics: name -> scalar or small vector, for logging only.
+  batch_stats: name -> array, sums over this call's tokens that add up across microbatches,
+    for a loss defined over the whole batch (σ-MoE's entropy of the batch-mean router
+    distribution). A sublayer that reports them also has `batch_losses(stats) -> losses` (the
+    part of `losses` they give): when a training step splits its batch, it sums every
+    microbatch's statistics first and takes those losses, and their gradient, of the whole
+    batch (moescale.train.step). Empty for losses that are per token or per routing group.
   """
   losses: Mapping[str, Array]
   metrics: Mapping[str, Array]
+  batch_stats: Mapping[str, Array] = {}
 
 
 def no_aux() -> Aux:

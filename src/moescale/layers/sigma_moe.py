@@ -135,6 +135,21 @@ def entropy_regularizer(logits: Array, token_mask: Array | None = None) -> Array
   return jnp.sum(jnp.exp(log_mean) * log_mean)
 
 
+def batch_statistics(logits: Array, token_mask: Array | None = None) -> dict[str, Array]:
+  """The entropy regulariser's view of a batch, as sums that add across microbatches:
+  'prob_sum' [e] = sum over real tokens of softmax(logits), 'tokens' = their count."""
+  logp, n = _masked_log_softmax(logits, token_mask)
+  return {'prob_sum': jnp.sum(jnp.exp(logp), axis=0), 'tokens': n}
+
+
+def entropy_from_statistics(stats: dict[str, Array]) -> Array:
+  """-H(p̄), p̄ = prob_sum / tokens: `entropy_regularizer` of the tokens the sums came from
+  (equal to float rounding), for a batch seen in pieces. No tokens: 0."""
+  p = stats['prob_sum'] / jnp.maximum(stats['tokens'], 1.0)
+  # p log p -> 0 as p -> 0; the floor keeps log (and its gradient) finite at an exact 0.
+  return jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.maximum(p, jnp.finfo(p.dtype).tiny)), 0.0))
+
+
 def router_entropy(logits: Array, token_mask: Array | None = None) -> Array:
   """Mean over real tokens of the per-token entropy of softmax(logits): how peaked routing is."""
   logp, n = _masked_log_softmax(logits, token_mask)
@@ -263,7 +278,8 @@ class SigmaMoE(nnx.Module):
     """x: [batch, length, d_model] -> (y [batch, length, d_model], aux); padding rows give 0.
 
     aux.losses: `entropy` (-H(p̄)) times entropy_weight (left out at weight 0). aux.metrics:
-    `entropy` unweighted, `expert_usage` [N_E] and `router_entropy`.
+    `entropy` unweighted, `expert_usage` [N_E] and `router_entropy`. aux.batch_stats (with
+    entropy_weight > 0): `batch_statistics`, from which `batch_losses` gives aux.losses.
     """
     batch, length, d = x.shape
     if d != self.d_model:
@@ -282,11 +298,14 @@ class SigmaMoE(nnx.Module):
                                            token_mask=mask)
 
     # Over the whole (global) batch, before expert dropout: it regularises the router itself.
-    entropy = entropy_regularizer(logits, mask)
-    aux = common.Aux(common.weighted({'entropy': self.entropy_weight}, entropy=entropy),
-                     {'entropy': entropy,
+    # The loss comes from sums a split batch adds up first (Aux.batch_stats), so it is the
+    # whole batch's also under microbatching, as the paper defines it.
+    stats = batch_statistics(logits, mask)
+    aux = common.Aux(self.batch_losses(stats),
+                     {'entropy': entropy_regularizer(logits, mask),
                       'expert_usage': expert_usage(expert_index, self.num_experts),
-                      'router_entropy': router_entropy(logits, mask)})
+                      'router_entropy': router_entropy(logits, mask)},
+                     batch_stats=stats if self.entropy_weight else {})
 
     experts = dispatch_lib.ExpertWeights(self.w_in[...].astype(self.dtype),
                                          self.w_out[...].astype(self.dtype))
@@ -296,6 +315,11 @@ class SigmaMoE(nnx.Module):
     y = self.dispatch(x_flat, expert_index, weights, experts, self.act,
                 capacity=max(1, batch * length))
     return y.reshape(batch, length, d), aux
+
+  def batch_losses(self, stats: dict[str, Array]) -> dict[str, Array]:
+    """{'entropy': γ·(-H(p̄))} of the tokens `stats` (`batch_statistics`, summed) describe."""
+    return common.weighted({'entropy': self.entropy_weight},
+                           entropy=entropy_from_statistics(stats))
 
   def cost(self) -> common.Cost:
     """Forward FLOPs per token: the router d x N_E, and K experts of two d x G matmuls each."""

@@ -162,9 +162,10 @@ class RelativeAttention(Attention):
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, memory: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               memory_mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
     """x: [batch, qlen, d_model]; memory: [batch, mlen, d_model] (already LayerNormed, no
-    gradient) or None. `positions` is ignored: only distances matter."""
+    gradient) or None; memory_mask: [batch, mlen] bool, False for empty slots (None: all
+    full). `positions` is ignored: only distances matter."""
     del positions
     x = x.astype(self.dtype)
     qlen = x.shape[1]
@@ -181,7 +182,7 @@ class RelativeAttention(Attention):
     content = jnp.einsum('bqhk,bthk->bhqt', q + u, k)
     position = jnp.einsum('bqhk,rhk->bhqr', q + v_pos, r)
     scores = (content + positions_lib.rel_shift(position)) * self.head_dim ** -0.5
-    mask = attention_mask(segment_ids, qlen, mlen)
+    mask = attention_mask(segment_ids, qlen, mlen, memory_mask)
     heads = softmax_attend(scores, mask, v, self.dropout_rate, deterministic, self.rngs)
     return self._output(heads)
 

@@ -24,14 +24,17 @@ KERNELS = kernel_registry.NAMES
 _MASKED = -1e30
 
 
-def attention_mask(segment_ids: jax.Array | None, qlen: int, mlen: int = 0) -> jax.Array:
+def attention_mask(segment_ids: jax.Array | None, qlen: int, mlen: int = 0,
+                   memory_mask: jax.Array | None = None) -> jax.Array:
   """Which keys each query may see: [batch or 1, 1, qlen, mlen + qlen] bool.
 
   Causal by index within the row: query i (the i-th current token) sees memory slots 0..mlen-1
   and current tokens 0..i. With segment_ids [batch, qlen] (0 = padding, as seqio packs), a
   current token sees only tokens of its own segment; padding sees only padding, so no real
   token ever attends to padding and no row is empty. The memory (Transformer-XL, unpacked
-  streams) precedes the row and is visible to every non-padding query.
+  streams) precedes the row and is visible to every non-padding query, except the slots that
+  memory_mask [batch, mlen] marks False (memory not yet filled: the first segments of a
+  stream, or a stream that restarted).
   """
   q_index = jnp.arange(qlen)[:, None]
   k_index = jnp.arange(qlen)[None, :]
@@ -46,6 +49,8 @@ def attention_mask(segment_ids: jax.Array | None, qlen: int, mlen: int = 0) -> j
                                    (segment_ids.shape[0], 1, qlen, mlen))
   if mlen == 0:
     return current
+  if memory_mask is not None:
+    mem_visible = mem_visible & memory_mask[:, None, None, :]
   current = jnp.broadcast_to(current, mem_visible.shape[:1] + current.shape[1:])
   return jnp.concatenate([mem_visible, current], axis=-1)
 

@@ -97,7 +97,8 @@ class Block(nnx.Module):
 
   def __call__(self, x: jax.Array, *, segment_ids: jax.Array | None,
                positions: jax.Array | None, memory: jax.Array | None,
-               deterministic: bool) -> tuple[jax.Array, common.Aux]:
+               deterministic: bool, memory_mask: jax.Array | None = None
+               ) -> tuple[jax.Array, common.Aux]:
     """x: [batch, length, d_model] -> (x after the block, the FFN's Aux)."""
     h = self.attention_norm(x)
     if memory is None:
@@ -105,7 +106,8 @@ class Block(nnx.Module):
                          deterministic=deterministic)
     else:
       a = self.attention(h, segment_ids=segment_ids, positions=positions,
-                         memory=self.attention_norm(memory), deterministic=deterministic)
+                         memory=self.attention_norm(memory), memory_mask=memory_mask,
+                         deterministic=deterministic)
     x = x + common.dropout(a, self.dropout_rate, deterministic, self.rngs).astype(x.dtype)
     x = shd.constrain(x, ACT_RESIDUAL)
     y, aux = self.ffn(self.ffn_norm(x), deterministic=deterministic, segment_ids=segment_ids)

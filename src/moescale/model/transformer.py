@@ -60,12 +60,17 @@ class LMOutput:
   aux_losses: name -> scalar, those weighted losses summed over layers.
   metrics: 'layer_02/expert_usage' -> array, every sublayer metric by 1-based layer.
   memory: Transformer-XL memory for the next segment (list per layer) or None.
+  memory_mask: [batch, mem] bool, which slots of `memory` hold tokens (None with no memory).
+  batch_stats: 'layer_02' -> that sublayer's `Aux.batch_stats` (sums over this call's tokens;
+    `TransformerLM.batch_losses` turns them, summed over microbatches, into losses).
   """
   logits: jax.Array
   aux_loss: jax.Array
   aux_losses: dict[str, jax.Array]
   metrics: dict[str, jax.Array]
   memory: list[jax.Array] | None = None
+  memory_mask: jax.Array | None = None
+  batch_stats: dict[str, dict[str, jax.Array]] = flax.struct.field(default_factory=dict)
 
 
 class TransformerLM(nnx.Module):
@@ -213,7 +218,7 @@ class TransformerLM(nnx.Module):
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, deterministic: bool = True,
                memory: Sequence[jax.Array] | None = None,
-               mem_len: int | None = None) -> LMOutput:
+               memory_mask: jax.Array | None = None, mem_len: int | None = None) -> LMOutput:
     """tokens: [batch, length] int -> LMOutput.
 
     segment_ids, positions: [batch, length] int from seqio's packing (0 = padding; positions
@@ -221,6 +226,8 @@ class TransformerLM(nnx.Module):
       0..length-1). Attention never crosses a segment boundary.
     memory: Transformer-XL memory from the previous call's `LMOutput.memory` (a list, one
       [batch, mem, d_model] per layer; any mem length, e.g. longer at evaluation).
+    memory_mask: [batch, mem] bool, False for slots that hold no token yet (a stream's first
+      segments, or a row whose stream restarted); None: every slot is a token.
     mem_len: how much new memory to return; defaults to the constructor's mem_len (pass a
       larger value at evaluation to keep several segments, as Csordás et al. do at test time).
     """
@@ -228,6 +235,9 @@ class TransformerLM(nnx.Module):
       raise ValueError(f'tokens must be [batch, length], got shape {tokens.shape}')
     mem_len = self.mem_len if mem_len is None else mem_len
     memory = self._check_memory(memory, mem_len)
+    if memory_mask is not None and (memory is None or memory_mask.shape != memory[0].shape[:2]):
+      raise ValueError(f'memory_mask {memory_mask.shape} must be [batch, mem] of the memory '
+                       f'{None if memory is None else memory[0].shape[:2]}')
     if positions is None:
       batch, length = tokens.shape
       positions = (positions_lib.positions_from_segments(segment_ids)
@@ -236,7 +246,8 @@ class TransformerLM(nnx.Module):
 
     x = self._embed(tokens, positions, deterministic)
     run = self._run_scanned if self.scan_layers else self._run_looped
-    x, records, new_memory = run(x, segment_ids, positions, memory, mem_len, deterministic)
+    x, records, new_memory = run(x, segment_ids, positions, (memory, memory_mask), mem_len,
+                                 deterministic)
 
     x = self.final_norm(x)
     if self.output_dropout:
@@ -249,10 +260,26 @@ class TransformerLM(nnx.Module):
       logits = logits + self.output_bias[...].astype(self.dtype)
     logits = shd.constrain(logits, ('act_batch', 'act_length', 'act_vocab'))
     aux_losses, aux_loss, metrics = _collect(records)
+    stats = {f'layer_{n:02d}': dict(aux.batch_stats) for n, aux in records if aux.batch_stats}
     # float32 at least (bfloat16 logits lose the loss), float64 kept for gradient checks.
     logits = logits.astype(jnp.promote_types(self.dtype, jnp.float32))
-    return LMOutput(logits=logits, aux_loss=aux_loss, aux_losses=aux_losses, metrics=metrics,
-                    memory=new_memory if mem_len else None)
+    out = LMOutput(logits=logits, aux_loss=aux_loss, aux_losses=aux_losses, metrics=metrics,
+                   batch_stats=stats)
+    if not mem_len:
+      return out
+    return out.replace(memory=new_memory, memory_mask=_next_memory_mask(memory, memory_mask,
+                                                                        tokens.shape, mem_len))
+
+  def batch_losses(self, batch_stats: dict[str, dict[str, jax.Array]]) -> dict[str, jax.Array]:
+    """name -> loss summed over layers, from `LMOutput.batch_stats` (summed over the
+    microbatches of one batch): the batch-level part of `aux_losses`, of the whole batch."""
+    out: dict[str, jax.Array] = {}
+    for n, ffn in self.ffn_layers():
+      key = f'layer_{n:02d}'
+      if key in batch_stats:
+        for name, value in ffn.batch_losses(batch_stats[key]).items():
+          out[name] = out.get(name, 0.0) + jnp.asarray(value, jnp.float32)
+    return out
 
   def _check_memory(self, memory, mem_len):
     if self.positions != 'relative' and (memory is not None or mem_len):
@@ -281,12 +308,12 @@ class TransformerLM(nnx.Module):
     x = common.dropout(x, self.dropout_rate, deterministic, self.rngs)
     return shd.constrain(x, ACT_RESIDUAL)
 
-  def _block_fn(self, segment_ids, positions, mem_len, deterministic):
+  def _block_fn(self, segment_ids, positions, memory_mask, mem_len, deterministic):
     """block, x, memory -> (x, aux, new memory); remat-wrapped if asked."""
 
     def step(block: Block, x: jax.Array, memory: jax.Array | None):
       y, aux = block(x, segment_ids=segment_ids, positions=positions, memory=memory,
-                     deterministic=deterministic)
+                     memory_mask=memory_mask, deterministic=deterministic)
       new_memory = None
       if mem_len:
         context = x if memory is None else jnp.concatenate([memory.astype(x.dtype), x], 1)
@@ -296,7 +323,8 @@ class TransformerLM(nnx.Module):
     return nnx.remat(step) if self.remat else step
 
   def _run_looped(self, x, segment_ids, positions, memory, mem_len, deterministic):
-    step = self._block_fn(segment_ids, positions, mem_len, deterministic)
+    memory, memory_mask = memory
+    step = self._block_fn(segment_ids, positions, memory_mask, mem_len, deterministic)
     records, new_memory = [], []
     for i, block in enumerate(self.blocks):
       x, aux, mem = step(block, x, None if memory is None else memory[i])
@@ -305,7 +333,8 @@ class TransformerLM(nnx.Module):
     return x, records, new_memory
 
   def _run_scanned(self, x, segment_ids, positions, memory, mem_len, deterministic):
-    step = self._block_fn(segment_ids, positions, mem_len, deterministic)
+    memory, memory_mask = memory
+    step = self._block_fn(segment_ids, positions, memory_mask, mem_len, deterministic)
     p, g = self.period, self.num_groups
     # [layers, ...] -> [groups, period, ...]: layer n = group·period + j (0-based).
     stacked_memory = (None if memory is None else
@@ -329,6 +358,18 @@ class TransformerLM(nnx.Module):
         new_memory[layer] = None if mem is None else mem[gi]
     records.sort(key=lambda r: r[0])
     return x, records, new_memory
+
+
+def _next_memory_mask(memory, memory_mask, shape, mem_len) -> jax.Array:
+  """The mask of the memory a call returns: the last mem_len of (memory's mask ++ the current
+  tokens, all real). [batch, min(mem_len, mem + length)] bool."""
+  batch, length = shape
+  current = jnp.ones((batch, length), bool)
+  if memory is not None:
+    old = (jnp.ones((batch, memory[0].shape[1]), bool) if memory_mask is None
+           else memory_mask.astype(bool))
+    current = jnp.concatenate([old, current], axis=1)
+  return current[:, -mem_len:]
 
 
 def _collect(records: list[tuple[int, common.Aux]]) -> tuple[dict, jax.Array, dict]:

@@ -8,6 +8,11 @@ inside it are opaque here: the only contract is `model(tokens, ...) -> LMOutput`
 Batches use seqio's decoder feature names:
   decoder_input_tokens, decoder_target_tokens, decoder_loss_weights  [batch, length]
   decoder_segment_ids, decoder_positions                            [batch, length] (packed)
+  memory_reset                                       [batch] (contiguous streams: 1 = forget)
+
+Transformer-XL memory (a model whose forward returns `LMOutput.memory`) lives in
+`TrainState.memory` (moescale.train.memory): row b's memory is the end of row b's previous
+segment, so it follows the rows through every microbatch split.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from moescale import sharding as shd
+from moescale.train import memory as memory_lib
 
 Batch = dict[str, jax.Array]
 
@@ -38,9 +44,13 @@ class StepConfig:
     ops (norms, softmax, elementwise) beside another's on its threads, and each working set
     is smaller (docs/performance.md has the bench's MFU at 1, 2 and 4). No use on GPU/TPU,
     where one op already fills the device.
-  Either split is exact for the LM loss (sums over the whole batch's weights); per-batch
-  statistics (load-balancing losses, routing metrics, GShard capacity) are per microbatch,
-  then averaged, as with any microbatching.
+  Either split is exact for the LM loss (sums over the whole batch's weights) and for losses
+  defined over the whole batch (σ-MoE's entropy regulariser: a sublayer's `Aux.batch_stats`):
+  a forward pre-pass sums every microbatch's statistics (same dropout draws as the gradient
+  pass, so the same values), and each microbatch then takes the whole batch's loss gradient
+  through its own statistics. That costs one more forward per step, only for such models and
+  only when the batch is split. Per-group statistics (load balancing, routing metrics, GShard
+  capacity) stay per microbatch, then averaged: fairseq's groups are per GPU anyway.
   """
   z_loss: float = 0.0
   grad_accum_steps: int = 1
@@ -65,6 +75,7 @@ class TrainState:
   params: Any
   rest: Any
   opt_state: Any
+  memory: Any = None   # Transformer-XL memory (moescale.train.memory); None without
 
 
 def abstract_model(model_fn: Callable[..., nnx.Module], seed: int):
@@ -107,37 +118,53 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   return jnp.sum(total * w), jnp.sum(w), jnp.sum(xent * w)
 
 
-def _forward(graphdef, params, rest, batch: Batch, deterministic: bool):
-  model = nnx.merge(graphdef, params, rest)
-  out = model(batch['decoder_input_tokens'],
-              segment_ids=batch.get('decoder_segment_ids'),
-              positions=batch.get('decoder_positions'),
-              deterministic=deterministic)
-  return out, nnx.state(model, nnx.Not(nnx.Param))
+def _train_forward(model, batch):
+  return model(batch['decoder_input_tokens'], segment_ids=batch.get('decoder_segment_ids'),
+               positions=batch.get('decoder_positions'), deterministic=False,
+               **memory_lib.forward_kwargs(batch))
 
 
 def _micro_loss(cfg: StepConfig):
-  """loss(model, batch, total_weight) -> (objective of one microbatch, its logged parts)."""
+  """loss(model, batch, shared) -> (objective of one microbatch, (its logged parts, rows)).
+  shared: 'total_weight' (the whole batch's loss weights), 'pooled' (the whole batch's
+  `LMOutput.batch_stats`, when the batch is split and the model has any)."""
 
-  def micro_loss(model, batch, total_weight):
-    out = model(batch['decoder_input_tokens'],
-                segment_ids=batch.get('decoder_segment_ids'),
-                positions=batch.get('decoder_positions'),
-                deterministic=False)
+  def micro_loss(model, batch, shared):
+    out = _train_forward(model, batch)
     loss_sum, weight, xent_sum = cross_entropy(
         out.logits, batch['decoder_target_tokens'], batch['decoder_loss_weights'], cfg.z_loss)
     n = cfg.microbatches  # per-microbatch statistics are averaged over all of them
-    loss = loss_sum / total_weight + out.aux_loss / n
-    aux = {'xent_sum': xent_sum, 'weight': weight, 'aux_loss': out.aux_loss / n,
-           **{f'aux/{k}': v / n for k, v in out.aux_losses.items()},
+    aux_losses = {k: v / n for k, v in out.aux_losses.items()}
+    if 'pooled' in shared:
+      aux_losses = _whole_batch_losses(model, out, shared['pooled'], aux_losses, n)
+    aux_loss = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
+    loss = loss_sum / shared['total_weight'] + aux_loss
+    aux = {'xent_sum': xent_sum, 'weight': weight, 'aux_loss': aux_loss,
+           **{f'aux/{k}': v for k, v in aux_losses.items()},
            **{f'routing/{k}': v / n for k, v in out.metrics.items()}}
-    return loss, aux
+    return loss, (aux, memory_lib.next_memory(out, batch))
 
   return micro_loss
 
 
+def _whole_batch_losses(model, out, pooled, aux_losses, n):
+  """aux_losses (already / n) with this microbatch's batch-level losses replaced by 1/n of the
+  whole batch's, L(pooled), whose gradient flows through this microbatch's statistics s:
+  L(P + s - sg(s)) has the value L(P) and the gradient dL/dP · ds, so the n microbatches'
+  gradients add up to the whole batch's exactly."""
+  sg = jax.lax.stop_gradient
+  own = model.batch_losses(out.batch_stats)
+  mixed = jax.tree.map(lambda p, s: sg(p) + s - sg(s), pooled, out.batch_stats)
+  whole = model.batch_losses(mixed)
+  out_losses = dict(aux_losses)
+  for k in own:
+    # value L(P)/n (summing to L(P)); the subtracted constant leaves the gradient whole.
+    out_losses[k] = aux_losses[k] - own[k] / n + whole[k] - sg(whole[k]) * (1 - 1 / n)
+  return out_losses
+
+
 def _parallel_parts(grads_of_one, p: int):
-  """grads_of(params, rest, batch, total_weight) summed over p unrolled microbatches.
+  """grads_of(params, rest, batch, shared) summed over p unrolled microbatches.
 
   Part i takes rows i, i+p, ...: with the batch split over data devices in contiguous blocks,
   every part keeps rows on every device (when each block is a multiple of p).
@@ -145,15 +172,18 @@ def _parallel_parts(grads_of_one, p: int):
   if p == 1:
     return grads_of_one
 
-  def grads_of(params, rest, batch, total_weight):
+  def grads_of(params, rest, batch, shared):
     parts = jax.tree.map(lambda x: x.reshape(x.shape[0] // p, p, *x.shape[1:]), batch)
-    total = None
+    total, rows = None, []
     for i in range(p):  # unrolled: the parts share no data, only `rest` (RNG counters)
-      loss, aux, grads, rest = grads_of_one(params, rest, jax.tree.map(lambda x: x[:, i], parts),
-                                            total_weight)
+      loss, aux, grads, rest, r = grads_of_one(
+          params, rest, jax.tree.map(lambda x: x[:, i], parts), shared)
       part = (loss, aux, grads)
       total = part if total is None else jax.tree.map(jnp.add, total, part)
-    return (*total, rest)
+      rows.append(r)
+    # Per-row outputs back in the batch's row order (row j·p + i came from part i).
+    rows = jax.tree.map(lambda *xs: jnp.stack(xs, 1).reshape(-1, *xs[0].shape[1:]), *rows)
+    return (*total, rest, rows)
 
   return grads_of
 
@@ -163,22 +193,25 @@ def _accumulated(grads_of, n: int):
   if n == 1:
     return grads_of
 
-  def accumulated(params, rest, batch, total_weight):
+  def accumulated(params, rest, batch, shared):
     micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
     # params ride in the carry (unchanged) so the model is merged from values of the scan
     # body's own trace; a closed-over outer value makes nnx refuse to extract the graph.
     def body(carry, mb):
       params, grads, loss, aux, rest = carry
-      l, a, g, rest = grads_of(params, rest, mb, total_weight)
+      l, a, g, rest, r = grads_of(params, rest, mb, shared)
       return (params, jax.tree.map(jnp.add, grads, g), loss + l,
-              jax.tree.map(jnp.add, aux, a), rest), None
+              jax.tree.map(jnp.add, aux, a), rest), r
 
-    loss, aux, grads, rest = grads_of(params, rest, jax.tree.map(lambda x: x[0], micro),
-                                      total_weight)
-    (_, grads, loss, aux, rest), _ = jax.lax.scan(
+    loss, aux, grads, rest, first = grads_of(params, rest, jax.tree.map(lambda x: x[0], micro),
+                                             shared)
+    (_, grads, loss, aux, rest), others = jax.lax.scan(
         body, (params, grads, loss, aux, rest), jax.tree.map(lambda x: x[1:], micro))
-    return loss, aux, grads, rest
+    # Per-row outputs back in row order: microbatch i held the i-th contiguous block.
+    rows = jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]).reshape(-1, *a.shape[1:]),
+                        first, others)
+    return loss, aux, grads, rest, rows
 
   return accumulated
 
@@ -192,17 +225,30 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   grad_fn = nnx.value_and_grad(_micro_loss(cfg), argnums=nnx.DiffState(0, nnx.Param),
                                has_aux=True)
 
-  def grads_of_one(params, rest, batch, total_weight):
+  def grads_of_one(params, rest, batch, shared):
     model = nnx.merge(graphdef, params, rest)
-    (loss, aux), grads = grad_fn(model, batch, total_weight)
-    return loss, aux, grads, nnx.state(model, nnx.Not(nnx.Param))
+    (loss, (aux, rows)), grads = grad_fn(model, batch, shared)
+    return loss, aux, grads, nnx.state(model, nnx.Not(nnx.Param)), rows
 
-  grads_of = _accumulated(_parallel_parts(grads_of_one, cfg.parallel_microbatches),
-                          cfg.grad_accum_steps)
+  def stats_of_one(params, rest, batch, shared):
+    """The forward pass alone: (0, its batch statistics, no gradient, rest, no rows)."""
+    model = nnx.merge(graphdef, params, rest)
+    out = _train_forward(model, batch)
+    return 0.0, out.batch_stats, None, nnx.state(model, nnx.Not(nnx.Param)), None
+
+  split = lambda one: _accumulated(_parallel_parts(one, cfg.parallel_microbatches),
+                                   cfg.grad_accum_steps)
+  grads_of, stats_of = split(grads_of_one), split(stats_of_one)
 
   def train_step(state: TrainState, batch: Batch):
+    batch = memory_lib.with_memory(batch, state.memory)
     total_weight = jnp.maximum(jnp.sum(batch['decoder_loss_weights'].astype(jnp.float32)), 1.0)
-    loss, aux, grads, rest = grads_of(state.params, state.rest, batch, total_weight)
+    shared = {'total_weight': total_weight}
+    if cfg.microbatches > 1 and _has_batch_stats(stats_of_one, state, batch, cfg.microbatches):
+      # The pre-pass starts from the same RNG state as the gradient pass: the same dropout
+      # draws, so the pooled statistics are exactly the sum of the gradient pass's.
+      shared['pooled'] = stats_of(state.params, state.rest, batch, shared)[1]
+    loss, aux, grads, rest, memory = grads_of(state.params, state.rest, batch, shared)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -214,30 +260,51 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
         'tokens': aux['weight'],
         **{k: v for k, v in aux.items() if k not in ('xent_sum', 'weight')},
     }
-    return TrainState(state.step + 1, params, rest, opt_state), metrics
+    return TrainState(state.step + 1, params, rest, opt_state, memory), metrics
 
   return train_step
 
 
-def make_eval_step(graphdef):
-  """eval_step(params, rest, batch) -> {'xent_sum', 'weight'} summed over the batch."""
+def _has_batch_stats(stats_of_one, state, batch, n) -> bool:
+  """Whether the model reports any `batch_stats` (decided while tracing, from shapes only)."""
+  one = jax.tree.map(lambda x: jax.ShapeDtypeStruct((x.shape[0] // n, *x.shape[1:]), x.dtype),
+                     batch)
+  stats = jax.eval_shape(lambda p, r, b: stats_of_one(p, r, b, {})[1], state.params,
+                         state.rest, one)
+  return bool(jax.tree.leaves(stats))
 
-  def eval_step(params, rest, batch: Batch):
-    out, _ = _forward(graphdef, params, rest, batch, deterministic=True)
+
+def make_eval_step(graphdef, mem_len: int = 0):
+  """eval_step(params, rest, batch) -> {'xent_sum', 'weight'} summed over the batch.
+
+  mem_len > 0 (Transformer-XL): eval_step(params, rest, batch, memory) -> (those sums, the
+  memory for the next batch, keeping mem_len tokens per row; see `memory.empty_memory`)."""
+
+  def eval_step(params, rest, batch: Batch, memory=None):
+    batch = memory_lib.with_memory(batch, memory)
+    model = nnx.merge(graphdef, params, rest)
+    out = model(batch['decoder_input_tokens'], segment_ids=batch.get('decoder_segment_ids'),
+                positions=batch.get('decoder_positions'), deterministic=True,
+                **memory_lib.forward_kwargs(batch), **({'mem_len': mem_len} if mem_len else {}))
     _, weight, xent_sum = cross_entropy(out.logits, batch['decoder_target_tokens'],
                                         batch['decoder_loss_weights'])
-    return {'xent_sum': xent_sum, 'weight': weight}
+    sums = {'xent_sum': xent_sum, 'weight': weight}
+    return (sums, memory_lib.next_memory(out, batch)) if mem_len else sums
 
   return eval_step
 
 
 def jit_train_step(train_step, state_sh, mesh: Mesh):
-  batch_sh = shd.batch_sharding(mesh, 2)
+  # Every batch array (tokens [batch, length], memory_reset [batch]) splits on its first axis.
+  batch_sh = shd.batch_sharding(mesh, 1)
   return jax.jit(train_step, in_shardings=(state_sh, batch_sh),
                  out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
 
 
-def jit_eval_step(eval_step, state_sh, mesh: Mesh):
-  batch_sh = shd.batch_sharding(mesh, 2)
-  return jax.jit(eval_step, in_shardings=(state_sh.params, state_sh.rest, batch_sh),
-                 out_shardings=NamedSharding(mesh, P()))
+def jit_eval_step(eval_step, state_sh, mesh: Mesh, with_memory: bool = False):
+  batch_sh = shd.batch_sharding(mesh, 1)
+  if not with_memory:
+    return jax.jit(eval_step, in_shardings=(state_sh.params, state_sh.rest, batch_sh),
+                   out_shardings=NamedSharding(mesh, P()))
+  return jax.jit(eval_step, in_shardings=(state_sh.params, state_sh.rest, batch_sh, batch_sh),
+                 out_shardings=(NamedSharding(mesh, P()), batch_sh))

@@ -24,6 +24,7 @@ from flax import nnx
 
 from moescale import sharding as shd
 from moescale.train import checkpoint as ckpt_lib
+from moescale.train import memory as memory_lib
 from moescale.train import metrics as metrics_lib
 from moescale.train import optim
 from moescale.train import step as step_lib
@@ -81,6 +82,10 @@ class TrainConfig:
   log_period: int = 10
   eval_period: int = 0                 # 0: evaluate only at the end
   eval_steps: int = 10                 # batches per eval split (None: whole split)
+  eval_batch_size: int | None = None   # global, in sequences (None: batch_size)
+  # Transformer-XL memory kept at evaluation, in tokens (None: the model's mem_len; 0: none).
+  # Csordás et al. test with 4 segments after training with one.
+  eval_mem_len: int | None = None
   # Also evaluate the starting state (t5x's run_eval_before_training): the step-0 point of
   # every eval curve, without a separate TRAIN_STEPS=0 run that compiles and loads it all again.
   eval_before_training: bool = False
@@ -98,6 +103,10 @@ class TrainConfig:
       raise ValueError(f'train_steps={self.train_steps} must be >= 0')
     if self.batch_size < 1:
       raise ValueError(f'batch_size={self.batch_size} must be >= 1')
+    if self.eval_batch_size is not None and self.eval_batch_size < 1:
+      raise ValueError(f'eval_batch_size={self.eval_batch_size} must be >= 1 or None')
+    if self.eval_mem_len is not None and self.eval_mem_len < 0:
+      raise ValueError(f'eval_mem_len={self.eval_mem_len} must be >= 0 or None')
     if self.batch_size % self.step.microbatches:
       raise ValueError(f'batch_size={self.batch_size} is not divisible by grad_accum_steps='
                        f'{self.step.grad_accum_steps} x parallel_microbatches='
@@ -108,18 +117,30 @@ def _host_scalars(metrics: dict) -> dict:
   return {k: np.asarray(jax.device_get(v)) for k, v in metrics.items()}
 
 
-def evaluate(eval_fn, state, data: DataSource, cfg: TrainConfig, mesh) -> dict[str, float]:
+def evaluate(eval_fn, state, data: DataSource, cfg: TrainConfig, mesh,
+             memory: memory_lib.MemorySpec | None = None) -> dict[str, float]:
   """{'<split>/eval_loss', '<split>/perplexity', '<split>/bits_per_token' (and bits_per_byte
-  where the source knows bytes per token)} over at most cfg.eval_steps batches per split."""
+  where the source knows bytes per token)} over at most cfg.eval_steps batches per split.
+  With a memory spec, eval_fn carries Transformer-XL memory from batch to batch of a split
+  (empty at its start), cfg.eval_mem_len tokens of it."""
   out = {}
-  per_host = cfg.batch_size // jax.process_count()
+  batch_size = cfg.eval_batch_size or cfg.batch_size
+  per_host = batch_size // jax.process_count()
   iters = data.eval_iterators(per_host, jax.process_index(), jax.process_count())
   for split, batches in iters.items():
     xent, weight = 0.0, 0.0
+    mem = None
+    if memory is not None:
+      mem = memory_lib.empty_memory(memory, batch_size, _eval_mem_len(cfg, memory),
+                                  shd.batch_sharding(mesh, 1))
     for i, batch in enumerate(batches):
       if cfg.eval_steps and i >= cfg.eval_steps:
         break
-      r = eval_fn(state.params, state.rest, shd.host_local_to_global(batch, mesh))
+      batch = shd.host_local_to_global(batch, mesh)
+      if mem is None:
+        r = eval_fn(state.params, state.rest, batch)
+      else:
+        r, mem = eval_fn(state.params, state.rest, batch, mem)
       xent += float(r['xent_sum'])
       weight += float(r['weight'])
     if weight == 0:
@@ -128,10 +149,25 @@ def evaluate(eval_fn, state, data: DataSource, cfg: TrainConfig, mesh) -> dict[s
     out[f'{split}/eval_loss'] = loss
     out[f'{split}/perplexity'] = float(np.exp(min(loss, 50.0)))
     out[f'{split}/bits_per_token'] = loss / np.log(2)
+    out[f'{split}/eval_tokens'] = weight
     bytes_per_token = getattr(data, 'bytes_per_token', lambda s: None)(split)
     if bytes_per_token:
       out[f'{split}/bits_per_byte'] = loss / np.log(2) / bytes_per_token
   return out
+
+
+def _eval_mem_len(cfg: TrainConfig, spec: memory_lib.MemorySpec | None) -> int:
+  if spec is None:
+    return 0
+  return spec.mem_len if cfg.eval_mem_len is None else cfg.eval_mem_len
+
+
+def _eval_fn(graphdef, state_sh, mesh, cfg: TrainConfig, spec):
+  """(the jitted eval step, the memory spec `evaluate` must carry for it, or None)."""
+  mem_len = _eval_mem_len(cfg, spec)
+  fn = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef, mem_len), state_sh, mesh,
+                              with_memory=mem_len > 0)
+  return fn, (spec if mem_len else None)
 
 
 @dataclasses.dataclass
@@ -239,18 +275,23 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
   _, abs_params, _ = step_lib.abstract_model(model_fn, cfg.seed)
   tx, schedule = optim.make_optimizer(cfg.optimizer, cfg.train_steps, abs_params)
   graphdef, state, state_sh = step_lib.create_train_state(model_fn, tx, cfg.seed, mesh, cfg.rules)
+  memory = memory_lib.memory_spec(graphdef, state.params, state.rest)
+  if memory is not None:  # Transformer-XL: the memory is part of the state (and checkpoint)
+    state, state_sh = memory_lib.attach(state, state_sh, memory, cfg.batch_size, mesh)
   checkpointer = ckpt_lib.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints)
   state, position = _restore(checkpointer, state, state_sh)
   start = int(state.step)
   train_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, cfg.step),
                                      state_sh, mesh)
-  eval_fn = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef), state_sh, mesh)
+  eval_fn, eval_memory = _eval_fn(graphdef, state_sh, mesh, cfg, memory)
   per_host = cfg.batch_size // jax.process_count()
   it = data.train_iterator(per_host, jax.process_index(), jax.process_count(), cfg.seed, position)
+  if memory is not None:
+    it = memory_lib.CheckedStream(it, memory)
   writer = metrics_lib.MetricsWriter(cfg.model_dir, cfg.train_steps, start,
                                      tensorboard=cfg.tensorboard, progress=cfg.progress)
   window = _Window(flops_per_token)
-  evaluate_now = lambda: evaluate(eval_fn, state, data, cfg, mesh)
+  evaluate_now = lambda: evaluate(eval_fn, state, data, cfg, mesh, eval_memory)
   last, evals = None, {}
   with shd.use_mesh(mesh, cfg.rules):
     if cfg.eval_before_training and start < cfg.train_steps:
