@@ -249,6 +249,19 @@ def _resolve(value):
   return value
 
 
+def _assert_same_data(experiment, vocab):
+  """The parsed gin's data source and its arguments are the Python experiment's (vocab: the
+  vocabulary the test named for a run that must be given one)."""
+  data = gin.query_parameter('run_training.data')
+  assert data.configurable.name == experiment.data.function
+  gin_data = {k: _resolve(gin.query_parameter(f'{experiment.data.function}.{k}'))
+              for k in experiment.data.kwargs}
+  python_data = dict(experiment.data.kwargs)
+  if vocab is not None:
+    python_data['vocabulary'] = vocab
+  assert gin_data == python_data
+
+
 def _csordas_runs():
   out = []
   for small in (True, False):
@@ -283,14 +296,7 @@ def test_csordas_gin_recipe_and_python_study_train_alike(experiment, gin_file):
     small_dense = size == 'wt103_small' and experiment.meta['family'] in (
         'dense', 'topk_activation')
     assert opt.clip_norm == (0.1 if small_dense else 0.25)
-  data = gin.query_parameter('run_training.data')
-  assert data.configurable.name == experiment.data.function
-  gin_data = {k: _resolve(gin.query_parameter(f'{experiment.data.function}.{k}'))
-              for k in experiment.data.kwargs}
-  python_data = dict(experiment.data.kwargs)
-  if needs_vocab:
-    python_data['vocabulary'] = vocab
-  assert gin_data == python_data
+  _assert_same_data(experiment, vocab if needs_vocab else None)
 
 
 def _artetxe_runs():
@@ -343,14 +349,7 @@ def test_artetxe_gin_recipe_and_python_study_train_alike(experiment, gin_file):
             opt.weight_decay, dropout) == ARTETXE_RUNS[experiment.name]
     # 300B tokens, in whole updates of the batch.
     assert from_gin.train_steps == int(300e9) // (from_gin.batch_size * 2048)
-  data = gin.query_parameter('run_training.data')
-  assert data.configurable.name == experiment.data.function
-  gin_data = {k: _resolve(gin.query_parameter(f'{experiment.data.function}.{k}'))
-              for k in experiment.data.kwargs}
-  python_data = dict(experiment.data.kwargs)
-  if needs_vocab:
-    python_data['vocabulary'] = vocab
-  assert gin_data == python_data
+  _assert_same_data(experiment, vocab if needs_vocab else None)
 
 
 def test_artetxe_step_override_reaches_both_families():
