@@ -7,6 +7,9 @@
     moescale bench [--quick] [--json]  layer and training-step benchmarks (no gin, no data)
     moescale pairs check|make|list     matched experiment pairs (see `moescale pairs --help`)
     moescale families                  the registered FFN families and their arguments
+    moescale eval RUN_DIR [--tasks ...]  perplexity by domain of a checkpoint (moescale.evaluate)
+    moescale prime RUN_DIR --task T [--shots 0,4] [--draws 25]  zero- / few-shot accuracy
+    moescale finetune RUN_DIR --task T --out NEW_DIR [--freeze_router]  fine-tune, compare
 """
 
 from __future__ import annotations
@@ -161,6 +164,24 @@ def _vocab(argv: Sequence[str]) -> int:
                                    model_type=args.model_type)
   print(path)
   return 0
+
+
+@command('eval', 'loss, perplexity and bits per byte of a checkpoint, task by task')
+def _eval(argv: Sequence[str]) -> int:
+  from moescale.evaluate import cli
+  return cli.eval_main(argv)
+
+
+@command('prime', 'zero- and few-shot multiple-choice accuracy of a checkpoint')
+def _prime(argv: Sequence[str]) -> int:
+  from moescale.evaluate import cli
+  return cli.prime_main(argv)
+
+
+@command('finetune', 'fine-tune a pretrained run on a task into a new run directory')
+def _finetune(argv: Sequence[str]) -> int:
+  from moescale.evaluate import cli
+  return cli.finetune_main(argv)
 
 
 @command('bench', 'benchmark sparse layers against FLOP-matched dense layers')

@@ -55,7 +55,7 @@ class SeqioDataSource:
     self.sequence_length = self.task_feature_lengths['targets']
     self.eval_splits = tuple(eval_splits) if eval_splits is not None else (
         self._default_eval_splits(provider))
-    self._eval_pipelines: dict[tuple[int, int, int], dict[str, DataPipeline]] = {}
+    self._eval_pipelines: dict[tuple, dict[str, Any]] = {}
 
   def _default_eval_splits(self, provider) -> tuple[str, ...]:
     splits = [s for s in provider.splits if s != 'train']
@@ -88,7 +88,7 @@ class SeqioDataSource:
     """{split: a pipeline from its first batch}. The pipelines are kept and rewound for the
     next evaluation with the same batch and sharding: the tiny run's three eval splits took
     ~9 s to build each time."""
-    key = (batch_size, shard_id, num_shards)
+    key = (batch_size, shard_id, num_shards, self.eval_splits)
     if key in self._eval_pipelines:
       for p in self._eval_pipelines[key].values():
         p.rewind()

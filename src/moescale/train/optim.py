@@ -85,14 +85,14 @@ def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Sche
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
 
 
 def decay_mask(params: nnx.State):
   """True for parameters that get weight decay: matrices, not norms / biases / scalars."""
   def one(path, x):
-    name = _path_str(path).lower()
+    name = path_str(path).lower()
     return getattr(x, 'ndim', 0) >= 2 and 'norm' not in name and 'bias' not in name
   return jax.tree_util.tree_map_with_path(one, params)
 
@@ -100,7 +100,7 @@ def decay_mask(params: nnx.State):
 def _group_labels(params: nnx.State, group_lr: Mapping[str, float]):
   patterns = [(re.compile(p), p) for p in group_lr]
   def one(path, _):
-    name = _path_str(path)
+    name = path_str(path)
     return next((p for rx, p in patterns if rx.search(name)), '__default__')
   return jax.tree_util.tree_map_with_path(one, params)
 

@@ -85,16 +85,21 @@ def abstract_model(model_fn: Callable[..., nnx.Module], seed: int):
 
 
 def create_train_state(model_fn, optimizer: optax.GradientTransformation, seed: int,
-                       mesh: Mesh, rules=shd.DEFAULT_RULES):
+                       mesh: Mesh, rules=shd.DEFAULT_RULES, abstract: bool = False):
   """Initialises params and optimizer state directly sharded: each device computes only its
-  shards inside one jit, so a model larger than one device's memory can still start."""
+  shards inside one jit, so a model larger than one device's memory can still start.
+  abstract: only the shapes (jax.ShapeDtypeStruct with their shardings), to restore into."""
   graphdef, abs_params, abs_rest = abstract_model(model_fn, seed)
   param_sh = shd.state_shardings(abs_params, mesh, rules)
   rest_sh = shd.state_shardings(abs_rest, mesh, rules)
   abs_opt = jax.eval_shape(optimizer.init, abs_params)
   replicated = NamedSharding(mesh, P())
-  opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abs_opt, param_sh,
-                                 transform_non_params=lambda _: replicated)
+  # Per-group optimizers (OptimizerConfig.group_lr: optax.multi_transform) hold MaskedNode
+  # where a parameter is not theirs: it stays a MaskedNode, not a sharding.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  opt_sh = optax.tree_map_params(optimizer, lambda p, s: p if masked(p) else s, abs_opt,
+                                 param_sh, transform_non_params=lambda _: replicated,
+                                 is_leaf=masked)
   state_sh = TrainState(step=replicated, params=param_sh, rest=rest_sh, opt_state=opt_sh)
 
   def init():
@@ -103,7 +108,11 @@ def create_train_state(model_fn, optimizer: optax.GradientTransformation, seed: 
                       opt_state=optimizer.init(params))
 
   # The out_shardings carry the mesh: no mesh context is needed (the constructors read none).
-  state = jax.jit(init, out_shardings=state_sh)()
+  init = jax.jit(init, out_shardings=state_sh)
+  state = jax.eval_shape(init) if abstract else init()
+  if abstract:
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, state_sh)
   return graphdef, state, state_sh
 
 

@@ -16,9 +16,10 @@ import dataclasses
 import logging
 import os
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -118,7 +119,8 @@ def _host_scalars(metrics: dict) -> dict:
 
 
 def evaluate(eval_fn, state, data: DataSource, cfg: TrainConfig, mesh,
-             memory: memory_lib.MemorySpec | None = None) -> dict[str, float]:
+             memory: memory_lib.MemorySpec | None = None, progress: bool = False
+             ) -> dict[str, float]:
   """{'<split>/eval_loss', '<split>/perplexity', '<split>/bits_per_token' (and bits_per_byte
   where the source knows bytes per token)} over at most cfg.eval_steps batches per split.
   With a memory spec, eval_fn carries Transformer-XL memory from batch to batch of a split
@@ -133,6 +135,9 @@ def evaluate(eval_fn, state, data: DataSource, cfg: TrainConfig, mesh,
     if memory is not None:
       mem = memory_lib.empty_memory(memory, batch_size, _eval_mem_len(cfg, memory),
                                   shd.batch_sharding(mesh, 1))
+    if progress:
+      import tqdm  # only for interactive evaluations: training logs its own progress
+      batches = tqdm.tqdm(batches, desc=split, total=cfg.eval_steps or None, unit='batch')
     for i, batch in enumerate(batches):
       if cfg.eval_steps and i >= cfg.eval_steps:
         break
@@ -162,7 +167,7 @@ def _eval_mem_len(cfg: TrainConfig, spec: memory_lib.MemorySpec | None) -> int:
   return spec.mem_len if cfg.eval_mem_len is None else cfg.eval_mem_len
 
 
-def _eval_fn(graphdef, state_sh, mesh, cfg: TrainConfig, spec):
+def make_eval_fn(graphdef, state_sh, mesh, cfg: TrainConfig, spec):
   """(the jitted eval step, the memory spec `evaluate` must carry for it, or None)."""
   mem_len = _eval_mem_len(cfg, spec)
   fn = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef, mem_len), state_sh, mesh,
@@ -221,6 +226,30 @@ class TrainSummary:
     return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
 
 
+class BuiltState(NamedTuple):
+  """What a run's configuration makes before any step: see `build_state`."""
+  graphdef: Any
+  state: step_lib.TrainState
+  state_sh: Any
+  optimizer: Any
+  schedule: Any
+  memory: memory_lib.MemorySpec | None
+
+
+def build_state(model_fn, cfg: TrainConfig, mesh, abstract: bool = False) -> BuiltState:
+  """The train state of a run as its config defines it (optimizer, schedule, Transformer-XL
+  memory), initialised and sharded, or only its shapes (abstract=True: to restore a checkpoint
+  into, as `moescale.evaluate` does)."""
+  _, abs_params, _ = step_lib.abstract_model(model_fn, cfg.seed)
+  tx, schedule = optim.make_optimizer(cfg.optimizer, cfg.train_steps, abs_params)
+  graphdef, state, state_sh = step_lib.create_train_state(model_fn, tx, cfg.seed, mesh,
+                                                          cfg.rules, abstract=abstract)
+  memory = memory_lib.memory_spec(graphdef, state.params, state.rest)
+  if memory is not None:  # Transformer-XL: the memory is part of the state (and checkpoint)
+    state, state_sh = memory_lib.attach(state, state_sh, memory, cfg.batch_size, mesh)
+  return BuiltState(graphdef, state, state_sh, tx, schedule, memory)
+
+
 def _restore(checkpointer, state, state_sh):
   """(state, data position) from the latest complete checkpoint, or as given if none."""
   if checkpointer.latest_step() is None:
@@ -262,28 +291,32 @@ class _Window:
 
 
 def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfig,
-          flops_per_token: float | None = None) -> TrainSummary:
+          flops_per_token: float | None = None, init_from=None) -> TrainSummary:
   """Trains (or resumes) in cfg.model_dir; returns a `TrainSummary` of the run.
 
   flops_per_token: forward FLOPs per token of the model (from `moescale.accounting`), used for
   the logged `train_flops` (3x forward) and MFU against this machine's measured peak.
+  init_from: (params, rest) to start from instead of a fresh initialisation, when model_dir
+  has no checkpoint yet (fine-tuning a pretrained model; the optimizer state starts fresh).
   """
   mesh = cfg.mesh.make()
   if cfg.batch_size % (mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']):
     raise ValueError(f'batch_size={cfg.batch_size} must divide by the data-parallel mesh size '
                      f'{dict(mesh.shape)}')
-  _, abs_params, _ = step_lib.abstract_model(model_fn, cfg.seed)
-  tx, schedule = optim.make_optimizer(cfg.optimizer, cfg.train_steps, abs_params)
-  graphdef, state, state_sh = step_lib.create_train_state(model_fn, tx, cfg.seed, mesh, cfg.rules)
-  memory = memory_lib.memory_spec(graphdef, state.params, state.rest)
-  if memory is not None:  # Transformer-XL: the memory is part of the state (and checkpoint)
-    state, state_sh = memory_lib.attach(state, state_sh, memory, cfg.batch_size, mesh)
+  built = build_state(model_fn, cfg, mesh)
+  graphdef, state, state_sh, memory = built.graphdef, built.state, built.state_sh, built.memory
   checkpointer = ckpt_lib.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints)
+  if init_from is not None and checkpointer.latest_step() is None:
+    # Copies: the train step donates its state, and the caller's arrays must survive it.
+    params, rest = jax.device_put(jax.tree.map(jnp.copy, tuple(init_from)),
+                                  (state_sh.params, state_sh.rest))
+    state = dataclasses.replace(state, params=params, rest=rest)
   state, position = _restore(checkpointer, state, state_sh)
   start = int(state.step)
-  train_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, tx, schedule, cfg.step),
+  train_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, built.optimizer,
+                                                             built.schedule, cfg.step),
                                      state_sh, mesh)
-  eval_fn, eval_memory = _eval_fn(graphdef, state_sh, mesh, cfg, memory)
+  eval_fn, eval_memory = make_eval_fn(graphdef, state_sh, mesh, cfg, memory)
   per_host = cfg.batch_size // jax.process_count()
   it = data.train_iterator(per_host, jax.process_index(), jax.process_count(), cfg.seed, position)
   if memory is not None:
