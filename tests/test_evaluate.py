@@ -211,3 +211,27 @@ def test_prime_command_on_a_built_in_task(run_dir, capsys):
   assert "100000 shots asked, but the 'train' split" in capsys.readouterr().err
   assert cli.main(['prime', run_dir, '--task=nope']) == 2
   assert 'sotu_next_sentence' in capsys.readouterr().err
+
+
+def test_own_text_domain_bf16_and_a_foreign_vocabulary(run_dir, tmp_path, capsys):
+  text = tmp_path / 'letters.txt'
+  text.write_text('Dear Sir, I write to you about the weather.\n\nYours, a friend.\n')
+  assert cli.main(['eval', run_dir, '--num_devices=1', f'--text=letters={text}', '--json',
+                   '--no_save']) == 0
+  res = json.loads(capsys.readouterr().out)['results']
+  # Every byte of both paragraphs and their EOS ids is scored.
+  assert set(res) == {'letters:validation'}
+  assert res['letters:validation']['eval_tokens'] == len('Dear Sir, I write to you about the '
+                                                          'weather.Yours, a friend.') + 2
+  run = evaluate.load_run(run_dir, mesh=trainer.MeshConfig(num_devices=1))
+  f32 = evaluate.perplexity(run, ['validation'], max_batches=1)['validation']['eval_loss']
+  bf16_run = evaluate.load_run(run_dir, mesh=trainer.MeshConfig(num_devices=1),
+                               model_overrides={'dtype': 'bfloat16'})
+  bf16 = evaluate.perplexity(bf16_run, ['validation'], max_batches=1)['validation']['eval_loss']
+  assert bf16 != f32 and bf16 == pytest.approx(f32, rel=2e-2)
+  # A vocabulary larger than the checkpoint's embedding is not the one it was trained with.
+  import dataclasses
+  import types
+  foreign = dataclasses.replace(run, data_factory=lambda: types.SimpleNamespace(vocab_size=8000))
+  with pytest.raises(ValueError, match='has 8000 ids but the checkpoint.s embedding has 264'):
+    foreign.data

@@ -195,6 +195,20 @@ def test_run_launches_each_experiment_with_its_config(tmp_path, monkeypatch):
     assert (tmp_path / e.name / 'config.json').is_file()
 
 
+def test_a_trained_study_is_evaluated_from_its_run_directories(tmp_path):
+  st = _tiny_study()
+  exps = st.expand(['s'])                  # dense and sigma (the MoE skips this size)
+  trained = st.run(str(tmp_path), exps[:1])
+  results = st.evaluate(str(tmp_path), experiments=exps, max_batches=2)
+  assert list(results) == [exps[0].name]   # the untrained run is left out
+  got = results[exps[0].name]
+  assert got['step'] == 2 and got['priming'] == {}
+  assert got['perplexity']['validation']['eval_loss'] == pytest.approx(
+      trained[0]['validation/eval_loss'], rel=1e-5)
+  saved = tmp_path / exps[0].name / 'eval' / 'perplexity_step2.json'
+  assert json.loads(saved.read_text())['results'] == got['perplexity']
+
+
 def test_experiment_scripts_dry_run_write_directories(tmp_path, capsys):
   assert ARTETXE.main(['--dry_run', '--root', str(tmp_path / 'a')]) == 0
   out = capsys.readouterr().out

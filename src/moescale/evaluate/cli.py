@@ -43,6 +43,13 @@ def load(args):
                           bindings=args.bindings)
 
 
+def _name_and_files(p: argparse.ArgumentParser, spec: str) -> tuple[str, list[str]]:
+  name, _, files = spec.partition('=')
+  if not name or not files:
+    p.error(f'--text {spec!r}: expected NAME=FILE[,FILE...]')
+  return name, _split_list(files)
+
+
 def _split_list(text: str | None) -> list[str] | None:
   return [t for t in text.split(',') if t] if text else None
 
@@ -56,6 +63,9 @@ def eval_main(argv: Sequence[str]) -> int:
                  help="comma-separated 'split' or 'task:split' (default: the run's evaluation "
                       "splits), e.g. validation,moescale_kjv:validation,moescale_pydoc:"
                       'validation')
+  p.add_argument('--text', action='append', default=[], metavar='NAME=FILES',
+                 help='a domain of your own: text files (comma-separated paths or globs; one '
+                      'document per paragraph), evaluated as task NAME; repeat for more')
   p.add_argument('--max_batches', type=int, default=None,
                  help='at most N batches per task (default: the whole split)')
   p.add_argument('--batch_size', type=int, default=None, help='rows per batch')
@@ -64,7 +74,10 @@ def eval_main(argv: Sequence[str]) -> int:
   args = parse(p, argv)
   from moescale.evaluate import lm
   run = load(args)
-  results = lm.perplexity(run, _split_list(args.tasks), max_batches=args.max_batches,
+  tasks = _split_list(args.tasks) or ([] if args.text else None)
+  for spec in args.text:
+    tasks.append(lm.register_text_domain(run, *_name_and_files(p, spec)))
+  results = lm.perplexity(run, tasks, max_batches=args.max_batches,
                           batch_size=args.batch_size, mem_len=args.mem_len,
                           progress=not args.json)
   path = None if args.no_save else lm.save(run, 'perplexity', results)
@@ -114,7 +127,8 @@ def prime_main(argv: Sequence[str]) -> int:
     task = tasks_lib.load_task(spec)
     for k in shots:
       results.append(priming.prime(run, task, shots=k, draws=args.draws, seed=args.seed,
-                                   max_examples=args.max_examples, batch_size=args.batch_size))
+                                   max_examples=args.max_examples, batch_size=args.batch_size,
+                                   progress=not args.json))
   keyed = {f'{r["task"]}/{r["shots"]}shot': r for r in results}
   path = None if args.no_save else lm.save(run, 'priming', keyed)
   if args.json:

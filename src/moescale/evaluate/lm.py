@@ -47,10 +47,18 @@ def perplexity(run: Run, tasks: Sequence[str] | None = None, *, max_batches: int
   for key, value in flat.items():
     task, metric = key.rsplit('/', 1)
     out.setdefault(task, {})[metric] = float(value)
-  missing = [t for t in data.eval_splits if t not in out]
+  missing = [t for t in getattr(data, 'eval_splits', out) if t not in out]
   if missing:
     raise ValueError(f'{missing}: no tokens to score (an empty split, or max_batches=0)')
   return out
+
+
+def register_text_domain(run: Run, name: str, files) -> str:
+  """Registers text files (paths or globs; a document per paragraph) as seqio task `name`,
+  tokenized with the run's vocabulary, and returns its evaluation task 'name:validation'."""
+  from moescale.data import tasks as tasks_lib
+  tasks_lib.register_text_task(name, None, list(files), run.data.vocabulary_spec)
+  return f'{name}:validation'
 
 
 def save(run: Run, name: str, results: dict) -> str:

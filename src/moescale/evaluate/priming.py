@@ -78,10 +78,11 @@ def _scorer(run: Run):
                  out_shardings=NamedSharding(run.mesh, P()))
 
 
-def score(run: Run, pairs: Sequence[tuple[str, str]], batch_size: int | None = None
-          ) -> dict[str, np.ndarray]:
+def score(run: Run, pairs: Sequence[tuple[str, str]], batch_size: int | None = None,
+          progress: str | None = None) -> dict[str, np.ndarray]:
   """{'sum', 'per_token', 'per_byte'}: [len(pairs)] log-likelihood of each continuation given
-  its context, and that per continuation token and per byte."""
+  its context, and that per continuation token and per byte; 'truncated': [len(pairs)] bool,
+  the prompts cut to the sequence length. progress: a label for a progress bar (None: none)."""
   length = run.sequence_length
   batch_size = batch_size or run.config.eval_batch_size or run.config.batch_size
   fn = _scorer(run)
@@ -92,7 +93,11 @@ def score(run: Run, pairs: Sequence[tuple[str, str]], batch_size: int | None = N
            for k, v in feats.items()}
   sums = []
   with shd.use_mesh(run.mesh, run.config.rules):
-    for lo in range(0, padded, batch_size):
+    starts = range(0, padded, batch_size)
+    if progress:
+      import tqdm
+      starts = tqdm.tqdm(starts, desc=progress, unit='batch', leave=False)
+    for lo in starts:
       batch = shd.host_local_to_global({k: v[lo:lo + batch_size] for k, v in feats.items()},
                                        run.mesh)
       sums.append(np.asarray(fn(run.state.params, run.state.rest, batch)))
@@ -120,7 +125,8 @@ def _accuracy(scores: dict[str, np.ndarray], examples) -> dict[str, float]:
 
 
 def prime(run: Run, task, shots: int = 0, draws: int | None = None, seed: int = 0,
-          max_examples: int | None = None, batch_size: int | None = None) -> dict:
+          max_examples: int | None = None, batch_size: int | None = None,
+          progress: bool = False) -> dict:
   """Accuracy of the run on a multiple-choice task (moescale.evaluate.tasks.Task), k-shot,
   over `draws` draws of the shots (default 1 zero-shot, 25 few-shot).
 
@@ -143,7 +149,8 @@ def prime(run: Run, task, shots: int = 0, draws: int | None = None, seed: int = 
     rng = np.random.default_rng([seed, d])
     chosen = [pool[j] for j in rng.choice(len(pool), shots, replace=False)] if shots else []
     demos = ''.join(ex.demonstration + task.separator for ex in chosen)
-    scores = score(run, _prompts(examples, demos), batch_size)
+    label = f'{task.name} {shots}-shot, draw {d + 1}' if progress else None
+    scores = score(run, _prompts(examples, demos), batch_size, progress=label)
     truncated.append(float(scores.pop('truncated').mean()))
     acc = _accuracy(scores, examples)
     for norm in NORMALISATIONS:

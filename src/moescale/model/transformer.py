@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from typing import Iterator, Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -46,31 +45,10 @@ from moescale.model import attention as attention_lib
 from moescale.model import blocks as blocks_lib
 from moescale.model import positions as positions_lib
 from moescale.model.blocks import ACT_RESIDUAL, Block, FFNConstructor, LayerNorm
+from moescale.model.output import LMOutput, collect, next_memory_mask
 
 POSITIONS = ('sinusoidal', 'learned', 'rotary', 'relative')
 EMBEDDING_INITS = ('fairseq', 'csordas')
-
-
-@flax.struct.dataclass
-class LMOutput:
-  """What one forward pass returns (a pytree: safe to return from `jax.jit`).
-
-  logits: [batch, length, vocab] float32 (float64 if the compute dtype is).
-  aux_loss: scalar, the sum of every sublayer's weighted auxiliary losses; add it to the LM loss.
-  aux_losses: name -> scalar, those weighted losses summed over layers.
-  metrics: 'layer_02/expert_usage' -> array, every sublayer metric by 1-based layer.
-  memory: Transformer-XL memory for the next segment (list per layer) or None.
-  memory_mask: [batch, mem] bool, which slots of `memory` hold tokens (None with no memory).
-  batch_stats: 'layer_02' -> that sublayer's `Aux.batch_stats` (sums over this call's tokens;
-    `TransformerLM.batch_losses` turns them, summed over microbatches, into losses).
-  """
-  logits: jax.Array
-  aux_loss: jax.Array
-  aux_losses: dict[str, jax.Array]
-  metrics: dict[str, jax.Array]
-  memory: list[jax.Array] | None = None
-  memory_mask: jax.Array | None = None
-  batch_stats: dict[str, dict[str, jax.Array]] = flax.struct.field(default_factory=dict)
 
 
 class TransformerLM(nnx.Module):
@@ -259,7 +237,7 @@ class TransformerLM(nnx.Module):
     if self.output_bias is not None:
       logits = logits + self.output_bias[...].astype(self.dtype)
     logits = shd.constrain(logits, ('act_batch', 'act_length', 'act_vocab'))
-    aux_losses, aux_loss, metrics = _collect(records)
+    aux_losses, aux_loss, metrics = collect(records)
     stats = {f'layer_{n:02d}': dict(aux.batch_stats) for n, aux in records if aux.batch_stats}
     # float32 at least (bfloat16 logits lose the loss), float64 kept for gradient checks.
     logits = logits.astype(jnp.promote_types(self.dtype, jnp.float32))
@@ -267,7 +245,7 @@ class TransformerLM(nnx.Module):
                    batch_stats=stats)
     if not mem_len:
       return out
-    return out.replace(memory=new_memory, memory_mask=_next_memory_mask(memory, memory_mask,
+    return out.replace(memory=new_memory, memory_mask=next_memory_mask(memory, memory_mask,
                                                                         tokens.shape, mem_len))
 
   def batch_losses(self, batch_stats: dict[str, dict[str, jax.Array]]) -> dict[str, jax.Array]:
@@ -358,32 +336,3 @@ class TransformerLM(nnx.Module):
         new_memory[layer] = None if mem is None else mem[gi]
     records.sort(key=lambda r: r[0])
     return x, records, new_memory
-
-
-def _next_memory_mask(memory, memory_mask, shape, mem_len) -> jax.Array:
-  """The mask of the memory a call returns: the last mem_len of (memory's mask ++ the current
-  tokens, all real). [batch, min(mem_len, mem + length)] bool."""
-  batch, length = shape
-  current = jnp.ones((batch, length), bool)
-  if memory is not None:
-    old = (jnp.ones((batch, memory[0].shape[1]), bool) if memory_mask is None
-           else memory_mask.astype(bool))
-    current = jnp.concatenate([old, current], axis=1)
-  return current[:, -mem_len:]
-
-
-def _collect(records: list[tuple[int, common.Aux]]) -> tuple[dict, jax.Array, dict]:
-  """Per-layer Aux -> (weighted losses summed over layers, their total, metrics by layer)."""
-  aux_losses: dict[str, jax.Array] = {}
-  metrics: dict[str, jax.Array] = {}
-  for layer, aux in records:
-    for name, value in aux.losses.items():
-      value = jnp.asarray(value, jnp.float32)
-      if value.ndim:
-        raise ValueError(f'auxiliary loss {name!r} of layer {layer} must be a scalar, '
-                         f'got shape {value.shape}')
-      aux_losses[name] = aux_losses.get(name, 0.0) + value
-    for name, value in aux.metrics.items():
-      metrics[f'layer_{layer:02d}/{name}'] = value
-  aux_loss = sum(aux_losses.values(), jnp.zeros((), jnp.float32))
-  return aux_losses, aux_loss, metrics

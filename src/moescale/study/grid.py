@@ -153,6 +153,39 @@ class ScalingStudy:
     runs = self.write(root, experiments)
     return [e.launch(d) for e, d in runs]
 
+  def evaluate(self, root: str, tasks=None, experiments: Sequence[Experiment] | None = None,
+               **kwargs) -> dict[str, dict]:
+    """The trained runs under root, evaluated from their checkpoints: `evaluate_runs`."""
+    return evaluate_runs(root, self.expand() if experiments is None else experiments, tasks,
+                         **kwargs)
+
+
+def evaluate_runs(root: str, experiments: Sequence[Experiment], tasks=None, *,
+                  max_batches: int | None = None, priming: Sequence[str] = (),
+                  shots: Sequence[int] = (0,), draws: int | None = None) -> dict[str, dict]:
+  """{run name: {'step', 'perplexity': {task: metrics}, 'priming': {'task/kshot': result}}}
+  for every experiment under root that has a checkpoint (moescale.evaluate; each result also
+  saved beside its checkpoint). tasks: perplexity tasks (None: each run's own evaluation
+  splits); priming: task specs scored at each number of `shots`."""
+  from moescale import evaluate
+  from moescale.evaluate import lm
+  out = {}
+  for e in experiments:
+    run_dir = os.path.join(root, e.name)
+    if not os.path.isdir(os.path.join(run_dir, 'checkpoints')):
+      continue
+    run = evaluate.load_run(run_dir)
+    res = {'step': run.step,
+           'perplexity': evaluate.perplexity(run, tasks, max_batches=max_batches)}
+    lm.save(run, 'perplexity', res['perplexity'])
+    res['priming'] = {f'{spec}/{k}shot': evaluate.prime(run, evaluate.load_task(spec), k,
+                                                        draws=draws)
+                      for spec in priming for k in shots}
+    if res['priming']:
+      lm.save(run, 'priming', res['priming'])
+    out[e.name] = res
+  return out
+
 
 def run_from_args(study: 'ScalingStudy', root: str, only=None, families=None,
                   dry_run: bool = False, convention: str = 'standard') -> int:
