@@ -134,7 +134,7 @@ def evaluate(eval_fn, state, data: DataSource, cfg: TrainConfig, mesh,
     mem = None
     if memory is not None:
       mem = memory_lib.empty_memory(memory, batch_size, _eval_mem_len(cfg, memory),
-                                  shd.batch_sharding(mesh, 1))
+                                    shd.batch_sharding(mesh, 1))
     if progress:
       import tqdm  # only for interactive evaluations: training logs its own progress
       batches = tqdm.tqdm(batches, desc=split, total=cfg.eval_steps or None, unit='batch')
