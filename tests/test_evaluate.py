@@ -235,3 +235,29 @@ def test_own_text_domain_bf16_and_a_foreign_vocabulary(run_dir, tmp_path, capsys
   foreign = dataclasses.replace(run, data_factory=lambda: types.SimpleNamespace(vocab_size=8000))
   with pytest.raises(ValueError, match='has 8000 ids but the checkpoint.s embedding has 264'):
     foreign.data
+
+
+def test_finetune_with_a_classification_head(run_dir, tmp_path):
+  from moescale.evaluate import classifier
+  from moescale.evaluate import finetune as ft
+  run = evaluate.load_run(run_dir, mesh=trainer.MeshConfig(num_devices=1))
+  out = str(tmp_path / 'head')
+  cfg = ft.FinetuneConfig(steps=2, batch_size=8, learning_rate=1e-9, head='classifier')
+  result = ft.finetune(run, _toy_classification(), out, cfg, shots=0)
+  tuned = evaluate.load_run(out, mesh=trainer.MeshConfig(num_devices=1))
+  params = _flat(tuned.state.params)
+  assert params['head/value'].shape == (run.model.d_model, 2)
+  # The LM starts from the pretrained weights (a 1e-9 step leaves them where they were).
+  for k, v in _flat(run.state.params).items():
+    np.testing.assert_allclose(params['lm/' + k], v, atol=1e-6, err_msg=k)
+  # The reported accuracy is the head's argmax at each context's last token, by hand.
+  task = _toy_classification()
+  model = tuned.model
+  hits = 0
+  for e in task.examples('validation'):
+    ids = np.array([[0] + list(run.vocabulary.encode(e.choices[0].context))])
+    hits += int(np.argmax(np.asarray(model(ids).logits)[0, -1]) == e.label)
+  assert result['finetuned']['accuracy'] == hits / 12
+  with pytest.raises(ValueError, match='needs a classification task'):
+    ft.finetune(run, _toy_task(), str(tmp_path / 'mc'), cfg)
+  del classifier

@@ -160,6 +160,9 @@ def finetune_main(argv: Sequence[str]) -> int:
   p.add_argument('--router_lr_scale', type=float, default=1.0)
   p.add_argument('--expert_lr_scale', type=float, default=1.0)
   p.add_argument('--expert_dropout', type=float, default=None, help="σ-MoE's expert dropout")
+  p.add_argument('--head', default='label_words', choices=('label_words', 'classifier'),
+                 help='learn the label words (as the paper), or a linear head on the last '
+                      'context token (classification tasks)')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--shots', type=int, default=4, help='the pretrained few-shot comparison')
   p.add_argument('--draws', type=int, default=5)
@@ -169,7 +172,7 @@ def finetune_main(argv: Sequence[str]) -> int:
       steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
       warmup_steps=args.warmup_steps, freeze_router=args.freeze_router,
       router_lr_scale=args.router_lr_scale, expert_lr_scale=args.expert_lr_scale,
-      expert_dropout=args.expert_dropout, seed=args.seed)
+      expert_dropout=args.expert_dropout, seed=args.seed, head=args.head)
   run = load(args)
   result = ft.finetune(run, tasks_lib.load_task(args.task), args.out, cfg, shots=args.shots,
                        draws=args.draws, max_examples=args.max_examples)
@@ -177,7 +180,13 @@ def finetune_main(argv: Sequence[str]) -> int:
     print(json.dumps(result, indent=1))
     return 0
   rows = [{**r, 'task': f'{r["task"]} (pretrained)'} for r in result['pretrained'].values()]
-  rows.append({**result['finetuned'], 'task': f'{result["task"]} (fine-tuned)'})
-  print(_prime_table(rows))
+  tuned = result['finetuned']
+  if args.head == 'classifier':
+    print(_prime_table(rows))
+    print(f'{result["task"]} (fine-tuned, classification head): accuracy '
+          f'{tuned["accuracy"]:.3f} on {tuned["examples"]} examples (chance '
+          f'{tuned["chance"]:.3f})')
+  else:
+    print(_prime_table(rows + [{**tuned, 'task': f'{result["task"]} (fine-tuned)'}]))
   print(f'fine-tuned run: {args.out} (finetune.json)')
   return 0

@@ -8,7 +8,9 @@ split like a zero-shot one, beside the pretrained model's zero- and few-shot sco
     result = finetune(load_run('runs/tiny'), load_task('corpus_source'), 'runs/tiny_ft',
                       FinetuneConfig(steps=200, freeze_router=True))
 
-MoE options: `freeze_router` (the routers keep their pretrained weights: learning rate 0),
+`head='classifier'` instead trains a linear head on the last context token
+(`moescale.evaluate.classifier.ClassifierLM`, for classification tasks), the LM under it
+starting from the pretrained weights. MoE options: `freeze_router` (the routers keep their pretrained weights: learning rate 0),
 `router_lr_scale` / `expert_lr_scale` (learning-rate multipliers for the routers and the
 experts of the sparse layers), `expert_dropout` (σ-MoE's expert dropout during fine-tuning).
 The new run directory gets its own config.gin (the pretrained one plus the fine-tuning
@@ -19,6 +21,7 @@ pretrained run directory is only read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -26,9 +29,12 @@ import re
 import jax
 import numpy as np
 
-from moescale.evaluate import priming
+from moescale.evaluate import classifier, priming
 from moescale.evaluate import run as run_lib
 from moescale.train import optim, trainer
+
+
+HEADS = ('label_words', 'classifier')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +48,14 @@ class FinetuneConfig:
   expert_lr_scale: float = 1.0
   expert_dropout: float | None = None
   seed: int = 0
+  head: str = 'label_words'   # or 'classifier': a linear head on the last context token
+
 
   def __post_init__(self):
     if self.steps < 1 or self.batch_size < 1:
       raise ValueError(f'steps={self.steps} and batch_size={self.batch_size} must be >= 1')
+    if self.head not in HEADS:
+      raise ValueError(f'head={self.head!r}; valid: {HEADS}')
     if self.freeze_router and self.router_lr_scale != 1.0:
       raise ValueError('freeze_router sets the routers\' learning rate to 0; do not also give '
                        f'router_lr_scale={self.router_lr_scale}')
@@ -56,11 +66,14 @@ class ExampleData:
   context and correct continuation, the loss on the continuation; shuffled every epoch with
   the seed; the position (epoch, index) resumes exactly."""
 
-  def __init__(self, task, vocabulary, length: int, seed: int = 0):
-    examples = task.examples(task.shots_split)
-    pairs = [(e.choices[e.label].context, e.choices[e.label].continuation) for e in examples]
-    self.rows = priming.rows(vocabulary, pairs, length)[0]
-    self.seed, self.n = seed, len(pairs)
+  def __init__(self, task, vocabulary, length: int, seed: int = 0, head: str = 'label_words'):
+    if head == 'classifier':
+      self.rows = classifier.examples_rows(task, task.shots_split, vocabulary, length)[0]
+    else:
+      examples = task.examples(task.shots_split)
+      pairs = [(e.choices[e.label].context, e.choices[e.label].continuation) for e in examples]
+      self.rows = priming.rows(vocabulary, pairs, length)[0]
+    self.seed, self.n = seed, len(self.rows['decoder_input_tokens'])
 
   def train_iterator(self, batch_size, shard_id=0, num_shards=1, seed=0, position=None):
     if self.n < batch_size * num_shards:
@@ -95,8 +108,11 @@ class _ExampleIterator:
 
 def _group_lr(run, cfg: FinetuneConfig) -> dict[str, float]:
   """Learning-rate multipliers by parameter path: the routers ('w_router'), then the other
-  parameters of every sublayer that has a router (its experts)."""
-  paths = [optim.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(run.state.params)]
+  parameters of every sublayer that has a router (its experts). With a classification head the
+  LM's parameters are under 'lm/'."""
+  prefix = 'lm/' if cfg.head == 'classifier' else ''
+  paths = [prefix + optim.path_str(p)
+           for p, _ in jax.tree_util.tree_leaves_with_path(run.state.params)]
   routed = sorted({p[:p.index('w_router')] for p in paths if 'w_router' in p})
   router_scale = 0.0 if cfg.freeze_router else cfg.router_lr_scale
   out = {}
@@ -110,7 +126,7 @@ def _group_lr(run, cfg: FinetuneConfig) -> dict[str, float]:
   return out
 
 
-def _bindings(run, cfg: FinetuneConfig, out_dir: str) -> list[str]:
+def _bindings(run, cfg: FinetuneConfig, out_dir: str, num_labels: int = 0) -> list[str]:
   """The gin bindings that turn the pretrained run's config into the fine-tuning run's."""
   b = [f'MODEL_DIR = {out_dir!r}', f'TrainConfig.model_dir = {out_dir!r}',
        f'TrainConfig.train_steps = {cfg.steps}', f'TrainConfig.batch_size = {cfg.batch_size}',
@@ -124,7 +140,19 @@ def _bindings(run, cfg: FinetuneConfig, out_dir: str) -> list[str]:
     b.append('TransformerLM.mem_len = 0')
   if cfg.expert_dropout is not None:
     b.append(f'SigmaMoE.expert_dropout = {cfg.expert_dropout}')
+  if cfg.head == 'classifier':
+    b += ['ClassifierLM.lm = %MODEL', f'ClassifierLM.num_labels = {num_labels}',
+          'run_training.model = @ClassifierLM']
   return b
+
+
+def _under_lm(pretrained, params, rest):
+  """The fresh ClassifierLM state with the pretrained LM's state in its 'lm' subtree (the
+  head keeps its fresh initialisation)."""
+  params['lm'] = pretrained[0]
+  if jax.tree.leaves(pretrained[1]):
+    rest['lm'] = pretrained[1]
+  return params, rest
 
 
 def finetune(run: run_lib.Run, task, out_dir: str, cfg: FinetuneConfig = FinetuneConfig(), *,
@@ -141,22 +169,29 @@ def finetune(run: run_lib.Run, task, out_dir: str, cfg: FinetuneConfig = Finetun
       hasattr(f, 'expert_dropout') for _, f in run.model.ffn_layers()):
     raise ValueError('expert_dropout is σ-MoE\'s (SigmaMoE.expert_dropout); this model has '
                      'no layer with expert dropout')
-  bindings = _bindings(run, cfg, out_dir)
+  if cfg.head == 'classifier' and not task.labels:
+    raise ValueError(f'head=classifier needs a classification task (with labels); '
+                     f'{task.name!r} is multiple choice: use head=label_words')
+  bindings = _bindings(run, cfg, out_dir, len(task.labels or ()))
   model_fn, tcfg, _ = run_lib._parse_config(run.run_dir, bindings)
-  data = ExampleData(task, run.vocabulary, run.sequence_length, cfg.seed)
+  data = ExampleData(task, run.vocabulary, run.sequence_length, cfg.seed, cfg.head)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(run.run_dir, 'config.gin')) as f:
     text = f.read()
   with open(os.path.join(out_dir, 'config.gin'), 'w') as f:
     f.write(text + f'\n# moescale finetune of {run.run_dir} (step {run.step}) on {task.name}\n'
             + '\n'.join(bindings) + '\n')
-  summary = trainer.train(model_fn, data, tcfg, init_from=(run.state.params, run.state.rest))
+  pretrained = (run.state.params, run.state.rest)
+  if cfg.head == 'classifier':
+    pretrained = functools.partial(_under_lm, pretrained)
+  summary = trainer.train(model_fn, data, tcfg, init_from=pretrained)
   tuned = run_lib.load_run(out_dir, mesh=run.mesh)
   result = {
       'task': task.name, 'pretrained_run': run.run_dir, 'pretrained_step': run.step,
       'config': dataclasses.asdict(cfg), 'final_loss': summary.loss,
       'pretrained': {'0shot': priming.prime(run, task, 0, max_examples=max_examples)},
-      'finetuned': priming.prime(tuned, task, 0, max_examples=max_examples)}
+      'finetuned': (classifier.accuracy(tuned, task, max_examples) if cfg.head == 'classifier'
+                    else priming.prime(tuned, task, 0, max_examples=max_examples))}
   if shots:
     result['pretrained'][f'{shots}shot'] = priming.prime(
         run, task, shots, draws=draws, seed=cfg.seed, max_examples=max_examples)

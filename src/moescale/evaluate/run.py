@@ -79,7 +79,11 @@ def _parse_config(run_dir: str, bindings) -> tuple[Callable, trainer.TrainConfig
                    'study code write one beside the checkpoints)')
   gin_config.parse([path], list(bindings), finalize=False)
   evaluate = lambda name: gin.query_parameter(name).scoped_configurable_fn()
-  model_fn = evaluate('run_training.model')
+  # `%MODEL` (a macro) evaluates to the constructor; `@ClassifierLM` (a reference, as a
+  # fine-tuned run binds it) is the constructor itself.
+  model_ref = gin.query_parameter('run_training.model')
+  model_fn = (model_ref.scoped_configurable_fn() if model_ref.evaluate
+              else model_ref.scoped_configurable_fn)
   config = evaluate('run_training.config')
   data_ref = gin.query_parameter('run_training.data')
   # The data source is built on first use: its seqio import costs seconds and 850 MB.

@@ -22,6 +22,8 @@ class LMOutput:
   memory_mask: [batch, mem] bool, which slots of `memory` hold tokens (None with no memory).
   batch_stats: 'layer_02' -> that sublayer's `Aux.batch_stats` (sums over this call's tokens;
     `TransformerLM.batch_losses` turns them, summed over microbatches, into losses).
+  hidden: [batch, length, d_model], the final LayerNorm's output the output layer reads (what
+    a classification head reads instead: moescale.evaluate.classifier).
   """
   logits: jax.Array
   aux_loss: jax.Array
@@ -30,6 +32,7 @@ class LMOutput:
   memory: list[jax.Array] | None = None
   memory_mask: jax.Array | None = None
   batch_stats: dict[str, dict[str, jax.Array]] = flax.struct.field(default_factory=dict)
+  hidden: jax.Array | None = None
 
 
 def next_memory_mask(memory, memory_mask, shape, mem_len) -> jax.Array:

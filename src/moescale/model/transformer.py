@@ -227,7 +227,7 @@ class TransformerLM(nnx.Module):
     x, records, new_memory = run(x, segment_ids, positions, (memory, memory_mask), mem_len,
                                  deterministic)
 
-    x = self.final_norm(x)
+    x = hidden = self.final_norm(x)
     if self.output_dropout:
       x = common.dropout(x, self.dropout_rate, deterministic, self.rngs)
     if self.unembed is None:
@@ -242,7 +242,7 @@ class TransformerLM(nnx.Module):
     # float32 at least (bfloat16 logits lose the loss), float64 kept for gradient checks.
     logits = logits.astype(jnp.promote_types(self.dtype, jnp.float32))
     out = LMOutput(logits=logits, aux_loss=aux_loss, aux_losses=aux_losses, metrics=metrics,
-                   batch_stats=stats)
+                   batch_stats=stats, hidden=hidden)
     if not mem_len:
       return out
     return out.replace(memory=new_memory, memory_mask=next_memory_mask(memory, memory_mask,

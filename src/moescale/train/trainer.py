@@ -297,7 +297,8 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
   flops_per_token: forward FLOPs per token of the model (from `moescale.accounting`), used for
   the logged `train_flops` (3x forward) and MFU against this machine's measured peak.
   init_from: (params, rest) to start from instead of a fresh initialisation, when model_dir
-  has no checkpoint yet (fine-tuning a pretrained model; the optimizer state starts fresh).
+  has no checkpoint yet (fine-tuning a pretrained model; the optimizer state starts fresh), or
+  a function (fresh params, fresh rest) -> (params, rest) that fills in part of them.
   """
   mesh = cfg.mesh.make()
   if cfg.batch_size % (mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']):
@@ -307,8 +308,9 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
   graphdef, state, state_sh, memory = built.graphdef, built.state, built.state_sh, built.memory
   checkpointer = ckpt_lib.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints)
   if init_from is not None and checkpointer.latest_step() is None:
+    start = (init_from(state.params, state.rest) if callable(init_from) else init_from)
     # Copies: the train step donates its state, and the caller's arrays must survive it.
-    params, rest = jax.device_put(jax.tree.map(jnp.copy, tuple(init_from)),
+    params, rest = jax.device_put(jax.tree.map(jnp.copy, tuple(start)),
                                   (state_sh.params, state_sh.rest))
     state = dataclasses.replace(state, params=params, rest=rest)
   state, position = _restore(checkpointer, state, state_sh)
