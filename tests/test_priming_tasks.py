@@ -17,7 +17,7 @@ from moescale.evaluate import builtin, corpus_text, formats
 from moescale.evaluate.tasks import FORMATS, TASK_NAMES, Choice, Example, Task, load_task
 
 EVALUATE_DIR = pathlib.Path(builtin.__file__).parent
-OUR_MODULES = ('tasks', 'formats', 'records', 'corpus_text', 'builtin')
+OUR_MODULES = ('tasks', 'formats', 'records', 'corpus_text', 'builtin', 'task_data')
 
 
 def _write(directory, files):

@@ -69,8 +69,8 @@ def register() -> None:
     gin.external_configurable(cls, module='moescale.train')
   gin.external_configurable(launch.seqio_data, module='moescale.data')
   gin.external_configurable(launch.synthetic_data, module='moescale.data')
-  from moescale.evaluate import classifier
-  gin.external_configurable(classifier.ClassifierLM, module='moescale.evaluate')
+  from moescale.model import classifier
+  gin.external_configurable(classifier.ClassifierLM, module='moescale.model')
   _CONFIGURED['run_training'] = gin.external_configurable(launch.run_training,
                                                           module='moescale')
   _REGISTERED = True

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 from moescale.evaluate import corpus_text
 from moescale.evaluate.corpus_text import Document, head, tail
-from moescale.evaluate.tasks import Choice, Example, Task
+from moescale.evaluate.task_data import Choice, Example, Task
 
 NUM_CHOICES = 4
 # Sentences or verses shorter than this ("Thank you.", "Selah.") say too little to continue.

@@ -9,8 +9,10 @@ split like a zero-shot one, beside the pretrained model's zero- and few-shot sco
                       FinetuneConfig(steps=200, freeze_router=True))
 
 `head='classifier'` instead trains a linear head on the last context token
-(`moescale.evaluate.classifier.ClassifierLM`, for classification tasks), the LM under it
-starting from the pretrained weights. MoE options: `freeze_router` (the routers keep their pretrained weights: learning rate 0),
+(`moescale.model.classifier.ClassifierLM`, for classification tasks), the LM under it
+starting from the pretrained weights.
+
+MoE options: `freeze_router` (the routers keep their pretrained weights: learning rate 0),
 `router_lr_scale` / `expert_lr_scale` (learning-rate multipliers for the routers and the
 experts of the sparse layers), `expert_dropout` (σ-MoE's expert dropout during fine-tuning).
 The new run directory gets its own config.gin (the pretrained one plus the fine-tuning

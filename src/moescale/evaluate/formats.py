@@ -19,7 +19,7 @@ from typing import Callable
 
 from moescale.evaluate.records import Where, find_file, read_jsonl, read_lines, read_table
 from moescale.evaluate.records import table_columns
-from moescale.evaluate.tasks import Choice, Example, Task
+from moescale.evaluate.task_data import Choice, Example, Task
 
 WINOGRANDE_SIZES = ('xs', 's', 'm', 'l', 'xl')
 
