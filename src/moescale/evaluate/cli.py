@@ -98,9 +98,8 @@ def _prime_table(results: list[dict]) -> str:
   rows = [[r['task'], r['shots'], r['draws'], r['examples'], f'{r["chance"]:.3f}',
            cell(r['accuracy']['per_token']), cell(r['accuracy']['per_byte']),
            cell(r['accuracy']['sum']), f'{r["truncated"]:.0%}'] for r in results]
-  widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-  return '\n'.join('  '.join(str(x).ljust(w) for x, w in zip(row, widths))
-                   for row in [head] + rows)
+  from moescale.evaluate import lm
+  return lm.text_table(head, rows)
 
 
 def prime_main(argv: Sequence[str]) -> int:

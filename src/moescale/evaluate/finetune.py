@@ -175,7 +175,7 @@ def finetune(run: run_lib.Run, task, out_dir: str, cfg: FinetuneConfig = Finetun
     raise ValueError(f'head=classifier needs a classification task (with labels); '
                      f'{task.name!r} is multiple choice: use head=label_words')
   bindings = _bindings(run, cfg, out_dir, len(task.labels or ()))
-  model_fn, tcfg, _ = run_lib._parse_config(run.run_dir, bindings)
+  model_fn, tcfg, _ = run_lib.parse_config(run.run_dir, bindings)
   data = ExampleData(task, run.vocabulary, run.sequence_length, cfg.seed, cfg.head)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(run.run_dir, 'config.gin')) as f:

@@ -85,6 +85,12 @@ def table(results: dict[str, dict[str, float]]) -> str:
   rows = [[t, f'{r["eval_loss"]:.4f}', f'{r["perplexity"]:.3f}', f'{r["bits_per_token"]:.4f}',
            f'{r["bits_per_byte"]:.4f}' if 'bits_per_byte' in r else '-',
            f'{int(r["eval_tokens"]):,}'] for t, r in results.items()]
+  return text_table(head, rows)
+
+
+def text_table(head, rows) -> str:
+  """Columns padded to their widest cell: the first (names) left-aligned, the rest (figures)
+  right-aligned."""
   widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
   fmt = lambda row: '  '.join(str(x).ljust(w) if i == 0 else str(x).rjust(w)
                               for i, (x, w) in enumerate(zip(row, widths)))

@@ -32,66 +32,57 @@ from moescale.evaluate.run import Run
 NORMALISATIONS = ('sum', 'per_token', 'per_byte')
 
 
-def rows(vocab, pairs: Sequence[tuple[str, str]], length: int):
-  """[n, length] decoder features of (context, continuation) pairs, the loss weights on the
-  continuation's tokens only (what is scored, and what fine-tuning learns), plus their token
-  and byte counts."""
-  n = len(pairs)
+def token_rows(sequences: Sequence[Sequence[int]], scored: Sequence[int], length: int):
+  """[n, length] decoder features of token sequences (each at most `length`), each starting a
+  new document (decoder input 0, then the sequence shifted right, as seqio's packing starts a
+  segment); the loss weight on each sequence's last `scored[i]` tokens."""
+  n = len(sequences)
   feats = {k: np.zeros((n, length), np.int32) for k in
            ('decoder_input_tokens', 'decoder_target_tokens', 'decoder_segment_ids',
             'decoder_positions')}
-  weights = np.zeros((n, length), np.float32)
-  tokens, nbytes, cut = np.zeros(n), np.zeros(n), np.zeros(n, bool)
-  for i, (context, continuation) in enumerate(pairs):
+  feats['decoder_loss_weights'] = np.zeros((n, length), np.float32)
+  for i, (full, k) in enumerate(zip(sequences, scored)):
+    m = len(full)
+    feats['decoder_target_tokens'][i, :m] = full
+    feats['decoder_input_tokens'][i, 1:m] = full[:-1]
+    feats['decoder_segment_ids'][i, :m] = 1
+    feats['decoder_positions'][i, :m] = np.arange(m)
+    feats['decoder_loss_weights'][i, m - k:m] = 1.0
+  return feats
+
+
+def rows(vocab, pairs: Sequence[tuple[str, str]], length: int):
+  """[n, length] decoder features of (context, continuation) pairs, the loss weights on the
+  continuation's tokens only (what is scored, and what fine-tuning learns), plus their token
+  and byte counts and whether the context was cut."""
+  sequences, tokens, nbytes, cut = [], [], [], []
+  for context, continuation in pairs:
     ctx, cont = list(vocab.encode(context)), list(vocab.encode(continuation))
     if not cont or len(cont) > length:
       raise ValueError(f'continuation {continuation[:40]!r} has {len(cont)} tokens; it must '
                        f'have 1..{length} (the run\'s sequence length)')
-    cut[i] = len(ctx) + len(cont) > length
-    full = (ctx + cont)[-length:]           # the oldest context goes first
-    m = len(full)
-    feats['decoder_target_tokens'][i, :m] = full
-    feats['decoder_input_tokens'][i, 1:m] = full[:-1]   # input 0 starts the document
-    feats['decoder_segment_ids'][i, :m] = 1
-    feats['decoder_positions'][i, :m] = np.arange(m)
-    weights[i, m - len(cont):m] = 1.0
-    tokens[i], nbytes[i] = len(cont), max(len(continuation.encode('utf-8')), 1)
-  feats['decoder_loss_weights'] = weights
-  return feats, tokens, nbytes, cut
+    cut.append(len(ctx) + len(cont) > length)
+    sequences.append((ctx + cont)[-length:])        # the oldest context goes first
+    tokens.append(len(cont))
+    nbytes.append(max(len(continuation.encode('utf-8')), 1))
+  return (token_rows(sequences, tokens, length), np.array(tokens, float),
+          np.array(nbytes, float), np.array(cut, bool))
 
 
-def _scorer(run: Run):
-  graphdef = run.built.graphdef
-  batch_sh = shd.batch_sharding(run.mesh, 1)
-
-  def logprob_sums(params, rest, batch):
-    from flax import nnx
-    model = nnx.merge(graphdef, params, rest)
-    out = model(batch['decoder_input_tokens'], segment_ids=batch['decoder_segment_ids'],
-                positions=batch['decoder_positions'], deterministic=True)
-    logp = jax.nn.log_softmax(out.logits.astype(jnp.float32))
-    picked = jnp.take_along_axis(logp, batch['decoder_target_tokens'][..., None], -1)[..., 0]
-    return jnp.sum(picked * batch['decoder_loss_weights'], axis=1)
-
-  return jax.jit(logprob_sums, in_shardings=(run.built.state_sh.params,
-                                             run.built.state_sh.rest, batch_sh),
-                 out_shardings=NamedSharding(run.mesh, P()))
-
-
-def score(run: Run, pairs: Sequence[tuple[str, str]], batch_size: int | None = None,
-          progress: str | None = None) -> dict[str, np.ndarray]:
-  """{'sum', 'per_token', 'per_byte'}: [len(pairs)] log-likelihood of each continuation given
-  its context, and that per continuation token and per byte; 'truncated': [len(pairs)] bool,
-  the prompts cut to the sequence length. progress: a label for a progress bar (None: none)."""
-  length = run.sequence_length
-  batch_size = batch_size or run.config.eval_batch_size or run.config.batch_size
-  fn = _scorer(run)
-  feats, tokens, nbytes, cut = rows(run.vocabulary, pairs, length)
-  n = len(pairs)
-  padded = -(-n // batch_size) * batch_size   # whole batches: one compiled shape
-  feats = {k: np.concatenate([v, np.zeros((padded - n, length), v.dtype)])
+def run_batches(run: Run, per_row, feats: dict[str, np.ndarray], batch_size: int,
+                progress: str | None = None) -> np.ndarray:
+  """per_row(model, batch) -> [rows] over `feats` in whole batches (padded with empty rows:
+  one compiled shape), sharded on the run's mesh; [n] numpy, the padding dropped."""
+  from flax import nnx
+  graphdef, n = run.built.graphdef, len(feats['decoder_input_tokens'])
+  padded = -(-n // batch_size) * batch_size
+  feats = {k: np.concatenate([v, np.zeros((padded - n,) + v.shape[1:], v.dtype)])
            for k, v in feats.items()}
-  sums = []
+  fn = jax.jit(lambda params, rest, batch: per_row(nnx.merge(graphdef, params, rest), batch),
+               in_shardings=(run.built.state_sh.params, run.built.state_sh.rest,
+                             shd.batch_sharding(run.mesh, 1)),
+               out_shardings=NamedSharding(run.mesh, P()))
+  out = []
   with shd.use_mesh(run.mesh, run.config.rules):
     starts = range(0, padded, batch_size)
     if progress:
@@ -100,8 +91,26 @@ def score(run: Run, pairs: Sequence[tuple[str, str]], batch_size: int | None = N
     for lo in starts:
       batch = shd.host_local_to_global({k: v[lo:lo + batch_size] for k, v in feats.items()},
                                        run.mesh)
-      sums.append(np.asarray(fn(run.state.params, run.state.rest, batch)))
-  total = np.concatenate(sums)[:n].astype(np.float64)
+      out.append(np.asarray(fn(run.state.params, run.state.rest, batch)))
+  return np.concatenate(out)[:n]
+
+
+def _logprob_sums(model, batch):
+  out = model(batch['decoder_input_tokens'], segment_ids=batch['decoder_segment_ids'],
+              positions=batch['decoder_positions'], deterministic=True)
+  logp = jax.nn.log_softmax(out.logits.astype(jnp.float32))
+  picked = jnp.take_along_axis(logp, batch['decoder_target_tokens'][..., None], -1)[..., 0]
+  return jnp.sum(picked * batch['decoder_loss_weights'], axis=1)
+
+
+def score(run: Run, pairs: Sequence[tuple[str, str]], batch_size: int | None = None,
+          progress: str | None = None) -> dict[str, np.ndarray]:
+  """{'sum', 'per_token', 'per_byte'}: [len(pairs)] log-likelihood of each continuation given
+  its context, and that per continuation token and per byte; 'truncated': [len(pairs)] bool,
+  the prompts cut to the sequence length. progress: a label for a progress bar (None: none)."""
+  batch_size = batch_size or run.config.eval_batch_size or run.config.batch_size
+  feats, tokens, nbytes, cut = rows(run.vocabulary, pairs, run.sequence_length)
+  total = run_batches(run, _logprob_sums, feats, batch_size, progress).astype(np.float64)
   return {'sum': total, 'per_token': total / tokens, 'per_byte': total / nbytes,
           'truncated': cut}
 

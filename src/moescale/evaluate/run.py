@@ -70,7 +70,9 @@ class Run:
     return os.path.join(self.run_dir, 'eval', f'{name}_step{self.step}.json')
 
 
-def _parse_config(run_dir: str, bindings) -> tuple[Callable, trainer.TrainConfig, Callable]:
+def parse_config(run_dir: str, bindings) -> tuple[Callable, trainer.TrainConfig, Callable]:
+  """(model constructor, TrainConfig, data-source factory) of run_dir/config.gin with
+  `bindings` applied over it (what fine-tuning derives its own run from)."""
   import gin
   from moescale import gin_config
   path = os.path.join(run_dir, 'config.gin')
@@ -99,7 +101,7 @@ def load_run(run_dir: str, step: int | None = None, *, mesh=None,
   bindings: extra gin bindings applied over config.gin.
   """
   run_dir = os.path.abspath(run_dir)
-  model_fn, cfg, data_factory = _parse_config(run_dir, bindings)
+  model_fn, cfg, data_factory = parse_config(run_dir, bindings)
   if model_overrides:
     model_fn = functools.partial(model_fn, **model_overrides)
   cfg = dataclasses.replace(cfg, model_dir=run_dir)
