@@ -462,3 +462,90 @@ def test_bench_main_json_records_and_markdown(capsys, tmp_path):
     assert set(r) == set(timing.RECORD_KEYS)
     assert r['baseline'] == ('dense' if r['name'] == 'moe_top2' else 'plain')
     assert r['seconds'] > 0 and r['ratio'] > 0
+
+
+# ------------------------------------------------------------------------- expert dropout
+
+
+def _dropout(t, k, rate=0.4, seed=5):
+  # Ids offset by 100: a backend that used its own row positions instead would differ.
+  return dispatch.ExpertDropout(jax.random.key(seed),
+                                jnp.arange(t * k, dtype=jnp.int32).reshape(t, k) + 100,
+                                rate=rate, units=F)
+
+
+def _dropout_value_and_grads(backend, x, index, weights, experts, cotangent, drop):
+  def loss(x, weights, experts):
+    y = backend(x, index, weights, experts, jax.nn.gelu, index.size, drop)
+    return jnp.vdot(y, cotangent), y
+  (_, y), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+      x, weights, experts)
+  return y, grads
+
+
+@functools.lru_cache(maxsize=None)
+def _dropout_reference(k):
+  problem = _problem(k=k, bias=True, seed=k)
+  return _dropout_value_and_grads(dispatch.ReferenceLoop(), *problem,
+                                  _dropout(problem[0].shape[0], k))
+
+
+def test_expert_dropout_masks_each_assignments_hidden_units():
+  """The definition, by hand: y[t] = w[t] * ((gelu(x W_in + b_in) * m[t]) W_out + b_out) with
+  m[t] = scale_of_ids(id of (t, 0)). Kills a mask applied before the activation, to the output,
+  or keyed by row position rather than by the assignment's id."""
+  x, index, weights, experts, _ = _problem(k=1, bias=True, seed=1)
+  drop = _dropout(x.shape[0], 1)
+  y = np.asarray(dispatch.ReferenceLoop()(x, index, weights, experts, jax.nn.gelu, None, drop))
+  m = np.asarray(drop.scale_of_ids(drop.pair[:, 0], F, jnp.float32))
+  assert np.all((m == 0) | np.isclose(m, 1 / 0.6)) and 0 < (m == 0).mean() < 1
+  for t, e in enumerate(np.asarray(index)[:, 0]):
+    if e == E:
+      np.testing.assert_array_equal(y[t], 0.0)
+      continue
+    h = np.asarray(jax.nn.gelu(x[t] @ experts.w_in[e] + experts.b_in[e])) * m[t]
+    want = weights[t, 0] * (h @ np.asarray(experts.w_out[e]) + np.asarray(experts.b_out[e]))
+    np.testing.assert_allclose(y[t], want, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_dropout_scale_is_a_function_of_key_id_and_unit():
+  drop = dispatch.ExpertDropout(jax.random.key(0), jnp.zeros((1, 1), jnp.int32), rate=0.25,
+                                units=64)
+  ids = jnp.arange(2000, dtype=jnp.int32)
+  m = np.asarray(drop.scale_of_ids(ids, 64, jnp.float32))
+  assert abs((m == 0).mean() - 0.25) < 0.01 and np.all((m == 0) | np.isclose(m, 4 / 3))
+  np.testing.assert_array_equal(m[5:7], np.asarray(drop.scale_of_ids(ids[5:7], 64, jnp.float32)))
+  assert np.any(m[0] != m[1])                      # ids differ -> masks differ
+  other = dispatch.ExpertDropout(jax.random.key(1), drop.pair, rate=0.25, units=64)
+  assert np.any(np.asarray(other.scale_of_ids(ids[:4], 64, jnp.float32)) != m[:4])
+  # A tensor-parallel slice of the hidden units reads its part of the same mask.
+  part = dispatch.ExpertDropout(drop.key, drop.pair, 16, rate=0.25, units=64)
+  np.testing.assert_array_equal(np.asarray(part.scale_of_ids(ids[:8], 16, jnp.float32)),
+                                m[:8, 16:32])
+  for bad in (0.0, 1.0, -0.1):
+    with pytest.raises(ValueError, match='must be in \\(0, 1\\)'):
+      dispatch.ExpertDropout(drop.key, drop.pair, rate=bad, units=64)
+
+
+@pytest.mark.parametrize('name,k', [('fused', 2), ('fused_plain', 4), ('fused_default', 1),
+                                    ('ragged', 2), ('slots', 4), ('onehot', 2), ('auto', 2)])
+def test_backend_with_expert_dropout_matches_reference(name, k):
+  """Every backend draws the reference's masks (by assignment id, wherever it puts the row)
+  and differentiates through them: forward and every gradient equal ReferenceLoop's."""
+  problem = _problem(k=k, bias=True, seed=k)
+  want_y, want_g = _dropout_reference(k)
+  got_y, got_g = _dropout_value_and_grads(BACKENDS[name](), *problem,
+                                          _dropout(problem[0].shape[0], k))
+  np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+  for got, want in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  # And the masks matter: without them the output differs.
+  plain_y, _ = _reference(k, True)
+  assert np.abs(np.asarray(plain_y) - np.asarray(want_y)).max() > 0.1
+
+
+def test_fused_cpu_kernels_refuse_expert_dropout():
+  x, index, weights, experts, _ = _problem(k=2, seed=2)
+  with pytest.raises(ValueError, match="'cpu' moe_ffn kernels have no expert dropout"):
+    dispatch.get_backend('fused', kernels='cpu')(x, index, weights, experts, jax.nn.gelu, None,
+                                                 _dropout(x.shape[0], 2))

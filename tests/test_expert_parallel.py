@@ -216,3 +216,30 @@ def test_dispatch_runs_its_exchange_only_under_an_expert_mesh():
   assert run(dispatch.Dispatch(_inner(), 'ring'), expert_mesh, index) == (0.0, False, True)
   assert run(dispatch.Dispatch(_inner(), 'all_to_all', 1.0), shd.make_mesh(data=8), index) == (
       0.0, False, False)
+
+
+@pytest.mark.parametrize('mesh_name,exchange', [
+    ('data2_expert4', 'ring'), ('data2_expert4', 'all_to_all'),
+    ('data2_tensor2_expert2', 'ring'), ('data2_tensor2_expert2', 'all_to_all')])
+def test_expert_dropout_gives_the_single_device_masks(mesh_name, exchange):
+  """Expert dropout under expert parallelism equals ReferenceLoop's on one device: the
+  assignment ids travel with their rows through the gather / all-to-all, and a tensor rank
+  masks its slice of the hidden units with its part of each mask. Kills local row positions
+  as ids, and a tensor rank reading units 0 .. f/2 of the mask."""
+  x, index, weights, experts, cot = _problem()
+  t = x.shape[0]
+  drop = dispatch.ExpertDropout(jax.random.key(3), jnp.arange(t * K, dtype=jnp.int32)
+                                .reshape(t, K), rate=0.5, units=F)
+
+  def value_and_grads(backend):
+    def loss(x, weights, experts):
+      y = backend(x, index, weights, experts, jax.nn.gelu, None, drop)
+      return jnp.vdot(y, cot), y
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+        x, weights, experts)
+
+  (_, want_y), want_g = value_and_grads(dispatch.ReferenceLoop())
+  backend, mesh = _ep(mesh_name, exchange)
+  with shd.use_mesh(mesh):
+    (_, got_y), got_g = value_and_grads(backend)
+  _assert_close((got_y, got_g), (want_y, want_g))

@@ -591,3 +591,32 @@ def test_shard_groups_follow_the_mesh():
   np.testing.assert_array_equal(np.flatnonzero(sharded), [0, 4])
   with shd.use_mesh(shd.make_mesh(data=8)), pytest.raises(ValueError, match="'shard'"):
     jax.eval_shape(lambda x: layer.route(x).kept, x)             # 4 rows, 8 shards
+
+
+# --------------------------------------------------------------------------- expert dropout
+
+
+def test_expert_dropout_in_training_only_with_the_assignments_own_masks():
+  """Training: the layer's output is the reference dispatch with ExpertDropout(the 'dropout'
+  stream's key, ids token * k + j over the batch, units expert_size). Evaluation ignores it."""
+  kw = dict(capacity_factor=0.0, use_bias=True)
+  layer = _moe(2, expert_dropout=0.3, rngs=nnx.Rngs(params=5, dropout=9), **kw)
+  plain = _moe(2, rngs=nnx.Rngs(params=5), **kw)
+  x = _x(seed=6)
+  np.testing.assert_array_equal(_y(layer, x, deterministic=True), _y(plain, x))
+  r = layer.route(x)
+  y = _y(layer, x, deterministic=False)
+  drop = dispatch.ExpertDropout(nnx.Rngs(dropout=9).dropout(),
+                                jnp.arange(16, dtype=jnp.int32).reshape(8, 2), rate=0.3, units=F)
+  experts = dispatch.ExpertWeights(layer.w_in[...], layer.w_out[...], layer.b_in[...],
+                                   layer.b_out[...])
+  want = dispatch.ReferenceLoop()(x.reshape(-1, D), r.expert_index, r.weights, experts,
+                                  common.activation_fn('gelu'), None, drop)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want, rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(y) - np.asarray(_y(plain, x))).max() > 0.01
+  # The default ('auto') backend draws the same masks.
+  auto = TopKMoE(D, E, F, 2, expert_dropout=0.3, rngs=nnx.Rngs(params=5, dropout=9), **kw)
+  np.testing.assert_allclose(_y(auto, x, deterministic=False), y, rtol=1e-5, atol=1e-5)
+  for bad in (-0.1, 1.0):
+    with pytest.raises(ValueError, match='expert_dropout'):
+      _moe(2, expert_dropout=bad)

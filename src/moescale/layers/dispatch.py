@@ -31,6 +31,11 @@ exists for tests only (it runs every expert on every token: E times the work):
                as `moescale.sharding.make_mesh` makes: JAX 0.10's ragged_dot has no sharding
                rule for Explicit axes (`jax.make_mesh`'s default).
 
+Expert dropout (`ExpertDropout`, fine-tuning) masks the hidden units act(x @ w_in[e] + b_in[e])
+of each assignment with a mask drawn from (key, the assignment's id, unit): every backend, and
+the expert-parallel exchanges, which carry the ids with the rows, compute the same model.
+'fused' runs its XLA loop then (a platform kernel computes the unmasked FFN only).
+
 A family resolves its backend once, at construction: `Dispatch(spec, exchange=...,
 exchange_capacity_factor=...)`. Nothing ambient decides how it runs, except the mesh JAX
 itself is tracing under (`jax.set_mesh`): with an `expert` axis > 1 the backend runs expert
@@ -54,7 +59,7 @@ from moescale.layers import expert_parallel
 # The plain functions of the math and the contract, re-exported for the families and users.
 from moescale.layers.dispatch_ops import RowLayout, combine, permute, sort_assignments  # noqa: F401
 from moescale.layers.dispatch_types import (  # noqa: F401
-    DispatchBackend, ExpertWeights, ReferenceLoop, check_assignment_shapes)
+    DispatchBackend, ExpertDropout, ExpertWeights, ReferenceLoop, check_assignment_shapes)
 
 
 class Auto:
@@ -66,9 +71,10 @@ class Auto:
     self.cpu = cpu or dispatch_fused.Fused()
     self.default = default or dispatch_ragged.Ragged()
 
-  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
-    branch = lambda backend: (lambda *a: backend(*a, activation, capacity))
-    return jax.lax.platform_dependent(x, expert_index, weights, experts,
+  def __call__(self, x, expert_index, weights, experts, activation, capacity=None,
+               dropout=None):
+    branch = lambda backend: (lambda x, i, w, e, m: backend(x, i, w, e, activation, capacity, m))
+    return jax.lax.platform_dependent(x, expert_index, weights, experts, dropout,
                                       cpu=branch(self.cpu), default=branch(self.default))
 
 
@@ -131,8 +137,9 @@ class Dispatch:
   and, under an expert-parallel mesh, the token exchange ('ring' or 'all_to_all', see
   expert_parallel.py) with its optional capacity factor.
 
-  `dispatch(x, expert_index, weights, experts, activation, capacity)` -> y [t, d];
-  `dispatch.apply(...)` -> (y, fraction of routed assignments the exchange dropped).
+  `dispatch(x, expert_index, weights, experts, activation, capacity, dropout)` -> y [t, d];
+  `dispatch.apply(...)` -> (y, fraction of routed assignments the exchange dropped). `dropout`:
+  an ExpertDropout on the experts' hidden units, or None.
   """
   backend: str | DispatchBackend = 'auto'
   exchange: str = expert_parallel.DEFAULT_EXCHANGE
@@ -142,12 +149,16 @@ class Dispatch:
     get_backend(self.backend)  # an unknown name or option fails here, at construction
     expert_parallel.check_exchange(self.exchange, self.exchange_capacity_factor)
 
-  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
-    return self.apply(x, expert_index, weights, experts, activation, capacity)[0]
+  def __call__(self, x, expert_index, weights, experts, activation, capacity=None,
+               dropout=None):
+    return self.apply(x, expert_index, weights, experts, activation, capacity, dropout)[0]
 
-  def apply(self, x, expert_index, weights, experts, activation, capacity=None):
+  def apply(self, x, expert_index, weights, experts, activation, capacity=None, dropout=None):
     backend = get_backend(self.backend)
     if expert_parallel.expert_shards() > 1:
       ep = expert_parallel.ExpertParallel(backend, self.exchange, self.exchange_capacity_factor)
-      return ep.apply(x, expert_index, weights, experts, activation, capacity)
-    return backend(x, expert_index, weights, experts, activation, capacity), jnp.zeros(())
+      return ep.apply(x, expert_index, weights, experts, activation, capacity, dropout)
+    # Without dropout, the six-argument call: a user's backend need not know about dropout.
+    extra = {} if dropout is None else {'dropout': dropout}
+    y = backend(x, expert_index, weights, experts, activation, capacity, **extra)
+    return y, jnp.zeros(())

@@ -31,12 +31,17 @@ def _require_capacity(name: str, capacity: int | None) -> int:
   return int(capacity)
 
 
-def expert_ffn(slots: jax.Array, experts: dispatch_types.ExpertWeights, activation) -> jax.Array:
-  """[e, c, d] -> [e, c, d]: every expert's FFN on its own slots, one batched matmul each."""
+def expert_ffn(slots: jax.Array, experts: dispatch_types.ExpertWeights, activation,
+               dropout=None, pair_of_slot: jax.Array | None = None) -> jax.Array:
+  """[e, c, d] -> [e, c, d]: every expert's FFN on its own slots, one batched matmul each;
+  with an ExpertDropout, the hidden of slot (e, c) masked as assignment pair_of_slot[e*C + c]."""
   h = jnp.einsum('ecd,edf->ecf', slots, experts.w_in)
   if experts.b_in is not None:
     h = h + experts.b_in[:, None, :]
-  out = jnp.einsum('ecf,efd->ecd', activation(h), experts.w_out)
+  h = activation(h)
+  if dropout is not None:
+    h = h * dropout.scale(pair_of_slot, h.shape[2], h.dtype).reshape(h.shape)
+  out = jnp.einsum('ecf,efd->ecd', h, experts.w_out)
   if experts.b_out is not None:
     out = out + experts.b_out[:, None, :]
   return out
@@ -46,14 +51,16 @@ class Slots:
   """Index gather into [E, capacity, d] slots, batched matmul, gather back."""
   name = 'slots'
 
-  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
+  def __call__(self, x, expert_index, weights, experts, activation, capacity=None,
+               dropout=None):
     dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
     capacity = _require_capacity(self.name, capacity)
     num_experts = experts.num_experts
     s = dispatch_ops.sort_and_rank(expert_index, num_experts)
     layout = dispatch_ops.slot_layout(s, expert_index.shape, capacity)
     slots = dispatch_ops.permute(x, layout).reshape(num_experts, capacity, x.shape[1])
-    out = expert_ffn(slots, experts, activation).reshape(num_experts * capacity, -1)
+    out = expert_ffn(slots, experts, activation, dropout, layout.pair_of_row)
+    out = out.reshape(num_experts * capacity, -1)
     return dispatch_ops.combine(out, weights, layout).astype(x.dtype)
 
 
@@ -61,7 +68,8 @@ class OneHot:
   """GShard's one-hot dispatch/combine einsums over [t, e, c]: a benchmark baseline only."""
   name = 'onehot'
 
-  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
+  def __call__(self, x, expert_index, weights, experts, activation, capacity=None,
+               dropout=None):
     dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
     capacity = _require_capacity(self.name, capacity)
     num_experts = experts.num_experts
@@ -75,5 +83,8 @@ class OneHot:
     dispatch_mask = mask.sum(axis=1)                                          # [t, e, c]
     combine_mask = jnp.einsum('tj,tjec->tec', weights.astype(x.dtype), mask)
     slots = jnp.einsum('tec,td->ecd', dispatch_mask, x)
-    out = expert_ffn(slots, experts, activation)
+    # The assignment in each slot (for the dropout mask): the slot layout's, the same ranks.
+    pair_of_slot = (None if dropout is None else
+                    dispatch_ops.slot_layout(s, (t, k), capacity).pair_of_row)
+    out = expert_ffn(slots, experts, activation, dropout, pair_of_slot)
     return jnp.einsum('tec,ecd->td', combine_mask, out).astype(x.dtype)

@@ -118,15 +118,24 @@ def _tn(a: Array, b: Array) -> Array:
   return lax.dot_general(a, b, (((0,), (0,)), ((), ())))    # a.T @ b
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def fused_ffn(x: Array, weights: Array, experts: dispatch_types.ExpertWeights, sched: Schedule,
+              dropout: dispatch_types.ExpertDropout | None,
               activation: Callable[[Array], Array], granule: int, block_size: int) -> Array:
   """x [t, d], weights [t, k] -> y [t, d] float32: every block's FFN output, weighted,
-  scatter-added to its tokens."""
-  return _forward(x, weights, experts, sched, activation, granule, block_size)[0]
+  scatter-added to its tokens. With `dropout`, each row's hidden is masked by its assignment's
+  mask, recomputed in the backward from (key, id) rather than kept."""
+  return _forward(x, weights, experts, sched, dropout, activation, granule, block_size)[0]
 
 
-def _forward(x, weights, experts, sched, activation, granule, block_size):
+def _mask(dropout, sched: Schedule, off, size: int, width: int, dtype):
+  """The dropout scale [size, width] of rows off .. off + size (None without dropout)."""
+  if dropout is None:
+    return None
+  return dropout.scale(lax.dynamic_slice_in_dim(sched.pair, off, size), width, dtype)
+
+
+def _forward(x, weights, experts, sched, dropout, activation, granule, block_size):
   w_rows = _gather(weights.reshape(-1), sched.pair)                              # [R]
   y = jnp.zeros(x.shape, jnp.float32)
   hidden = jnp.zeros((sched.token.shape[0], experts.w_in.shape[2]), x.dtype)
@@ -141,7 +150,10 @@ def _forward(x, weights, experts, sched, activation, granule, block_size):
       if experts.b_in is not None:
         pre = pre + _expert(experts.b_in, e)
       # Weighted before the out-projection: a [rows, f] product instead of [rows, d].
-      o = (activation(pre) * w[:, None].astype(pre.dtype)) @ _expert(experts.w_out, e)
+      h = activation(pre)
+      m = _mask(dropout, sched, off, size, h.shape[1], h.dtype)
+      h = h if m is None else h * m
+      o = (h * w[:, None].astype(pre.dtype)) @ _expert(experts.w_out, e)
       if experts.b_out is not None:
         o = o + w[:, None].astype(o.dtype) * _expert(experts.b_out, e)
       y = y.at[token].add(o.astype(jnp.float32), mode='drop')
@@ -152,13 +164,14 @@ def _forward(x, weights, experts, sched, activation, granule, block_size):
   return y, hidden, w_rows
 
 
-def _fused_fwd(x, weights, experts, sched, activation, granule, block_size):
-  y, hidden, w_rows = _forward(x, weights, experts, sched, activation, granule, block_size)
-  return y, (x, weights, w_rows, experts, sched, hidden)
+def _fused_fwd(x, weights, experts, sched, dropout, activation, granule, block_size):
+  y, hidden, w_rows = _forward(x, weights, experts, sched, dropout, activation, granule,
+                               block_size)
+  return y, (x, weights, w_rows, experts, sched, dropout, hidden)
 
 
 def _fused_bwd(activation, granule, block_size, res, dy):
-  x, weights, w_rows, experts, sched, hidden = res
+  x, weights, w_rows, experts, sched, dropout, hidden = res
   zeros32 = lambda a: None if a is None else jnp.zeros(a.shape, jnp.float32)
   grads0 = tuple(zeros32(a) for a in experts)
   init = (jnp.zeros(x.shape, jnp.float32), jnp.zeros(w_rows.shape, jnp.float32), grads0)
@@ -172,11 +185,13 @@ def _fused_bwd(activation, granule, block_size, res, dy):
       w = lax.dynamic_slice_in_dim(w_rows, off, size)[:, None].astype(x.dtype)
       xb, dyb = _gather(x, token), _gather(dy, token)
       h, act_vjp = jax.vjp(activation, lax.dynamic_slice_in_dim(hidden, off, size))
+      m = _mask(dropout, sched, off, size, h.shape[1], h.dtype)
+      h = h if m is None else h * m                           # the hidden w_out saw
       dh = _nt(dyb, _expert(experts.w_out, e))               # unweighted: dy @ w_out.T
       dw = jnp.sum((h * dh).astype(jnp.float32), axis=-1)     # <output row, dy> = <h, dh>
       if experts.b_out is not None:
         dw = dw + dyb.astype(jnp.float32) @ _expert(experts.b_out, e).astype(jnp.float32)
-      dpre, = act_vjp(dh * w)
+      dpre, = act_vjp(dh * w if m is None else dh * w * m)
       dx = dx.at[token].add(_nt(dpre, _expert(experts.w_in, e)).astype(dx.dtype), mode='drop')
       g = (_add_to_expert(g[0], e, _tn(dpre, xb).T), _add_to_expert(g[1], e, _tn(h * w, dyb)),
            _add_to_expert(g[2], e, None if g[2] is None else dpre.sum(0)),
@@ -188,7 +203,7 @@ def _fused_bwd(activation, granule, block_size, res, dy):
   dweights = dw_rows.at[sched.row_of].get(mode='fill', fill_value=0)          # [t, k]
   grads = dispatch_types.ExpertWeights(
       *(None if gi is None else gi.astype(a.dtype) for gi, a in zip(g, experts)))
-  return dx.astype(x.dtype), dweights.astype(weights.dtype), grads, None
+  return dx.astype(x.dtype), dweights.astype(weights.dtype), grads, None, None
 
 
 fused_ffn.defvjp(_fused_fwd, _fused_bwd)
@@ -217,12 +232,12 @@ class XlaLoop:
   """The loop of this module: any dtype, any activation, any platform."""
   name = 'xla'
 
-  def __call__(self, x, weights, experts, s, activation, sizes):
+  def __call__(self, x, weights, experts, s, activation, sizes, dropout=None):
     t, k = weights.shape
     block, granule = sizes(t * k, experts.num_experts)
     layout, plan = dispatch_ops.blocked_layout(s, (t, k), block, granule)
     sched = schedule(layout, plan, k, block // granule)
-    return fused_ffn(x, weights, experts, sched, activation, granule, block)
+    return fused_ffn(x, weights, experts, sched, dropout, activation, granule, block)
 
 
 XLA = XlaLoop()
@@ -262,10 +277,18 @@ class Fused:
     # At least one granule: no assignments at all (t = 0) would otherwise give blocks of 0 rows.
     return min(block, max(1, -(-num_assignments // granule)) * granule), granule
 
-  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
+  def __call__(self, x, expert_index, weights, experts, activation, capacity=None,
+               dropout=None):
     del capacity  # Dropless.
     dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
     s = dispatch_ops.sort_and_rank(expert_index, experts.num_experts)
+    if dropout is not None:
+      # Expert dropout (fine-tuning) runs in the XLA loop: a platform's kernel computes the
+      # unmasked FFN only, and a second kernel for the rare masked case is not worth its upkeep.
+      if self.kernels not in ('auto', 'xla'):
+        raise ValueError(f"the {self.kernels!r} moe_ffn kernels have no expert dropout; use "
+                         "'fused:kernels=auto' (the XLA loop then) or 'fused:kernels=xla'")
+      return XLA(x, weights, experts, s, activation, self.sizes, dropout).astype(x.dtype)
     kernels = kernel_registry.select('moe_ffn', self.kernels, XLA)   # while tracing
     y = kernels(x, weights, experts, s, activation, self.sizes)
     return y.astype(x.dtype)

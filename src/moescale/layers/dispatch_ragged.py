@@ -64,7 +64,8 @@ class Ragged:
   """Sort, contiguous groups, two ragged_dots, combine. Dropless; `capacity` is ignored."""
   name = 'ragged'
 
-  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
+  def __call__(self, x, expert_index, weights, experts, activation, capacity=None,
+               dropout=None):
     del capacity
     dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
     num_experts = experts.num_experts
@@ -76,7 +77,10 @@ class Ragged:
     row_expert = jnp.minimum(s.sorted_expert, num_experts - 1)
     if experts.b_in is not None:
       h = h + jnp.take(experts.b_in, row_expert, axis=0)
-    out = grouped_matmul(activation(h), experts.w_out, s.group_sizes)      # [n, d]
+    h = activation(h)
+    if dropout is not None:
+      h = h * dropout.scale(layout.pair_of_row, h.shape[1], h.dtype)
+    out = grouped_matmul(h, experts.w_out, s.group_sizes)                  # [n, d]
     if experts.b_out is not None:
       out = out + jnp.take(experts.b_out, row_expert, axis=0)
     return dispatch_ops.combine(out, weights, layout).astype(x.dtype)

@@ -41,6 +41,7 @@ d d_model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, NamedTuple
 
@@ -118,7 +119,7 @@ def dropped_fraction(expert_index: Array, num_experts: int, num_sources: int, nu
 
 def exchange_ffn(x: Array, expert_index: Array, weights: Array, experts, activation: Callable,
                  inner: Callable, *, num_experts: int, axis: str, capacity: int,
-                 inner_capacity: int | None) -> tuple[Array, SendPlan]:
+                 inner_capacity: int | None, dropout=None) -> tuple[Array, SendPlan]:
   """Steps 1-5 of the module docstring, on one device inside `shard_map` over `axis`.
 
   x: [t, d] local tokens; expert_index, weights: [t, k] local routing over all `num_experts`;
@@ -131,5 +132,12 @@ def exchange_ffn(x: Array, expert_index: Array, weights: Array, experts, activat
   rows, ids = swap(dispatch_ops.permute(x, plan.layout)), swap(plan.local_expert)
   # Empty rows carry the sentinel (never computed) and weight 0, as routers promise.
   gate = (ids < experts.num_experts).astype(weights.dtype)[:, None]
-  out = inner(rows, ids[:, None], gate, experts, activation, inner_capacity)
+  extra = {}
+  if dropout is not None:
+    # Each received row's assignment id (row q·C + c: the id device q wrote there), so that
+    # the inner backend masks it as the assignment's own mask: k = 1, one id per row.
+    pair = jnp.take(dropout.pair.reshape(-1), plan.layout.pair_of_row, mode='fill',
+                    fill_value=0)
+    extra['dropout'] = dataclasses.replace(dropout, pair=swap(pair)[:, None])
+  out = inner(rows, ids[:, None], gate, experts, activation, inner_capacity, **extra)
   return dispatch_ops.combine(swap(out), weights, plan.layout), plan

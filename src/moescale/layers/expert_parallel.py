@@ -44,6 +44,7 @@ added on tensor rank 0 only.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple
 
 
@@ -101,15 +102,18 @@ class ExpertParallel:
   def _row_shards(self) -> int:
     return shd.batch_shards()
 
-  def __call__(self, x, expert_index, weights, experts, activation, capacity=None):
-    return self.apply(x, expert_index, weights, experts, activation, capacity)[0]
+  def __call__(self, x, expert_index, weights, experts, activation, capacity=None,
+               dropout=None):
+    return self.apply(x, expert_index, weights, experts, activation, capacity, dropout)[0]
 
-  def apply(self, x, expert_index, weights, experts, activation, capacity=None):
+  def apply(self, x, expert_index, weights, experts, activation, capacity=None, dropout=None):
     """(y [t, d], dropped_fraction []) for the backend call's arguments."""
     dispatch_types.check_assignment_shapes(x, expert_index, weights, experts)
+    extra = {} if dropout is None else {'dropout': dropout}
     if not self._fits(x.shape[0], experts):
       # Shapes that do not split evenly fall back to GSPMD's choice (correct, not sharded work).
-      return self.inner(x, expert_index, weights, experts, activation, capacity), jnp.zeros(())
+      return (self.inner(x, expert_index, weights, experts, activation, capacity, **extra),
+              jnp.zeros(()))
     sizes = self._mesh_sizes()
     num_shards, tensor = sizes[EXPERT_AXIS], sizes['tensor']
     split_hidden = tensor > 1 and experts.w_in.shape[-1] % tensor == 0
@@ -129,17 +133,24 @@ class ExpertParallel:
                local_capacity)
     fn = _ring if self.exchange == 'ring' else _all_to_all
 
-    def local(x, expert_index, weights, w):
+    def local(x, expert_index, weights, w, drop):
       if split_hidden and w.b_out is not None:
         # The output bias is added once, on tensor rank 0; the other ranks add partial sums.
         first = jax.lax.axis_index('tensor') == 0
         w = w._replace(b_out=jnp.where(first, w.b_out, jnp.zeros_like(w.b_out)))
-      y, dropped = fn(c, x, expert_index, weights, w)
+      if drop is not None and split_hidden:
+        # This device's hidden units are a slice of expert_size: their part of each mask.
+        drop = dataclasses.replace(
+            drop, unit_offset=jax.lax.axis_index('tensor') * w.w_in.shape[-1])
+      y, dropped = fn(c, x, expert_index, weights, w, drop)
       return y, jnp.asarray(dropped, jnp.float32)
 
+    # The dropout key is replicated; its assignment ids are split like the rows they belong to.
+    drop_spec = None if dropout is None else _dropout_spec(dropout, rows)
     # mesh=None: the mesh JAX is tracing under (jax.set_mesh).
-    return jax.shard_map(local, in_specs=(rows, rows, rows, specs),
-                         out_specs=(rows, P()), check_vma=False)(x, expert_index, weights, experts)
+    return jax.shard_map(local, in_specs=(rows, rows, rows, specs, drop_spec),
+                         out_specs=(rows, P()), check_vma=False)(
+                             x, expert_index, weights, experts, dropout)
 
 
 class _Local(NamedTuple):
@@ -153,7 +164,17 @@ class _Local(NamedTuple):
   capacity: int | None  # the inner backend's capacity hint
 
 
-def _ring(c: _Local, x, expert_index, weights, w):
+def _dropout_spec(dropout: dispatch_types.ExpertDropout, rows: P):
+  """shard_map's in_spec for an ExpertDropout: key and unit offset replicated, ids as rows."""
+  return dataclasses.replace(dropout, key=P(), pair=rows, unit_offset=P())
+
+
+def _inner(c: _Local, x, expert_index, weights, w, drop):
+  extra = {} if drop is None else {'dropout': drop}
+  return c.inner(x, expert_index, weights, w, c.activation, c.capacity, **extra)
+
+
+def _ring(c: _Local, x, expert_index, weights, w, drop=None):
   """One device of the ring: gather the expert group's tokens, compute the local experts,
   reduce-scatter the partial outputs back to their tokens' devices."""
   local_experts = c.num_experts // c.num_shards
@@ -164,17 +185,19 @@ def _ring(c: _Local, x, expert_index, weights, w):
   mine = (idx_all < c.num_experts) & (local_idx >= 0) & (local_idx < local_experts)
   local_idx = jnp.where(mine, local_idx, local_experts).astype(expert_index.dtype)
   w_all = jnp.where(mine, w_all, jnp.zeros_like(w_all))
-  y_all = c.inner(x_all, local_idx, w_all, w, c.activation, c.capacity)
+  # The assignment ids travel with their rows: each mask stays that of its assignment.
+  drop = None if drop is None else dataclasses.replace(drop, pair=gather(drop.pair))
+  y_all = _inner(c, x_all, local_idx, w_all, w, drop)
   if c.split_hidden:
     y_all = jax.lax.psum(y_all, 'tensor')
   return jax.lax.psum_scatter(y_all, EXPERT_AXIS, scatter_dimension=0, tiled=True), 0.0
 
 
-def _all_to_all(c: _Local, x, expert_index, weights, w):
+def _all_to_all(c: _Local, x, expert_index, weights, w, drop=None):
   """One device of the all-to-all exchange (expert_exchange.py): (y, fraction dropped)."""
   y, plan = expert_exchange.exchange_ffn(
       x, expert_index, weights, w, c.activation, c.inner, num_experts=c.num_experts,
-      axis=EXPERT_AXIS, capacity=c.buffer, inner_capacity=c.capacity)
+      axis=EXPERT_AXIS, capacity=c.buffer, inner_capacity=c.capacity, dropout=drop)
   if c.split_hidden:
     y = jax.lax.psum(y, 'tensor')   # After the combine: t rows, not P·C.
   # Tensor ranks hold copies of the same tokens: count over the batch axes only.

@@ -58,6 +58,8 @@ class TopKMoE(nnx.Module):
     router_z_weight: weight of the router z-loss (ST-MoE; 0: off).
     init_scale: experts' w_in ~ N(0, scale^2/d), w_out ~ N(0, scale^2/f), like DenseFFN.
     router_init_scale: w_router ~ N(0, scale^2/d).
+    expert_dropout: dropout on the experts' hidden units in training, each assignment its own
+      mask (Switch Transformer's expert dropout, `dispatch.ExpertDropout`); 0 disables.
     dispatch: dispatch backend name, with options after colons (or an instance); 'auto'
       picks by the platform the program is built for (`layers.dispatch`).
     expert_exchange: under a mesh with an 'expert' axis > 1, how tokens reach the experts of
@@ -65,7 +67,8 @@ class TopKMoE(nnx.Module):
     exchange_capacity_factor: bounds the all_to_all's buffers (drops what overflows); None:
       dropless.
     dtype: expert compute dtype; param_dtype: storage dtype. The router computes in float32.
-    rngs: 'params' for init; 'gating' (else 'dropout') for routing noise in training.
+    rngs: 'params' for init; 'gating' (else 'dropout') for routing noise in training;
+      'dropout' for expert_dropout.
   """
 
   def __init__(self, d_model: int, num_experts: int, expert_size: int, top_k: int = 2, *,
@@ -75,6 +78,7 @@ class TopKMoE(nnx.Module):
                activation: str = 'gelu', use_bias: bool = False, router_jitter: float = 0.0,
                load_balance_weight: float = 0.01, router_z_weight: float = 0.0,
                init_scale: float = 1.0, router_init_scale: float = 1.0,
+               expert_dropout: float = 0.0,
                dispatch: str | dispatch_lib.DispatchBackend = 'auto',
                expert_exchange: str = 'ring', exchange_capacity_factor: float | None = None,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -89,6 +93,8 @@ class TopKMoE(nnx.Module):
     if normalize_before_dropping and not renormalize:
       raise ValueError('normalize_before_dropping=True chooses *when* gates are normalised '
                        '(before dropping, as fairseq); it needs renormalize=True')
+    if not 0.0 <= expert_dropout < 1.0:
+      raise ValueError(f'expert_dropout={expert_dropout!r} must be in [0, 1) (0: off)')
     if load_balance_weight < 0 or router_z_weight < 0:
       raise ValueError(f'load_balance_weight={load_balance_weight!r} and router_z_weight='
                        f'{router_z_weight!r} must be >= 0')
@@ -104,6 +110,7 @@ class TopKMoE(nnx.Module):
     self.activation = activation
     self.act = common.activation_fn(activation)
     self.router_jitter = router_jitter
+    self.expert_dropout = expert_dropout
     # Resolved now: an unknown backend or exchange fails here, not at the first call.
     self.dispatch = dispatch_lib.Dispatch(dispatch, expert_exchange, exchange_capacity_factor)
     self.dtype = dtype
@@ -120,12 +127,21 @@ class TopKMoE(nnx.Module):
     self.b_out = (common.param(rngs, nnx.initializers.zeros, (e, d), ('expert', 'embed'),
                                param_dtype) if use_bias else None)
     needs_noise = router_jitter > 0 or (second_policy != 'all' and top_k > 1)
-    self.rngs = rngs if needs_noise else None
+    self.rngs = rngs if needs_noise or expert_dropout > 0 else None
 
   def _noise_key(self) -> Array:
     if 'gating' in self.rngs:
       return self.rngs.gating()
     return self.rngs.dropout()
+
+  def _dropout(self, t: int, k: int, deterministic: bool):
+    """The ExpertDropout of a training call (None in evaluation or at rate 0). Assignment
+    (token, j) of the whole batch has id token * k + j: the mask never depends on the mesh."""
+    if deterministic or self.expert_dropout == 0:
+      return None
+    pair = jnp.arange(t * k, dtype=jnp.int32).reshape(t, k)
+    return dispatch_lib.ExpertDropout(self.rngs.dropout(), pair, rate=self.expert_dropout,
+                                      units=self.expert_size)
 
   def _group(self, b: int, l: int) -> int:
     """Tokens per routing group for a [b, l] batch (read while tracing: 'shard' follows the
@@ -211,7 +227,8 @@ class TopKMoE(nnx.Module):
     num_groups = r.num_groups
     hint = None if r.capacity is None else max(1, min(r.capacity * num_groups, t))
     y, exchange_dropped = self.dispatch.apply(x.reshape(t, d).astype(self.dtype), r.expert_index,
-                                              r.weights, experts, self.act, capacity=hint)
+                                              r.weights, experts, self.act, capacity=hint,
+                                              dropout=self._dropout(t, k, deterministic))
 
     real = jnp.broadcast_to(r.mask[:, None], (t, k))
     num_real = jnp.maximum(jnp.sum(real), 1)
