@@ -1,14 +1,22 @@
-"""One process of the two-process test (run by test_multiprocess.py, not by pytest itself).
+"""One process of the two-process tests (run by test_multiprocess.py, not by pytest itself).
 
-argv: process_id num_processes port model_dir out_json local_devices. The global mesh spans
-every process's local CPU devices. Prints nothing; writes the run summary to out_json.
+argv: process_id num_processes port model_dir out_json local_devices [mode]. The global mesh
+spans every process's local CPU devices. Prints nothing; writes a summary to out_json.
+
+mode 'train' (the default): trains a tiny MoE on synthetic data; the summary has its losses and
+parameters. mode 'evaluate': a one-process worker trains a tiny seqio run in model_dir while
+the processes of a multi-process run wait for it; then each evaluates it with
+`moescale.evaluate`: multiple-choice scores and perplexity by domain.
 """
 
 import json
 import os
 import sys
+import time
 
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={sys.argv[6]}'
+# The compile-time flags of tests/conftest.py: these processes mostly compile (~35% faster).
+os.environ['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={sys.argv[6]} '
+                           '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false')
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import jax  # noqa: E402
@@ -18,11 +26,19 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 
 def main():
   pid, nproc, port, model_dir, out = sys.argv[1:6]
+  mode = sys.argv[7] if len(sys.argv) > 7 else 'train'
   pid, nproc = int(pid), int(nproc)
   if nproc > 1:
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=nproc,
                                process_id=pid)
+  summary = {'train': train, 'evaluate': evaluate}[mode](model_dir)
+  summary.update(process_count=jax.process_count(), devices=jax.device_count())
+  with open(out, 'w') as f:
+    json.dump(summary, f)
+
+
+def train(model_dir):
   import functools
   import numpy as np
   from flax import nnx
@@ -51,10 +67,55 @@ def main():
   flat = {'/'.join(map(str, p)): np.asarray(jax.experimental.multihost_utils
                                              .process_allgather(v[...], tiled=True)).tolist()
           for p, v in params}
-  with open(out, 'w') as f:
-    json.dump({'loss': summary['loss'], 'final_step': summary['final_step'],
-               'eval': summary.get('validation/eval_loss'), 'params': flat,
-               'process_count': jax.process_count(), 'devices': jax.device_count()}, f)
+  return {'loss': summary['loss'], 'final_step': summary['final_step'],
+          'eval': summary.get('validation/eval_loss'), 'params': flat}
+
+
+# A small top-2 MoE on the embedded corpus (seqio, byte vocabulary): what `moescale.evaluate`
+# loads needs a run directory with config.gin, which only the gin path writes.
+TINY = ['--gin_file=runs/tiny.gin', '--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=4',
+        '--gin.PARALLEL_MICROBATCHES=1', '--gin.EVAL_STEPS=1', "--gin.TASK_FEATURE_LENGTHS="
+        "{'targets': 64}", '--gin.D_MODEL=32', '--gin.NUM_LAYERS=2', '--gin.D_FF=64',
+        '--gin.NUM_EXPERTS=4', '--gin.EXPERT_SIZE=32', "--gin.seqio_data.eval_splits="
+        "('validation',)"]
+# Prompts for priming: 7 pairs in batches of 4 (two batches, the second padded), one longer
+# than the 64-token rows. Room for every token at every expert: a capacity-limited MoE drops
+# tokens depending on how the batch is split over devices.
+PAIRS = [('The Congress', ' shall'), ('We', ' the people of the United States'),
+         ('x' * 100, ' end'), ('Fellow citizens', ' of the Senate'), ('In', ' God we trust'),
+         ('Mr. Speaker,', ' Mr. President'), ('The state of the Union', ' is strong')]
+NO_DROPS = ['TopKMoE.eval_capacity_factor = 8.0']
+DOMAINS = ['validation', 'moescale_kjv:validation']
+
+
+def evaluate(run_dir):
+  from moescale import cli
+  from moescale.evaluate import lm, priming, run as run_lib
+  from moescale.train import trainer
+  trained = run_dir + '.trained'   # the one-process reference trains the run; others wait
+  if jax.process_count() == 1:
+    assert cli.main(['train', *TINY, f"--gin.MODEL_DIR='{run_dir}'"]) == 0
+    open(trained, 'w').close()
+  else:
+    from moescale.data import source  # noqa: F401  (seqio and TensorFlow, while waiting)
+    deadline = time.time() + 300
+    while not os.path.exists(trained):
+      assert time.time() < deadline, f'no {trained} after 300 s'
+      time.sleep(0.2)
+  # Two processes: data and expert parallelism across them (expert=2 inside each process).
+  mesh = trainer.MeshConfig(expert=2 if jax.device_count() > 1 else 1)
+  run = run_lib.load_run(run_dir, mesh=mesh, bindings=NO_DROPS)
+  scores = priming.score(run, PAIRS, batch_size=4)
+  ppl = lm.perplexity(run, DOMAINS, max_batches=2, batch_size=4)
+  saved = lm.save(run, f'perplexity_{jax.process_count()}p', ppl)
+  bad_batch = None
+  if jax.process_count() > 1:
+    try:
+      priming.score(run, PAIRS, batch_size=3)
+    except ValueError as e:
+      bad_batch = str(e)
+  return {'scores': {k: v.tolist() for k, v in scores.items()}, 'perplexity': ppl,
+          'saved': saved, 'bad_batch': bad_batch, 'step': run.step}
 
 
 if __name__ == '__main__':

@@ -4,14 +4,17 @@ scoring is log P(continuation | context) computed by hand; bad input fails clear
 
 import json
 import os
+import types
 
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from moescale import cli, evaluate
 from moescale.evaluate import lm, priming
 from moescale.evaluate.tasks import Choice, Example, Task
+from moescale.layers import DenseFFN
 from moescale.train import trainer
 
 TINY = ['--gin_file=runs/tiny.gin', '--gin.TRAIN_STEPS=6', '--gin.LOG_PERIOD=3',
@@ -193,8 +196,11 @@ def test_finetune_writes_a_new_run_and_freezes_what_it_is_told(run_dir, tmp_path
     ft.finetune(run, _toy_classification(), out, cfg)
   with pytest.raises(ValueError, match='inside the pretrained run'):
     ft.finetune(run, _toy_classification(), os.path.join(run_dir, 'ft'), cfg)
-  with pytest.raises(ValueError, match='no layer with expert dropout'):
-    ft.finetune(run, _toy_classification(), str(tmp_path / 'x'),
+  dense_layer = DenseFFN(8, 16, rngs=nnx.Rngs(0))
+  dense = types.SimpleNamespace(run_dir=str(tmp_path / 'dense'),
+                                model=types.SimpleNamespace(ffn_layers=lambda: [(0, dense_layer)]))
+  with pytest.raises(ValueError, match='expert_dropout=0.1 needs a MoE layer'):
+    ft.finetune(dense, _toy_classification(), str(tmp_path / 'x'),
                 ft.FinetuneConfig(expert_dropout=0.1))
 
 
@@ -242,9 +248,13 @@ def test_finetune_with_a_classification_head(run_dir, tmp_path):
   from moescale.evaluate import finetune as ft
   run = evaluate.load_run(run_dir, mesh=trainer.MeshConfig(num_devices=1))
   out = str(tmp_path / 'head')
-  cfg = ft.FinetuneConfig(steps=2, batch_size=8, learning_rate=1e-9, head='classifier')
+  cfg = ft.FinetuneConfig(steps=2, batch_size=8, learning_rate=1e-9, head='classifier',
+                          expert_dropout=0.4)
   result = ft.finetune(run, _toy_classification(), out, cfg, shots=0)
   tuned = evaluate.load_run(out, mesh=trainer.MeshConfig(num_devices=1))
+  # The top-k MoE layers fine-tuned with their expert dropout (its own family's binding).
+  assert 'TopKMoE.expert_dropout = 0.4' in open(os.path.join(out, 'config.gin')).read()
+  assert {getattr(f, 'expert_dropout', None) for _, f in tuned.model.lm.ffn_layers()} >= {0.4}
   params = _flat(tuned.state.params)
   assert params['head/value'].shape == (run.model.d_model, 2)
   # The LM starts from the pretrained weights (a 1e-9 step leaves them where they were).

@@ -1,6 +1,7 @@
 """Two processes on localhost (jax.distributed, gloo CPU collectives) train and checkpoint;
 the result equals one process on one device with the same global batch and seed: losses,
-logged gradient norms and parameters after plain SGD (see multiprocess_worker.py)."""
+logged gradient norms and parameters after plain SGD (see multiprocess_worker.py). Two
+processes evaluating a run (moescale.evaluate) get the numbers one process gets."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 WORKER = str(pathlib.Path(__file__).with_name('multiprocess_worker.py'))
 
@@ -20,18 +22,23 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _spawn(pid, nproc, port, model_dir, out, devices):
+def _spawn(pid, nproc, port, model_dir, out, devices, mode='train'):
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   cmd = [sys.executable, WORKER, str(pid), str(nproc), str(port), str(model_dir), str(out),
-         str(devices)]
+         str(devices), mode]
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
 
 
 def _wait(procs):
-  for p in procs:
-    out, _ = p.communicate(timeout=600)
-    assert p.returncode == 0, out[-3000:]
+  try:
+    for p in procs:
+      out, _ = p.communicate(timeout=600)
+      assert p.returncode == 0, out[-3000:]
+  finally:  # a failed process leaves its peers waiting for it: end them
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
 
 
 def test_two_processes_equal_one(tmp_path):
@@ -65,3 +72,34 @@ def test_two_processes_equal_one(tmp_path):
   steps = sorted(int(p.name) for p in (tmp_path / 'multi' / 'checkpoints').iterdir()
                  if p.name.isdigit())
   assert steps == [2, 4]
+
+
+def test_two_processes_evaluate_as_one(tmp_path):
+  """Multiple-choice scores (two batches, the second padded) and perplexity by domain of one
+  checkpoint: 2 processes x 2 devices (data and expert parallel) equal 1 process on 1 device;
+  each process passes only its own rows of every batch, and process 0 alone writes results."""
+  run_dir, port = tmp_path / 'run', _free_port()
+  # All three at once: the one-process worker trains the run, the others start up meanwhile.
+  _wait([_spawn(0, 1, 0, run_dir, tmp_path / 'single.json', 1, 'evaluate')]
+        + [_spawn(i, 2, port, run_dir, tmp_path / f'multi{i}.json', 2, 'evaluate')
+           for i in range(2)])
+  single = json.loads((tmp_path / 'single.json').read_text())
+  multi = [json.loads((tmp_path / f'multi{i}.json').read_text()) for i in range(2)]
+  assert single['devices'] == 1 and multi[0]['devices'] == 4
+  for m in multi:
+    assert m['process_count'] == 2 and m['step'] == single['step'] == 2
+    assert m['scores']['truncated'] == single['scores']['truncated']
+    assert sum(single['scores']['truncated']) == 1
+    for norm in ('sum', 'per_token', 'per_byte'):
+      np.testing.assert_allclose(m['scores'][norm], single['scores'][norm], rtol=1e-5,
+                                 err_msg=norm)
+    assert set(m['perplexity']) == {'validation', 'moescale_kjv:validation'}
+    for task, want in single['perplexity'].items():
+      assert m['perplexity'][task]['eval_tokens'] == want['eval_tokens']
+      for metric, value in want.items():
+        assert m['perplexity'][task][metric] == pytest.approx(value, rel=1e-5), (task, metric)
+    assert 'batch_size=3 must divide by the 2 processes' in m['bad_batch']
+  saved = json.loads(pathlib.Path(multi[0]['saved']).read_text())
+  assert saved['results'] == multi[0]['perplexity'] and saved['step'] == 2
+  assert sorted(os.listdir(run_dir / 'eval')) == ['perplexity_1p_step2.json',
+                                                  'perplexity_2p_step2.json']

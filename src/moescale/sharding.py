@@ -170,6 +170,33 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def host_rows(mesh: Mesh, batch_size: int) -> slice:
+  """This process's rows of a global [batch_size, ...] batch: block `jax.process_index()` of
+  `jax.process_count()` equal blocks, the trainer's and the data pipelines' convention (what
+  each process passes to `host_local_to_global`).
+
+  Raises ValueError where that would not assemble the global batch one process sees:
+  batch_size does not divide by the processes or the data-parallel mesh size, or the mesh's
+  device order gives this process's devices other rows under `batch_sharding` (e.g. a batch
+  replicated over processes, by a mesh whose data axes all stay inside one process).
+  """
+  count, index = jax.process_count(), jax.process_index()
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)
+  if batch_size % count or batch_size % shards:
+    raise ValueError(f'batch_size={batch_size} must divide by the {count} processes and by the '
+                     f'data-parallel mesh size {shards} (mesh {dict(mesh.shape)})')
+  per_host = batch_size // count
+  block = slice(index * per_host, (index + 1) * per_host)
+  held = batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,)).values()
+  rows = sorted({r for (s,) in held for r in range(*s.indices(batch_size))})
+  if rows != list(range(block.start, block.stop)):
+    raise ValueError(f'process {index} of {count} holds rows {rows[0]}..{rows[-1]} of a batch of '
+                     f'{batch_size} on mesh {dict(mesh.shape)}, not its block {block.start}..'
+                     f'{block.stop - 1}: use a mesh whose data axes (data, fsdp, expert) span '
+                     'the processes in order (moescale.sharding.make_mesh over jax.devices())')
+  return block
+
+
 def host_local_to_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles global arrays from each process's host-local batch shard (multi-host safe)."""
   def one(x):

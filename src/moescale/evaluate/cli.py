@@ -158,7 +158,9 @@ def finetune_main(argv: Sequence[str]) -> int:
   p.add_argument('--freeze_router', action='store_true', help='keep the routers as pretrained')
   p.add_argument('--router_lr_scale', type=float, default=1.0)
   p.add_argument('--expert_lr_scale', type=float, default=1.0)
-  p.add_argument('--expert_dropout', type=float, default=None, help="σ-MoE's expert dropout")
+  p.add_argument('--expert_dropout', type=float, default=None,
+                 help="the MoE layers' expert dropout (TopKMoE: on the experts' hidden "
+                      "units; σ-MoE: whole experts)")
   p.add_argument('--head', default='label_words', choices=('label_words', 'classifier'),
                  help='learn the label words (as the paper), or a linear head on the last '
                       'context token (classification tasks)')

@@ -14,7 +14,10 @@ starting from the pretrained weights.
 
 MoE options: `freeze_router` (the routers keep their pretrained weights: learning rate 0),
 `router_lr_scale` / `expert_lr_scale` (learning-rate multipliers for the routers and the
-experts of the sparse layers), `expert_dropout` (σ-MoE's expert dropout during fine-tuning).
+experts of the sparse layers), `expert_dropout`: the family's own expert dropout during
+fine-tuning, `TopKMoE.expert_dropout` (dropout on the experts' hidden units, Switch
+Transformer's 0.4 when fine-tuning) or `SigmaMoE.expert_dropout` (whole experts masked before
+the top-k, Csordás et al.).
 The new run directory gets its own config.gin (the pretrained one plus the fine-tuning
 bindings, so `load_run` and `moescale eval` read it like any run) and checkpoints; the
 pretrained run directory is only read.
@@ -30,6 +33,7 @@ import re
 
 import jax
 import numpy as np
+from flax import nnx
 
 from moescale.evaluate import classifier, priming
 from moescale.evaluate import run as run_lib
@@ -141,20 +145,31 @@ def _bindings(run, cfg: FinetuneConfig, out_dir: str, num_labels: int = 0) -> li
   if run.built.memory is not None:   # independent examples: no Transformer-XL memory
     b.append('TransformerLM.mem_len = 0')
   if cfg.expert_dropout is not None:
-    b.append(f'SigmaMoE.expert_dropout = {cfg.expert_dropout}')
+    b += [f'{name}.expert_dropout = {cfg.expert_dropout}' for name in _dropout_families(run)]
   if cfg.head == 'classifier':
     b += ['ClassifierLM.lm = %MODEL', f'ClassifierLM.num_labels = {num_labels}',
           'run_training.model = @ClassifierLM']
   return b
 
 
-def _under_lm(pretrained, params, rest):
-  """The fresh ClassifierLM state with the pretrained LM's state in its 'lm' subtree (the
-  head keeps its fresh initialisation)."""
-  params['lm'] = pretrained[0]
-  if jax.tree.leaves(pretrained[1]):
-    rest['lm'] = pretrained[1]
-  return params, rest
+def _dropout_families(run) -> list[str]:
+  """The class names of the run's FFN families that have an expert dropout (gin binds them)."""
+  return sorted({type(f).__name__ for _, f in run.model.ffn_layers()
+                 if hasattr(f, 'expert_dropout')})
+
+
+def _from_pretrained(pretrained, head: str, params, rest):
+  """The fresh state with the pretrained one laid over it: the LM's parameters (under 'lm' for
+  a ClassifierLM, whose head keeps its fresh initialisation), and the pretrained non-parameter
+  state over the fresh one, key by key. Key by key because fine-tuning may add state the
+  pretrained model never had: expert dropout gives a MoE layer its own random stream."""
+  lm_params, lm_rest = pretrained
+  if head == 'classifier':
+    params['lm'] = lm_params
+    if 'lm' in rest:
+      rest['lm'] = nnx.State.merge(rest['lm'], lm_rest)
+    return params, rest
+  return lm_params, nnx.State.merge(rest, lm_rest)
 
 
 def finetune(run: run_lib.Run, task, out_dir: str, cfg: FinetuneConfig = FinetuneConfig(), *,
@@ -167,25 +182,17 @@ def finetune(run: run_lib.Run, task, out_dir: str, cfg: FinetuneConfig = Finetun
                      'writes a new run directory and never touches the pretrained one')
   if os.path.exists(os.path.join(out_dir, 'config.gin')):
     raise ValueError(f'{out_dir} already holds a run; choose a new directory')
-  if cfg.expert_dropout is not None and not any(
-      hasattr(f, 'expert_dropout') for _, f in run.model.ffn_layers()):
-    raise ValueError('expert_dropout is σ-MoE\'s (SigmaMoE.expert_dropout); this model has '
-                     'no layer with expert dropout')
+  if cfg.expert_dropout is not None and not _dropout_families(run):
+    raise ValueError(f'expert_dropout={cfg.expert_dropout} needs a MoE layer (TopKMoE or '
+                     'SigmaMoE); this model has none')
   if cfg.head == 'classifier' and not task.labels:
     raise ValueError(f'head=classifier needs a classification task (with labels); '
                      f'{task.name!r} is multiple choice: use head=label_words')
   bindings = _bindings(run, cfg, out_dir, len(task.labels or ()))
   model_fn, tcfg, _ = run_lib.parse_config(run.run_dir, bindings)
   data = ExampleData(task, run.vocabulary, run.sequence_length, cfg.seed, cfg.head)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(run.run_dir, 'config.gin')) as f:
-    text = f.read()
-  with open(os.path.join(out_dir, 'config.gin'), 'w') as f:
-    f.write(text + f'\n# moescale finetune of {run.run_dir} (step {run.step}) on {task.name}\n'
-            + '\n'.join(bindings) + '\n')
-  pretrained = (run.state.params, run.state.rest)
-  if cfg.head == 'classifier':
-    pretrained = functools.partial(_under_lm, pretrained)
+  _write_config(run, task, out_dir, bindings)
+  pretrained = functools.partial(_from_pretrained, (run.state.params, run.state.rest), cfg.head)
   summary = trainer.train(model_fn, data, tcfg, init_from=pretrained)
   tuned = run_lib.load_run(out_dir, mesh=run.mesh)
   result = {
@@ -197,6 +204,23 @@ def finetune(run: run_lib.Run, task, out_dir: str, cfg: FinetuneConfig = Finetun
   if shots:
     result['pretrained'][f'{shots}shot'] = priming.prime(
         run, task, shots, draws=draws, seed=cfg.seed, max_examples=max_examples)
-  with open(os.path.join(out_dir, 'finetune.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+  if run_lib.writes_files():
+    with open(os.path.join(out_dir, 'finetune.json'), 'w') as f:
+      json.dump(result, f, indent=1)
+  run_lib.barrier(f'moescale.evaluate.finetune:{out_dir}:done')
   return result
+
+
+def _write_config(run, task, out_dir: str, bindings) -> None:
+  """out_dir/config.gin: the pretrained run's config and the fine-tuning bindings. Process 0
+  writes it once every process has checked that out_dir holds no run (before it, a process
+  would find process 0's new file and refuse), and every process goes on once it is there."""
+  run_lib.barrier(f'moescale.evaluate.finetune:{out_dir}:checked')
+  if run_lib.writes_files():
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(run.run_dir, 'config.gin')) as f:
+      text = f.read()
+    with open(os.path.join(out_dir, 'config.gin'), 'w') as f:
+      f.write(text + f'\n# moescale finetune of {run.run_dir} (step {run.step}) on {task.name}\n'
+              + '\n'.join(bindings) + '\n')
+  run_lib.barrier(f'moescale.evaluate.finetune:{out_dir}:config')

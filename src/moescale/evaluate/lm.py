@@ -18,7 +18,8 @@ import json
 import os
 from typing import Sequence
 
-from moescale.evaluate.run import Run
+from moescale import sharding as shd
+from moescale.evaluate.run import Run, barrier, writes_files
 from moescale.train import trainer
 
 METRICS = ('eval_loss', 'perplexity', 'bits_per_token', 'bits_per_byte', 'eval_tokens')
@@ -31,16 +32,21 @@ def perplexity(run: Run, tasks: Sequence[str] | None = None, *, max_batches: int
 
   max_batches: at most this many batches per task (None: the whole split); batch_size: rows
   per batch (None: the run's evaluation batch); mem_len: Transformer-XL memory in tokens (None:
-  the run's eval_mem_len, else its model's)."""
-  data = run.data
-  if tasks:
-    data.eval_splits = tuple(tasks)
+  the run's eval_mem_len, else its model's). Multi-process: each process reads its block of
+  every batch, as in training; the results are the same on every process and as one process
+  gets (batch_size must divide by the processes)."""
   cfg = dataclasses.replace(run.config, eval_steps=max_batches,
                             eval_batch_size=batch_size or run.config.eval_batch_size,
                             eval_mem_len=run.config.eval_mem_len if mem_len is None else mem_len)
+  # The trainer's evaluation gives each process batch_size // processes rows (a remainder is
+  # dropped, silently changing the batches) and assumes the mesh assembles the processes'
+  # blocks in order: checked here, with an error that says what to change.
+  shd.host_rows(run.mesh, cfg.eval_batch_size or cfg.batch_size)
+  data = run.data
+  if tasks:
+    data.eval_splits = tuple(tasks)
   eval_fn, memory = trainer.make_eval_fn(run.built.graphdef, run.built.state_sh, run.mesh, cfg,
-                                    run.built.memory)
-  from moescale import sharding as shd
+                                         run.built.memory)
   with shd.use_mesh(run.mesh, cfg.rules):
     flat = trainer.evaluate(eval_fn, run.state, data, cfg, run.mesh, memory, progress=progress)
   out: dict[str, dict[str, float]] = {}
@@ -63,8 +69,16 @@ def register_text_domain(run: Run, name: str, files) -> str:
 
 def save(run: Run, name: str, results: dict) -> str:
   """Merges `results` into RUN_DIR/eval/<name>_step<step>.json (this checkpoint's file only);
-  written to a temporary file first, so an interrupted write leaves the old file whole."""
+  written to a temporary file first, so an interrupted write leaves the old file whole.
+  Multi-process: process 0 writes, and every process returns once the file is there."""
   path = run.output_path(name)
+  if writes_files():
+    _merge_into(path, run, results)
+  barrier(f'moescale.evaluate.save:{path}')
+  return path
+
+
+def _merge_into(path: str, run: Run, results: dict) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   old = {}
   if os.path.exists(path):
@@ -76,7 +90,6 @@ def save(run: Run, name: str, results: dict) -> str:
   with open(tmp, 'w') as f:
     json.dump(merged, f, indent=1, sort_keys=True)
   os.replace(tmp, path)
-  return path
 
 
 def table(results: dict[str, dict[str, float]]) -> str:

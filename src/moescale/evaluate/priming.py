@@ -72,9 +72,14 @@ def rows(vocab, pairs: Sequence[tuple[str, str]], length: int):
 def run_batches(run: Run, per_row, feats: dict[str, np.ndarray], batch_size: int,
                 progress: str | None = None) -> np.ndarray:
   """per_row(model, batch) -> [rows] over `feats` in whole batches (padded with empty rows:
-  one compiled shape), sharded on the run's mesh; [n] numpy, the padding dropped."""
+  one compiled shape), sharded on the run's mesh; [n] numpy, the padding dropped.
+
+  Multi-process: every process holds all of `feats` and passes its own block of each batch
+  (`sharding.host_rows`), so the global batch is the one a single process builds; the output
+  is replicated, the same [n] on every process. batch_size must divide by the processes."""
   from flax import nnx
   graphdef, n = run.built.graphdef, len(feats['decoder_input_tokens'])
+  own = shd.host_rows(run.mesh, batch_size)
   padded = -(-n // batch_size) * batch_size
   feats = {k: np.concatenate([v, np.zeros((padded - n,) + v.shape[1:], v.dtype)])
            for k, v in feats.items()}
@@ -89,8 +94,8 @@ def run_batches(run: Run, per_row, feats: dict[str, np.ndarray], batch_size: int
       import tqdm
       starts = tqdm.tqdm(starts, desc=progress, unit='batch', leave=False)
     for lo in starts:
-      batch = shd.host_local_to_global({k: v[lo:lo + batch_size] for k, v in feats.items()},
-                                       run.mesh)
+      rows = slice(lo + own.start, lo + own.stop)    # this process's block of the batch
+      batch = shd.host_local_to_global({k: v[rows] for k, v in feats.items()}, run.mesh)
       out.append(np.asarray(fn(run.state.params, run.state.rest, batch)))
   return np.concatenate(out)[:n]
 

@@ -70,6 +70,21 @@ class Run:
     return os.path.join(self.run_dir, 'eval', f'{name}_step{self.step}.json')
 
 
+def writes_files() -> bool:
+  """Whether this process writes evaluation files (results JSON, a fine-tuned run's config):
+  process 0 only, as training's metrics (moescale.train.metrics). Every process computes the
+  same, replicated results; one writer keeps two processes from racing on one file."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process gets here (multi-process runs only): after process 0 wrote a
+  file, so that the others find it there when they read it."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def parse_config(run_dir: str, bindings) -> tuple[Callable, trainer.TrainConfig, Callable]:
   """(model constructor, TrainConfig, data-source factory) of run_dir/config.gin with
   `bindings` applied over it (what fine-tuning derives its own run from)."""
