@@ -7,6 +7,8 @@ import argparse
 import json
 from typing import Sequence
 
+from moescale import distributed
+
 
 def _run_args(p: argparse.ArgumentParser) -> None:
   p.add_argument('run_dir', help='a run directory (its config.gin and checkpoints/)')
@@ -18,6 +20,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
   p.add_argument('--json', action='store_true', help='print the results as JSON')
   p.add_argument('--no_save', action='store_true',
                  help='do not write RUN_DIR/eval/<name>_step<step>.json')
+  distributed.add_flags(p)   # every process runs the same command
 
 
 def parse(p: argparse.ArgumentParser, argv: Sequence[str]):
@@ -28,11 +31,13 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str]):
   if files:
     p.error('evaluation reads the run\'s own config.gin; use --gin.NAME=VALUE to change it')
   args = p.parse_args(rest)
+  distributed.check_flags(p, args)
   args.bindings = bindings
   return args
 
 
 def load(args):
+  distributed.initialize(args)
   from moescale.evaluate import run as run_lib
   from moescale.train import trainer
   mesh = None

@@ -91,8 +91,16 @@ def run_peak_flops(dtype='float32') -> float:
   fakes several) shares the same cores, and the measured matmul already uses them all: the
   factor there is the number of processes, not of devices (8 fake devices on 2 cores would
   otherwise read an MFU 8x too small)."""
-  devices = jax.process_count() if jax.default_backend() == 'cpu' else jax.device_count()
-  return measure_peak_flops(dtype) * devices
+  return measure_peak_flops(dtype) * working_devices()
+
+
+def working_devices(mesh=None) -> int:
+  """Devices that do separate work: the mesh's (all devices without one), except on CPU,
+  where the fake devices of a process share its cores and the process is the unit (see
+  `run_peak_flops`). Device-seconds are step time x this."""
+  if jax.default_backend() == 'cpu':
+    return jax.process_count()
+  return mesh.size if mesh is not None else jax.device_count()
 
 
 def measure_peak_flops(dtype='float32', size: int = 1024, repeats: int = 5) -> float:

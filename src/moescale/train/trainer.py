@@ -339,6 +339,8 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
       if done % cfg.log_period == 0 or done == cfg.train_steps:
         scalars = _host_scalars(last)  # blocks: the window's time is real compute time
         scalars.update(window.scalars(first_window=step + 1 - window.steps == start))
+        # Device-seconds = step_time x devices (analysis.collect); CPU's fake devices count 1.
+        scalars['devices'] = metrics_lib.working_devices(mesh)
         writer.write(done, scalars)
         writer.progress(done, float(scalars['loss']), scalars['tokens_per_second'])
       if cfg.eval_period and done % cfg.eval_period == 0 and done != cfg.train_steps:
