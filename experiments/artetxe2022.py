@@ -29,6 +29,7 @@ import argparse
 import sys
 from typing import NamedTuple
 
+from moescale.study import jobs
 from moescale.study import (REQUIRED, Component, DataSpec, Family, Matching, ModelSpec,
                             ScalingStudy, run_from_args)
 
@@ -185,6 +186,7 @@ def main(argv=None) -> int:
   p.add_argument('--validation_files', nargs='*', default=None, help='its validation files')
   p.add_argument('--families', nargs='*', default=None, help='family names to keep')
   p.add_argument('--train_steps', type=int, default=None, help='override the step count')
+  jobs.add_flags(p)
   args = p.parse_args(argv)
   if args.train_files:
     register_pretraining_data(args.train_files, args.validation_files, args.vocabulary,
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
   study = make_study(args.match, args.small, args.vocabulary or REQUIRED, args.task,
                      args.train_steps)
   return run_from_args(study, args.root, args.only, args.families, args.dry_run,
-                       convention='artetxe')
+                       convention='artetxe', **jobs.from_args(args))
 
 
 if __name__ == '__main__':

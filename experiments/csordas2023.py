@@ -23,6 +23,7 @@ import argparse
 import sys
 
 from moescale.layers.common import depth_scale
+from moescale.study import jobs
 from moescale.study import (REQUIRED, Component, DataSpec, Family, Matching, ModelSpec,
                             ScalingStudy, run_from_args)
 
@@ -187,9 +188,11 @@ def main(argv=None) -> int:
                  help='SentencePiece 8k .model for WikiText-103')
   p.add_argument('--families', nargs='*', default=None, help='family names to keep')
   p.add_argument('--train_steps', type=int, default=None, help='override the step count')
+  jobs.add_flags(p)
   args = p.parse_args(argv)
   study = make_study(args.match, args.small, args.vocabulary or REQUIRED, args.train_steps)
-  return run_from_args(study, args.root, args.only, args.families, args.dry_run)
+  return run_from_args(study, args.root, args.only, args.families, args.dry_run,
+                       **jobs.from_args(args))
 
 
 if __name__ == '__main__':

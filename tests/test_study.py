@@ -6,7 +6,9 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
 
 import gin
 import jax
@@ -386,3 +388,46 @@ def test_artetxe_pretraining_data_is_registered_in_fairseq_format(tmp_path):
   ids = lambda text: [b + 3 for b in text.encode()]
   assert docs == sorted([ids('doc one, paragraph one') + [1] + ids('paragraph two') + [1, 1],
                          ids('doc two') + [1, 1]])
+
+
+def test_grid_as_scheduler_jobs_runs_and_is_found_by_the_report(tmp_path, capsys):
+  """--emit_jobs: one config and one command per run and a SLURM array whose task i runs
+  command i (checked by running the script with a fake srun); a command run as a scheduler
+  would run it trains the run under the root, where `moescale report ROOT` finds it."""
+  from moescale import cli
+  from moescale.study import jobs
+  exps = _tiny_study().expand()
+  root, jobs_dir = tmp_path / 'runs', tmp_path / 'jobs'
+  paths = jobs.write_jobs(exps, str(root), str(jobs_dir),
+                          jobs.Slurm(nodes=2, gpus_per_node=8, max_parallel=2,
+                                     setup=['echo setup-ran']))
+  commands = open(paths['commands']).read().splitlines()
+  assert len(commands) == len(exps) == 5
+  for e, line in zip(exps, commands):
+    gin_file = jobs_dir / f"{e.name.replace('/', '__')}.gin"
+    assert line == f'moescale train --gin_file={gin_file} --multiprocess'
+    assert f"TrainConfig.model_dir = '{root / e.name}'" in gin_file.read_text()
+  script = open(paths['sbatch']).read()
+  for directive in ('--array=0-4%2', '--nodes=2', '--ntasks-per-node=1', '--gpus-per-node=8'):
+    assert f'#SBATCH {directive}\n' in script
+  assert '--partition' not in script and '--time' not in script   # unset: cluster default
+  fake = tmp_path / 'bin'
+  fake.mkdir()
+  (fake / 'srun').write_text('#!/bin/bash\necho "srun: $*"\n')
+  (fake / 'srun').chmod(0o755)
+  out = subprocess.run(['bash', paths['sbatch']], capture_output=True, text=True, check=True,
+                       env={**os.environ, 'PATH': f"{fake}:{os.environ['PATH']}",
+                            'SLURM_ARRAY_TASK_ID': '3'}).stdout
+  assert 'setup-ran' in out and f'srun: bash -c {commands[3]}' in out
+  listing = json.loads(open(paths['study']).read())
+  assert [r['dir'] for r in listing['runs']] == [str(root / e.name) for e in exps]
+  # The scheduler runs task 0 (one host here: no --multiprocess).
+  assert cli.main(commands[0].split()[1:-1]) == 0
+  assert (root / exps[0].name / 'metrics.jsonl').is_file()
+  capsys.readouterr()
+  assert cli.main(['report', str(root), '--out', str(tmp_path / 'report')]) == 0
+  assert exps[0].name in open(tmp_path / 'report' / 'report.md').read()
+  with pytest.raises(ValueError, match='nodes=0'):
+    jobs.Slurm(nodes=0)
+  jobs.write_jobs(exps[:1], 'gs://bucket/study', str(tmp_path / 'remote'))
+  assert "'gs://bucket/study/s/dense'" in open(tmp_path / 'remote' / 's__dense.gin').read()

@@ -101,14 +101,16 @@ def build_report(run_dirs: Sequence[str], out_dir: str, *, fit: str | None = Non
 def _analyse(rows, reference, fit, tolerance, missing):
   """(the speedup Analysis or None, parameter-matched pairs); notes go to `missing`."""
   analysis, pairs = None, []
-  if rows:
-    try:
-      analysis = speedup.analyse(rows, reference, fit, source='the runs')
-      missing += analysis.notes
-    except ValueError as e:
-      missing.append(f'no speedup factors: {e}')
-    pairs, notes = matched.param_matched(rows, reference, tolerance, source='the runs')
-    missing += notes
+  if not rows:
+    return analysis, pairs
+  try:
+    analysis = speedup.analyse(rows, reference, fit, source='the runs')
+    missing += analysis.notes
+  except ValueError as e:   # e.g. only dense runs, or no two dense runs in any domain
+    missing.append(f'no speedup factors: {e}')
+    return analysis, pairs
+  pairs, notes = matched.param_matched(rows, reference, tolerance, source='the runs')
+  missing += notes
   return analysis, pairs
 
 

@@ -4,7 +4,9 @@ them as ordinary directories. Local paths pass through untouched.
 
     dirs = stage_runs(['gs://bucket/study'], '/tmp/moescale_runs')    # in a notebook
 
-A study root (with the study.json `ScalingStudy.write` leaves) stands for all of its runs.
+A study root (with the study.json `ScalingStudy.write` leaves) stands for all of its runs, in
+its order; any other directory that is not itself a run stands for the runs found below it
+(the runs a scheduler's jobs wrote under one root).
 A copy is complete or absent: files land in a temporary directory renamed into place at the
 end, so an interrupted copy is redone rather than read half-written.
 """
@@ -34,9 +36,27 @@ def stage_runs(paths: Sequence[str], cache_dir: str, *, refresh: bool = False,
     if os.path.isfile(study):
       with open(study) as f:
         out += [os.path.join(local, r['name']) for r in json.load(f).get('runs', [])]
+    elif _is_run(local) or not (found := runs_under(local)):
+      out.append(local)   # a run, or nothing to find: collect names what is missing
     else:
-      out.append(local)
+      out += found
   return out
+
+
+def _is_run(path: str) -> bool:
+  return any(os.path.exists(os.path.join(path, f)) for f in ('config.gin', 'metrics.jsonl'))
+
+
+def runs_under(root: str) -> list[str]:
+  """The run directories below root (those with a config.gin or metrics.jsonl, as every
+  trained run has), sorted; not descending into a run (its checkpoints, eval)."""
+  found = []
+  for here, dirs, _ in os.walk(root):
+    if here != root and _is_run(here):
+      found.append(here)
+      dirs[:] = []
+    dirs.sort()
+  return sorted(found)
 
 
 def stage(path: str, cache_dir: str, *, refresh: bool = False, checkpoints: bool = True) -> str:

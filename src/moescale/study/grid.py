@@ -188,13 +188,21 @@ def evaluate_runs(root: str, experiments: Sequence[Experiment], tasks=None, *,
 
 
 def run_from_args(study: 'ScalingStudy', root: str, only=None, families=None,
-                  dry_run: bool = False, convention: str = 'standard') -> int:
+                  dry_run: bool = False, convention: str = 'standard',
+                  emit_jobs: str | None = None, slurm=None) -> int:
   """What an experiment script does with its parsed flags: expand (optionally keeping some
-  sizes / families), print the count table, then write the run directories (dry run) or
-  train them one after another."""
+  sizes / families), print the count table, then write the run directories (dry run), write
+  each run as a scheduler job into emit_jobs (`study.jobs`; slurm: a `jobs.Slurm`), or train
+  them one after another."""
   experiments = [e for e in study.expand(only)
                  if not families or e.meta['family'] in families]
   print(table(experiments, convention=convention))
+  if emit_jobs:
+    from moescale.study import jobs
+    paths = jobs.write_jobs(experiments, root, emit_jobs, slurm or jobs.Slurm())
+    print(f"{len(experiments)} jobs: {paths['commands']} (one command per run), "
+          f"{paths['sbatch']} (sbatch it: a SLURM array, one task per run); runs under {root}")
+    return 0
   if dry_run:
     runs = study.write(root, experiments)
     print(f'wrote {len(runs)} run directories under {root}')
