@@ -81,3 +81,72 @@ def test_no_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match='no checkpoint in'):
     ckpt.restore(_abstract(_state()))
   ckpt.close()
+
+
+def _three_steps(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=3)
+  state = _state()
+  for step in (1, 2, 3):
+    ckpt.save(step, {**state, 'step': jnp.int32(step)}, {'step': step})
+  ckpt.wait()
+  return ckpt, state
+
+
+def _files(step_dir):
+  return sorted(p for p in step_dir.rglob('*') if p.is_file())
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'delete', 'truncate_meta', 'empty_dir'])
+def test_a_damaged_latest_step_is_skipped_for_the_previous_complete_one(tmp_path, caplog,
+                                                                         damage):
+  """Every kind of damage to the latest step (a file cut short, a file gone, the meta JSON
+  cut, every file gone) is detected before reading; the previous step is restored, with a
+  warning naming the damaged one, and nothing is deleted."""
+  ckpt, state = _three_steps(tmp_path)
+  step3 = tmp_path / 'checkpoints' / '3'
+  manifests = sorted(p.name for p in (tmp_path / 'checkpoints.manifest').iterdir())
+  assert manifests == ['1.json', '2.json', '3.json']
+  files = _files(step3)
+  biggest = max(files, key=lambda p: p.stat().st_size)
+  if damage == 'truncate':
+    biggest.write_bytes(biggest.read_bytes()[:biggest.stat().st_size // 2])
+  elif damage == 'delete':
+    biggest.unlink()
+  elif damage == 'truncate_meta':
+    meta = next(p for p in files if p.parent.name == 'meta')
+    meta.write_bytes(meta.read_bytes()[:3])
+  else:
+    for p in files:
+      p.unlink()
+  before = _files(tmp_path / 'checkpoints')
+  with caplog.at_level('WARNING'):
+    restored, meta, step = ckpt.restore_latest(_abstract(state))
+  assert step == 2 and meta == {'step': 2} and int(restored['step']) == 2
+  assert 'checkpoint step 3' in caplog.text and 'damaged' in caplog.text
+  assert _files(tmp_path / 'checkpoints') == before          # nothing deleted
+  ckpt.close()
+
+
+def test_no_intact_step_is_a_clear_error_and_an_intact_one_restores(tmp_path):
+  ckpt, state = _three_steps(tmp_path)
+  _, meta, step = ckpt.restore_latest(_abstract(state))
+  assert (step, meta) == (3, {'step': 3})
+  for s in (1, 2, 3):
+    for p in _files(tmp_path / 'checkpoints' / str(s)):
+      p.write_bytes(b'')
+  with pytest.raises(checkpoint.CheckpointError, match='no checkpoint in .* restores: step 3'):
+    ckpt.restore_latest(_abstract(state))
+  ckpt.close()
+
+
+def test_a_step_that_fails_to_restore_without_a_manifest_is_skipped_too(tmp_path):
+  """A damaged step written before manifests existed (or whose manifest was lost): orbax's
+  own failure to read it sends the restore to the previous step."""
+  ckpt, state = _three_steps(tmp_path)
+  (tmp_path / 'checkpoints.manifest' / '3.json').unlink()
+  for p in _files(tmp_path / 'checkpoints' / '3'):
+    if p.parent.name == 'meta':
+      p.write_text('{not json')
+  _, meta, step = ckpt.restore_latest(_abstract(state))
+  assert step == 2
+  ckpt.close()

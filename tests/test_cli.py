@@ -36,10 +36,12 @@ def _exit_code(argv):
 def test_installed_entry_point_help_does_not_import_tensorflow():
   # The console script exists only if the package was installed (a missing install fails).
   r = _run(str(BIN / 'moescale'), '--help')
-  for cmd in ('train', 'count', 'bench', 'vocab', 'demo'):
+  for cmd in ('train', 'count', 'bench', 'vocab', 'demo', 'collect', 'speedup', 'report'):
     assert cmd in r.stdout
   code = ('import sys, moescale, moescale.cli, moescale.layers, moescale.model, '
-          'moescale.train.trainer, moescale.accounting; '
+          'moescale.train.trainer, moescale.accounting, moescale.analysis.cli, '
+          'moescale.analysis.collect, moescale.analysis.speedup, moescale.analysis.matched, '
+          'moescale.analysis.report, moescale.analysis.report_md, moescale.analysis.storage; '
           "moescale.cli.main(['--help']); "
           "bad = [m for m in ('tensorflow', 'seqio') if m in sys.modules]; "
           'assert not bad, bad')
@@ -130,6 +132,22 @@ def test_train_multiprocess_flags_reach_jax_distributed_initialize(fake_initiali
     main(['train', '--gin_file=runs/tiny.gin', *flags])
   assert fake_initialize == [dict(zip(('coordinator_address', 'num_processes', 'process_id'),
                                       expected))]
+
+
+@pytest.mark.parametrize('command', ['eval', 'prime', 'finetune'])
+def test_evaluation_commands_take_the_same_multiprocess_flags(fake_initialize, command,
+                                                              tmp_path, capsys):
+  """Every process of a multi-host evaluation runs the same command: initialisation comes
+  before the run is loaded (here a directory with no run at all)."""
+  extra = {'eval': [], 'prime': ['--task=corpus_source'],
+           'finetune': ['--task=corpus_source', f'--out={tmp_path / "ft"}']}[command]
+  flags = ['--coordinator_address=h:1', '--num_processes=2', '--process_id=1']
+  with pytest.raises(_Initialized):
+    main([command, str(tmp_path), *extra, *flags])
+  assert fake_initialize == [{'coordinator_address': 'h:1', 'num_processes': 2,
+                              'process_id': 1}]
+  assert _exit_code([command, str(tmp_path), *extra, '--num_processes=2']) == 2
+  assert 'without --coordinator_address, --process_id' in capsys.readouterr().err
 
 
 def test_train_without_multiprocess_flags_does_not_initialize(fake_initialize, capsys):

@@ -10,6 +10,13 @@
     moescale eval RUN_DIR [--tasks ...]  perplexity by domain of a checkpoint (moescale.evaluate)
     moescale prime RUN_DIR --task T [--shots 0,4] [--draws 25]  zero- / few-shot accuracy
     moescale finetune RUN_DIR --task T --out NEW_DIR [--freeze_router]  fine-tune, compare
+    moescale collect RUN_DIR... --out FILE  one record per (run, domain): counts, compute, ppl
+    moescale speedup FILE [--json] [--fit powerlaw] [--plot DIR]  speedup factors by domain
+    moescale report RUN_DIRS... --out DIR   report.md with PNG plots (a study root: all its runs)
+
+Bad input (an unknown gin name, an unused macro, an impossible size) exits with status 2 and one
+paragraph naming the value, no traceback: `--debug` anywhere on the line (`moescale train ...
+--debug`), or MOESCALE_DEBUG=1, shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import logging
 import os
 import sys
 from typing import Sequence
+
+from moescale import distributed
 
 _COMMANDS = {}
 
@@ -36,45 +45,19 @@ def _gin_args(argv: Sequence[str]):
   return files, bindings, paths, rest
 
 
-_PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
-
-
-def _check_process_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-  """The explicit cluster flags go together: with only some of them, each process would
-  either run alone (--num_processes without a coordinator never initialises anything) or hang
-  waiting for peers that do not agree on the cluster. --multiprocess alone auto-detects."""
-  given = [f for f in _PROCESS_FLAGS if getattr(args, f) is not None]
-  if given and len(given) < len(_PROCESS_FLAGS):
-    missing = ', '.join(f'--{f}' for f in _PROCESS_FLAGS if f not in given)
-    p.error(f"{', '.join(f'--{f}' for f in given)} without {missing}: pass all of "
-            '--coordinator_address, --num_processes and --process_id, or --multiprocess alone '
-            'to let JAX detect them (TPU pod, SLURM)')
-  if given and not 0 <= args.process_id < args.num_processes:
-    p.error(f'--process_id={args.process_id} must be in [0, --num_processes='
-            f'{args.num_processes})')
-
-
 @command('train', 'train (or resume) a model from gin files, t5x style')
 def _train(argv: Sequence[str]) -> int:
   files, bindings, paths, rest = _gin_args(argv)
   p = argparse.ArgumentParser(prog='moescale train', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--multiprocess', action='store_true',
-                 help='call jax.distributed.initialize() (auto-detects TPU pods / SLURM)')
-  p.add_argument('--coordinator_address', default=None,
-                 help='host:port of process 0; with --num_processes and --process_id')
-  p.add_argument('--num_processes', type=int, default=None)
-  p.add_argument('--process_id', type=int, default=None, help='0 .. num_processes - 1')
+  distributed.add_flags(p)
   args = p.parse_args(rest)
-  _check_process_flags(p, args)
+  distributed.check_flags(p, args)
   if not files:
     p.error('at least one --gin_file is required, e.g. --gin_file=runs/tiny.gin')
-  if args.multiprocess or args.coordinator_address:
-    import jax
-    jax.distributed.initialize(coordinator_address=args.coordinator_address,
-                               num_processes=args.num_processes, process_id=args.process_id)
+  distributed.initialize(args)
   from moescale import gin_config
-  gin_config.parse(files, bindings, paths)
+  gin_config.parse(files, bindings, paths, check_bindings=True)
   summary = gin_config.configured('run_training')()
   print(summary)
   return 0
@@ -106,7 +89,7 @@ def _count(argv: Sequence[str]) -> int:
   import json
   import gin
   from moescale import accounting, gin_config
-  gin_config.parse(files, bindings, paths, finalize=False)
+  gin_config.parse(files, bindings, paths, finalize=False, check_bindings=True)
   lengths = gin_config.query('TASK_FEATURE_LENGTHS') or {}
   context = args.context_length or lengths.get('targets') or gin_config.query('MAX_LENGTH')
   if not context:
@@ -184,6 +167,24 @@ def _finetune(argv: Sequence[str]) -> int:
   return cli.finetune_main(argv)
 
 
+@command('collect', 'gather runs into one CSV / JSON-lines file: family, counts, compute, ppl')
+def _collect(argv: Sequence[str]) -> int:
+  from moescale.analysis import cli
+  return cli.collect_main(argv)
+
+
+@command('speedup', 'speedup factors over the dense curve per domain, and parameter-matched pairs')
+def _speedup(argv: Sequence[str]) -> int:
+  from moescale.analysis import cli
+  return cli.speedup_main(argv)
+
+
+@command('report', 'report.md with plots: speedups, matched pairs, curves, usage, priming')
+def _report(argv: Sequence[str]) -> int:
+  from moescale.analysis import cli
+  return cli.report_main(argv)
+
+
 @command('bench', 'benchmark sparse layers against FLOP-matched dense layers')
 def _bench(argv: Sequence[str]) -> int:
   from moescale import bench
@@ -191,8 +192,19 @@ def _bench(argv: Sequence[str]) -> int:
   return 0
 
 
+def _user_error(e: Exception) -> str | None:
+  """The message to print for an error bad input caused, or None for a bug (a traceback).
+  A TypeError counts only out of a gin-configured call: a bound value of the wrong type."""
+  if not isinstance(e, (ValueError, FileNotFoundError, TypeError)):
+    return None
+  from moescale import gin_checks
+  return gin_checks.call_error_message(e)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  debug = '--debug' in argv or os.environ.get('MOESCALE_DEBUG', '') not in ('', '0')
+  argv = [a for a in argv if a != '--debug']  # taken anywhere: users append it after an error
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
   logging.getLogger('moescale').setLevel(logging.INFO)
@@ -201,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print('usage: moescale COMMAND [ARGS...]\n\ncommands:')
     for name, (_, help_) in _COMMANDS.items():
       print(f'  {name:<{width}}  {help_}')
-    print('\n`moescale COMMAND --help` for a command\'s flags.')
+    print('\n`moescale COMMAND --help` for a command\'s flags; --debug (anywhere) shows the '
+          'traceback of an error.')
     return 0
   name, rest = argv[0], argv[1:]
   if name not in _COMMANDS:
@@ -211,11 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   heap.keep_heap()  # before JAX starts its CPU client: see moescale.cpu.heap
   try:
     return _COMMANDS[name][0](rest)
-  except (ValueError, FileNotFoundError) as e:
-    # Bad input: one clear line, not a traceback (set MOESCALE_DEBUG=1 for the traceback).
-    if os.environ.get('MOESCALE_DEBUG'):
+  except Exception as e:  # pylint: disable=broad-except
+    # Bad input: one clear paragraph, not a traceback (--debug for the traceback).
+    message = None if debug else _user_error(e)
+    if message is None:
       raise
-    print(f'moescale {name}: error: {e}', file=sys.stderr)
+    print(f'moescale {name}: error: {message}', file=sys.stderr)
     return 2
 
 

@@ -14,20 +14,50 @@ Shipped configs include each other by package path, as t5x's do (`include
 'moescale/gin/models/decoder.gin'`): gin's own resource reader finds them wherever moescale is
 installed (each config folder is a package for that), so nothing depends on the working
 directory. A user's config includes them the same way.
+
+Bad input fails `parse` with one paragraph naming the bad value and the close valid names
+(moescale.gin_checks): unknown configurables and parameters, unparseable values, missing files,
+and, with check_bindings (the command line's --gin flags), a macro a binding sets that no
+config uses (a mistyped `--gin.TRAIN_STEPZ=5` would otherwise train with the default; the rule
+is in gin_checks' docstring).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
+import re
+import tokenize
 from typing import Sequence
 
 import gin
+
+from moescale import gin_checks
 
 _REGISTERED = False
 _CONFIGURED: dict = {}
 _FAMILIES_REGISTERED: set[str] = set()
 _EXTRA: list = []
+# Every configurable moescale registered, by name: the valid names an error suggests from.
+_KNOWN: dict = {}
+# Macros moescale's Python reads by name (`query`), not through a `%NAME` of a config: binding
+# one is never an unused macro (`moescale count` reads MODEL and the context lengths).
+READ_BY_CODE = ('MODEL', 'TASK_FEATURE_LENGTHS', 'MAX_LENGTH', 'SEGMENT_LENGTH', 'MEM_LEN')
+
+
+class _NoSearchMisses(logging.Filter):
+  """gin's resource reader logs an ERROR on the root logger for each search path a gin file
+  is not under ('ERROR root: Path not found: runs/tiny.gin') before finding it under the next:
+  noise, and misleading. A file found nowhere is an exception (`parse`), not this line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.module == 'resource_reader' and str(record.msg).startswith('Path not'))
+
+
+def _external(fn, module: str, name: str | None = None):
+  _KNOWN[name or fn.__name__] = fn
+  return gin.external_configurable(fn, name=name, module=module)
 
 
 def shipped_gin_dir() -> pathlib.Path | None:
@@ -45,7 +75,7 @@ def _register_families() -> None:
   from moescale.layers import registry
   for name, cls in registry.families().items():
     if name not in _FAMILIES_REGISTERED:
-      gin.external_configurable(cls, name=name, module='moescale.layers')
+      _external(cls, 'moescale.layers', name=name)
       _FAMILIES_REGISTERED.add(name)
 
 
@@ -56,23 +86,23 @@ def register() -> None:
   _register_families()
   if _REGISTERED:
     return
+  logging.getLogger().addFilter(_NoSearchMisses())
   from moescale import model as model_lib
   from moescale.train import optim, step, trainer
   from moescale import launch
 
-  gin.external_configurable(model_lib.TransformerLM, module='moescale.model')
+  _external(model_lib.TransformerLM, 'moescale.model')
   # `INIT_SCALE = @depth_scale()`: Csordás et al.'s c = sqrt(2 / num_layers), computed from
   # the NUM_LAYERS macro rather than written out per setting.
   from moescale.layers import common
-  gin.external_configurable(common.depth_scale, module='moescale.layers')
+  _external(common.depth_scale, 'moescale.layers')
   for cls in (optim.OptimizerConfig, step.StepConfig, trainer.MeshConfig, trainer.TrainConfig):
-    gin.external_configurable(cls, module='moescale.train')
-  gin.external_configurable(launch.seqio_data, module='moescale.data')
-  gin.external_configurable(launch.synthetic_data, module='moescale.data')
+    _external(cls, 'moescale.train')
+  _external(launch.seqio_data, 'moescale.data')
+  _external(launch.synthetic_data, 'moescale.data')
   from moescale.model import classifier
-  gin.external_configurable(classifier.ClassifierLM, module='moescale.model')
-  _CONFIGURED['run_training'] = gin.external_configurable(launch.run_training,
-                                                          module='moescale')
+  _external(classifier.ClassifierLM, 'moescale.model')
+  _CONFIGURED['run_training'] = _external(launch.run_training, 'moescale')
   _REGISTERED = True
 
 
@@ -80,7 +110,7 @@ def register_configurable(fn, module: str) -> None:
   """One more gin-bindable constructor, from a package above this edge (moescale.pairs'
   `Pair`, the one thing pair files bind); idempotent."""
   if fn not in _EXTRA:
-    gin.external_configurable(fn, module=module)
+    _external(fn, module)
     _EXTRA.append(fn)
 
 
@@ -122,10 +152,54 @@ def split_gin_flags(argv: Sequence[str]) -> tuple[list[str], list[str], list[str
   return files, bindings, paths, rest
 
 
+def _missing(gin_file: str, searched: Sequence[str], shipped: pathlib.Path | None,
+             where: str = '') -> FileNotFoundError:
+  """The error for a gin file found nowhere, with the shipped files of a close name."""
+  hint = ''
+  if shipped is not None:
+    rels = sorted(p.relative_to(shipped).as_posix() for p in shipped.rglob('*.gin'))
+    same = [r for r in rels if os.path.basename(r) == os.path.basename(gin_file)]
+    # Compared without '.gin', which every name shares: 'nope.gin' is close to no file.
+    stems = {r.removesuffix('.gin'): r for r in rels}
+    hits = same or [stems[h] for h in gin_checks.matches(gin_file.removesuffix('.gin'), stems)]
+    hint = gin_checks.did_you_mean(hits) or (
+        f" Shipped runs: {', '.join(r for r in rels if r.startswith('runs/'))}.")
+  return FileNotFoundError(f'gin file {gin_file!r} not found as given nor in {list(searched)}.'
+                           f'{hint}{where}')
+
+
+_UNABLE_TO_OPEN = re.compile(
+    r'Unable to open file: (.*?)\. Searched config paths: \[.*?\]\.(\n.*)?', re.S)
+
+
+def _parse_all(files: Sequence[str], bindings: Sequence[str], roots, shipped) -> None:
+  """gin's parse of files then bindings, its syntax errors and missing includes said clearly."""
+  try:
+    for path in files:
+      try:
+        gin.parse_config_file(path)
+      except (SyntaxError, tokenize.TokenError) as e:
+        raise gin_checks.file_syntax_error(e, path) from None
+    for binding in bindings:  # one at a time: gin's error names that binding, not 'line 3'
+      gin.parse_config(binding)
+  except OSError as e:  # an `include` gin found under no search path
+    m = _UNABLE_TO_OPEN.match(str(e))
+    if m is None:
+      raise
+    raise _missing(m.group(1), roots, shipped, m.group(2) or '') from e
+
+
 def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
-          search_paths: Sequence[str] = (), finalize: bool = True) -> None:
+          search_paths: Sequence[str] = (), finalize: bool = True,
+          check_bindings: bool = False) -> None:
   """Clears gin, registers moescale, and parses files + bindings (finalizing checks
-  %gin.REQUIRED). Unknown files or names raise errors that say what is valid."""
+  %gin.REQUIRED). Bad input raises FileNotFoundError or gin_checks.ConfigError (a ValueError)
+  saying what is valid; a binding is parsed on its own first, so a syntax error names it.
+
+  check_bindings: also refuse a macro the bindings set that nothing uses, and a %NAME they use
+  that nothing sets (gin_checks' rule), as the command line does for a user's --gin flags.
+  Off by default: a program may pass one list of bindings to many file sets (MODEL_DIR to a
+  model file that has no run), where an unused one is no typo."""
   register()
   gin.clear_config()
   roots = [*search_paths, os.getcwd()]
@@ -136,13 +210,21 @@ def parse(gin_files: Sequence[str], bindings: Sequence[str] = (),
     gin.add_config_file_search_path(r)
   resolved = []
   for f in gin_files:
-    cands = [f] + [os.path.join(r, f) for r in roots]
-    hit = next((c for c in cands if os.path.isfile(c)), None)
+    hit = next((c for c in [f] + [os.path.join(r, f) for r in roots] if os.path.isfile(c)), None)
     if hit is None:
-      raise FileNotFoundError(f'gin file {f!r} not found in {roots}' +
-                              (f'; shipped files: see {shipped}' if shipped else ''))
+      raise _missing(f, roots, shipped)
     resolved.append(hit)
-  gin.parse_config_files_and_bindings(resolved, list(bindings), finalize_config=finalize)
+  statements = gin_checks.binding_statements(bindings)
+  try:
+    _parse_all(resolved, bindings, roots, shipped)
+    if check_bindings:
+      gin_checks.check_macros(statements, READ_BY_CODE)
+    if finalize:
+      gin.finalize()
+  except gin_checks.ConfigError:
+    raise
+  except ValueError as e:
+    raise gin_checks.ConfigError(gin_checks.explain(str(e), _KNOWN)) from e
 
 
 def query(name: str, default=None):

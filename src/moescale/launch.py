@@ -68,5 +68,7 @@ def run_training(model: Callable = None, data: Any = None,
   from moescale import accounting
   length = getattr(data, 'sequence_length', None) or 0
   flops = accounting.forward_flops_per_token(model, context_length=length) if length else None
-  _write_gin_config(config.model_dir)
-  return trainer.train(model, data, config, flops_per_token=flops)
+  from moescale.train import guard
+  with guard.RunLock(config.model_dir):   # before config.gin: a refused run writes nothing
+    _write_gin_config(config.model_dir)
+    return trainer.train(model, data, config, flops_per_token=flops)

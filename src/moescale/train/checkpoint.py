@@ -6,17 +6,28 @@ Layout (orbax CheckpointManager in MODEL_DIR/checkpoints):
 
 Orbax writes each step to a temporary directory and renames it when complete, so the latest
 *complete* checkpoint is always the one `latest_step()` returns; resuming never reads a
-half-written step. A corrupt checkpoint raises `CheckpointError` naming the step and the path,
-and nothing in MODEL_DIR is deleted or overwritten by a failed restore.
+half-written step. Damage after that (a file truncated or deleted: a full disk, a copy cut
+short) is caught by a manifest: once a step is complete, the size of every file in it is
+written to MODEL_DIR/checkpoints.manifest/<step>.json, and `restore_latest` checks it before
+reading. It skips a damaged step with a warning naming it and falls back to the previous
+complete one; a step that does not restore at all (orbax's own errors) is skipped the same
+way. Sizes, not hashes: hashing would read every byte of a multi-terabyte checkpoint; a
+truncation or a missing file changes the sizes. Nothing in MODEL_DIR is deleted or
+overwritten by a failed restore.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -74,9 +85,82 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, meta: dict[str, Any], force: bool = False) -> bool:
-    return self.manager.save(
+    saved = self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(_keys_to_data(state)),
                                       meta=ocp.args.JsonSave(meta)), force=force)
+    self._write_manifests()   # of the steps completed before this one (orbax is async)
+    return saved
+
+  # -- the size manifest (module docstring) --------------------------------------------------
+
+  @property
+  def manifest_dir(self) -> str:
+    return self.directory + '.manifest'
+
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _sizes(self, step: int) -> dict[str, int]:
+    root = self._step_dir(step)
+    return {os.path.relpath(os.path.join(here, f), root): os.path.getsize(os.path.join(here, f))
+            for here, _, files in os.walk(root) for f in files}
+
+  def _write_manifests(self) -> None:
+    """Manifests of the complete steps that have none; stale ones of deleted steps removed.
+    Only process 0 writes (one file system view for all hosts)."""
+    if jax.process_index() != 0:
+      return
+    in_flight = getattr(self.manager, 'is_saving_in_progress', lambda: False)()
+    steps = set(self.all_steps())
+    os.makedirs(self.manifest_dir, exist_ok=True)
+    for name in os.listdir(self.manifest_dir):
+      if name.endswith('.json') and int(name[:-5]) not in steps:
+        os.remove(os.path.join(self.manifest_dir, name))
+    for step in sorted(steps):
+      path = os.path.join(self.manifest_dir, f'{step}.json')
+      if os.path.exists(path) or (in_flight and step == max(steps)):
+        continue
+      sizes = self._sizes(step)
+      if not sizes:   # not on disk under its final name yet
+        continue
+      with open(path + '.tmp', 'w') as f:
+        json.dump(sizes, f)
+      os.replace(path + '.tmp', path)
+
+  def damage(self, step: int) -> str | None:
+    """What is wrong with step's files against its manifest (None: matches, or no manifest)."""
+    path = os.path.join(self.manifest_dir, f'{step}.json')
+    if not os.path.exists(path):
+      return None
+    with open(path) as f:
+      want = json.load(f)
+    have = self._sizes(step)
+    missing = sorted(set(want) - set(have))
+    if missing:
+      return f'{len(missing)} file(s) missing, e.g. {missing[0]}'
+    short = sorted(f for f in want if have[f] != want[f])
+    if short:
+      return f'{short[0]} is {have[short[0]]} bytes, was {want[short[0]]}'
+    return None
+
+  def restore_latest(self, abstract_state):
+    """(state, meta, step) of the latest complete step that is intact and restores; damaged
+    or unreadable later steps are skipped with a warning naming each. CheckpointError if
+    none restores."""
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      why = self.damage(step)
+      if why is None:
+        try:
+          state, meta = self.restore(abstract_state, step)
+          return state, meta, step
+        except CheckpointError as e:
+          why = str(e.__cause__ or e)[:300]
+      log.warning('checkpoint step %d in %s is damaged (%s): skipped, trying an earlier one',
+                  step, self._step_dir(step), why)
+      failures.append(f'step {step}: {why}')
+    raise CheckpointError(f'no checkpoint in {self.directory} restores: '
+                          + '; '.join(failures) + '. Nothing was deleted.')
 
   def restore(self, abstract_state, step: int | None = None):
     """(state, meta) for `step` (default latest), arrays placed by abstract_state's shardings."""
@@ -98,6 +182,7 @@ class Checkpointer:
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+    self._write_manifests()
 
   def close(self) -> None:
     self.manager.close()

@@ -25,6 +25,7 @@ from flax import nnx
 
 from moescale import sharding as shd
 from moescale.train import checkpoint as ckpt_lib
+from moescale.train import guard
 from moescale.train import memory as memory_lib
 from moescale.train import metrics as metrics_lib
 from moescale.train import optim
@@ -193,6 +194,7 @@ class TrainSummary:
   evals: dict[str, float]
   state: step_lib.TrainState = dataclasses.field(repr=False)
   mesh: Any = dataclasses.field(repr=False)
+  preempted: bool = False   # stopped by a preemption notice, checkpointed at final_step
 
   @property
   def paths(self) -> dict[str, str]:
@@ -205,6 +207,8 @@ class TrainSummary:
   def figures(self) -> dict[str, Any]:
     """Every figure by name: steps, loss, step time, the final evaluation."""
     out = {'start_step': self.start_step, 'final_step': self.final_step}
+    if self.preempted:
+      out['preempted'] = True
     if self.loss is not None:
       out['loss'] = self.loss
     out['median_step_time'] = self.median_step_time
@@ -256,7 +260,7 @@ def _restore(checkpointer, state, state_sh):
     return state, None
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, state_sh)
-  state, meta = checkpointer.restore(abstract)
+  state, meta, _ = checkpointer.restore_latest(abstract)   # skips damaged steps, warning
   log.info('resumed from step %d in %s', int(state.step), checkpointer.directory)
   return state, meta.get('data_position')
 
@@ -304,6 +308,12 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
   if cfg.batch_size % (mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']):
     raise ValueError(f'batch_size={cfg.batch_size} must divide by the data-parallel mesh size '
                      f'{dict(mesh.shape)}')
+  with guard.RunLock(cfg.model_dir), guard.Preemption() as preempted:
+    return _train(model_fn, data, cfg, mesh, flops_per_token, init_from, preempted)
+
+
+def _train(model_fn, data, cfg: TrainConfig, mesh, flops_per_token, init_from,
+           preempted: guard.Preemption) -> TrainSummary:
   built = build_state(model_fn, cfg, mesh)
   graphdef, state, state_sh, memory = built.graphdef, built.state, built.state_sh, built.memory
   checkpointer = ckpt_lib.Checkpointer(cfg.model_dir, keep=cfg.keep_checkpoints)
@@ -327,7 +337,7 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
                                      tensorboard=cfg.tensorboard, progress=cfg.progress)
   window = _Window(flops_per_token)
   evaluate_now = lambda: evaluate(eval_fn, state, data, cfg, mesh, eval_memory)
-  last, evals = None, {}
+  last, evals, stopped = None, {}, False
   with shd.use_mesh(mesh, cfg.rules):
     if cfg.eval_before_training and start < cfg.train_steps:
       writer.write(start, evaluate_now())
@@ -347,7 +357,12 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
         writer.write(done, evaluate_now())
       if cfg.checkpoint_period and done % cfg.checkpoint_period == 0:
         checkpointer.save(done, state, {'data_position': it.position()})
-    if last is not None or start == cfg.train_steps:
+      if done < cfg.train_steps and preempted(done):
+        # The grace period is short: checkpoint now (below), skip the final evaluation.
+        log.warning('preemption notice: stopping at step %d with a checkpoint', done)
+        stopped = True
+        break
+    if not stopped and (last is not None or start == cfg.train_steps):
       evals = evaluate_now()
       writer.write(int(state.step), evals)
     if checkpointer.latest_step() != int(state.step):
@@ -360,4 +375,4 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
       model_dir=cfg.model_dir, start_step=start, final_step=int(state.step),
       loss=None if last is None else float(np.asarray(last['loss'])),
       median_step_time=float(np.median(times)) if times else None, evals=evals, state=state,
-      mesh=mesh)
+      mesh=mesh, preempted=stopped)
