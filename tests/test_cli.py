@@ -203,6 +203,32 @@ def test_demo_trains_writes_metrics_and_a_checkpoint_then_resumes(tmp_path, caps
   assert (model_dir / 'checkpoints' / '3').is_dir()
 
 
+def test_a_model_dir_of_another_config_is_refused_naming_the_change(tmp_path, capsys):
+  """Resuming with a changed binding would silently continue another experiment: refused
+  (exit 2), naming the binding and both values, the run's files untouched; the explicit flag
+  continues it and keeps the earlier config beside the new one."""
+  d = tmp_path / 'run'
+  small = ['--gin_file=runs/tiny.gin', f"--gin.MODEL_DIR='{d}'", '--gin.NUM_LAYERS=2',
+           '--gin.BATCH_SIZE=2', "--gin.TASK_FEATURE_LENGTHS={'targets': 32}",
+           '--gin.EVAL_STEPS=1', '--gin.PARALLEL_MICROBATCHES=1', '--gin.NUM_DEVICES=1',
+           "--gin_bindings=seqio_data.eval_splits = ('validation',)",
+           '--gin_bindings=TrainConfig.tensorboard = False']
+  assert main(['train', *small, '--gin.TRAIN_STEPS=1']) == 0
+  config = (d / 'config.gin').read_text()
+  metrics = (d / 'metrics.jsonl').read_text()
+  capsys.readouterr()
+  assert main(['train', *small, '--gin.TRAIN_STEPS=2', '--gin.LEARNING_RATE=0.5']) == 2
+  err = capsys.readouterr().err
+  assert 'holds checkpoints of another configuration' in err
+  # The learning rate is another experiment; more steps (TRAIN_STEPS 1 -> 2) are a resume.
+  assert '1 binding(s) differ: LEARNING_RATE: 0.003 -> 0.5.' in err and 'Traceback' not in err
+  assert (d / 'config.gin').read_text() == config and (d / 'metrics.jsonl').read_text() == metrics
+  assert main(['train', *small, '--gin.TRAIN_STEPS=2', '--gin.LEARNING_RATE=0.5',
+               '--allow_config_change']) == 0
+  assert (d / 'config.1.gin').read_text() == config
+  assert 'LEARNING_RATE = 0.5' in (d / 'config.gin').read_text()
+
+
 def test_split_gin_flags_t5x_style():
   files, bindings, paths, rest = gin_config.split_gin_flags(
       ['--gin_file=a.gin', '--gin_file', 'b.gin', "--gin.MODEL_DIR='x'",

@@ -51,6 +51,8 @@ def _train(argv: Sequence[str]) -> int:
   p = argparse.ArgumentParser(prog='moescale train', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   distributed.add_flags(p)
+  p.add_argument('--allow_config_change', action='store_true',
+                 help='resume a MODEL_DIR whose checkpoints were trained under another config')
   args = p.parse_args(rest)
   distributed.check_flags(p, args)
   if not files:
@@ -58,7 +60,8 @@ def _train(argv: Sequence[str]) -> int:
   distributed.initialize(args)
   from moescale import gin_config
   gin_config.parse(files, bindings, paths, check_bindings=True)
-  summary = gin_config.configured('run_training')()
+  extra = {'allow_config_change': True} if args.allow_config_change else {}
+  summary = gin_config.configured('run_training')(**extra)
   print(summary)
   return 0
 

@@ -30,8 +30,9 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
-  pass
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be restored (bad input to a resume: the CLI prints it as one
+  paragraph, no traceback)."""
 
 
 def _is_key(x) -> bool:
