@@ -330,3 +330,56 @@ def test_run_peak_counts_hosts_not_fake_cpu_devices(monkeypatch):
   assert metrics_lib.run_peak_flops() == 10.0 * jax.process_count()
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
   assert metrics_lib.run_peak_flops() == 80.0
+
+
+class _NaNAt(SyntheticData):
+  """Synthetic batches whose loss weights are NaN at the given (0-based) steps."""
+
+  def __init__(self, bad_steps, **kw):
+    super().__init__(**kw)
+    self.bad_steps = set(bad_steps)
+
+  def train_iterator(self, *args, **kw):
+    inner = super().train_iterator(*args, **kw)
+    data = self
+
+    class It:
+      step = 0
+
+      def __next__(self):
+        b = dict(next(inner))
+        if self.step in data.bad_steps:
+          b['decoder_loss_weights'] = np.full(b['decoder_loss_weights'].shape, np.nan,
+                                              np.float32)
+        self.step += 1
+        return b
+
+      def position(self):
+        return inner.position()
+    return It()
+
+
+def test_a_non_finite_step_stops_the_run_naming_it_and_keeps_the_good_checkpoint(tmp_path):
+  data = _NaNAt({4}, vocab_size=32, length=16)     # step 5 (1-based) goes NaN
+  cfg = _cfg(tmp_path, 8, checkpoint_period=2)
+  with pytest.raises(trainer.guard.NonFiniteError) as e:
+    trainer.train(MODEL, data, cfg)
+  msg = str(e.value)
+  assert 'between step 4 and step 6' in msg and 'last good checkpoint is kept: step 4' in msg
+  assert 'non-finite parameters: ' in msg and 'blocks' in msg
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [2, 4]
+  logged = [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')
+            if 'loss' in json.loads(l)]
+  assert logged == [2, 4]                           # the bad window is not logged as training
+
+
+def test_skip_nonfinite_skips_the_bad_steps_and_counts_them(tmp_path):
+  data = _NaNAt({2, 3}, vocab_size=32, length=16)
+  opt = optim.OptimizerConfig(learning_rate=1e-2, warmup_steps=2, skip_nonfinite=3)
+  summary = trainer.train(MODEL, data, _cfg(tmp_path, 6, optimizer=opt))
+  records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  skipped = {r['step']: r['skipped_steps'] for r in records if 'skipped_steps' in r}
+  assert skipped == {2: 0, 4: 2, 6: 2}
+  assert all(np.isfinite(v).all() for v in _params(summary).values())
+  with pytest.raises(ValueError, match='skip_nonfinite=-1'):
+    optim.OptimizerConfig(skip_nonfinite=-1)

@@ -1,5 +1,5 @@
-"""What keeps a run safe on shared, preemptible machines: one writer per MODEL_DIR, and a
-preemption notice turned into a checkpoint.
+"""What keeps a run safe on shared, preemptible machines: one writer per MODEL_DIR, a
+preemption notice turned into a checkpoint, and a stop at the first non-finite step.
 
     with RunLock(model_dir), Preemption() as preempted:
       for step in ...:
@@ -30,6 +30,8 @@ import socket
 import threading
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 LOCK_NAME = '.moescale.lock'
 
@@ -111,3 +113,35 @@ class Preemption:
       signal.signal(s, handler)
     self.previous = {}
     return False
+
+
+class NonFiniteError(ValueError):
+  """The loss or the parameters went NaN / Inf (printed as one paragraph by the CLI)."""
+
+
+def check_finite(step: int, since: int, scalars: dict, params, skipping: bool,
+                 last_checkpoint: int | None) -> None:
+  """Raises NonFiniteError when the logged loss (unless skipping) or the parameter norm is
+  not finite, naming the steps, the parameters that went bad and the checkpoint kept.
+  Checked at log steps and before every save, so a bad state is never checkpointed."""
+  loss, norm = scalars.get('loss'), scalars.get('param_norm')
+  finite = lambda x: x is None or bool(np.all(np.isfinite(x)))
+  if finite(norm) and (skipping or finite(loss)):
+    return
+  bad = nonfinite_parameters(params)
+  shown = ', '.join(bad[:6]) + (f' and {len(bad) - 6} more' if len(bad) > 6 else '')
+  raise NonFiniteError(
+      f'training went non-finite between step {since} and step {step}: loss {loss}, parameter '
+      f'norm {norm}; ' + (f'non-finite parameters: {shown}. ' if bad else '')
+      + ('The last good checkpoint is kept: step '
+         f'{last_checkpoint}. ' if last_checkpoint is not None else 'No checkpoint was saved. ')
+      + 'Lower the learning rate or clip harder, or set OptimizerConfig.skip_nonfinite = N to '
+      'skip up to N such steps in a row.')
+
+
+def nonfinite_parameters(params) -> list[str]:
+  """Paths of the parameter arrays holding a NaN or an Inf (sharded arrays welcome)."""
+  ok = jax.jit(lambda p: jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), p))(params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(ok))
+  return [jax.tree_util.keystr(path, simple=True, separator='/')
+          for path, good in flat if not bool(good)]

@@ -38,6 +38,9 @@ class OptimizerConfig:
   clip_norm: global gradient-norm clipping (None or <= 0: off).
   group_lr: {regex on the parameter path: LR multiplier}, first match wins, e.g.
     {r'pkm.*values': 10.0} for PKM value tables (Lample et al. use a larger LR for values).
+  skip_nonfinite: skip (apply no update for) a step whose gradients hold a NaN or an Inf, up
+    to this many in a row (`optax.apply_if_finite`; the count is logged as skipped_steps);
+    0: never skip, and the trainer stops the run at the first non-finite step it sees.
   """
   learning_rate: float = 3e-4
   name: str = 'adamw'
@@ -51,6 +54,7 @@ class OptimizerConfig:
   weight_decay_params: str = 'matrices'
   clip_norm: float | None = 1.0
   group_lr: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  skip_nonfinite: int = 0
 
   def __post_init__(self):
     if self.name not in _NAMES:
@@ -63,6 +67,8 @@ class OptimizerConfig:
       raise ValueError(f'learning_rate={self.learning_rate!r} must be > 0')
     if self.warmup_steps < 0:
       raise ValueError(f'warmup_steps={self.warmup_steps!r} must be >= 0')
+    if not (isinstance(self.skip_nonfinite, int) and self.skip_nonfinite >= 0):
+      raise ValueError(f'skip_nonfinite={self.skip_nonfinite!r} must be an integer >= 0')
 
 
 def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -126,4 +132,15 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int, params: nnx.State
     opt = rule(schedule)
   if cfg.clip_norm and cfg.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+  if cfg.skip_nonfinite:
+    opt = optax.apply_if_finite(opt, max_consecutive_errors=cfg.skip_nonfinite)
   return opt, schedule
+
+
+def skipped_steps(opt_state) -> jax.Array | None:
+  """The steps `skip_nonfinite` has skipped so far (None when it is off)."""
+  for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(
+      x, optax.ApplyIfFiniteState)):
+    if isinstance(node, optax.ApplyIfFiniteState):
+      return node.total_notfinite
+  return None

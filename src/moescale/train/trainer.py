@@ -25,6 +25,7 @@ from flax import nnx
 
 from moescale import sharding as shd
 from moescale.train import checkpoint as ckpt_lib
+from moescale.train.evaluation import evaluate, make_eval_fn  # noqa: F401  (re-exported)
 from moescale.train import guard
 from moescale.train import memory as memory_lib
 from moescale.train import metrics as metrics_lib
@@ -117,63 +118,6 @@ class TrainConfig:
 
 def _host_scalars(metrics: dict) -> dict:
   return {k: np.asarray(jax.device_get(v)) for k, v in metrics.items()}
-
-
-def evaluate(eval_fn, state, data: DataSource, cfg: TrainConfig, mesh,
-             memory: memory_lib.MemorySpec | None = None, progress: bool = False
-             ) -> dict[str, float]:
-  """{'<split>/eval_loss', '<split>/perplexity', '<split>/bits_per_token' (and bits_per_byte
-  where the source knows bytes per token)} over at most cfg.eval_steps batches per split.
-  With a memory spec, eval_fn carries Transformer-XL memory from batch to batch of a split
-  (empty at its start), cfg.eval_mem_len tokens of it."""
-  out = {}
-  batch_size = cfg.eval_batch_size or cfg.batch_size
-  per_host = batch_size // jax.process_count()
-  iters = data.eval_iterators(per_host, jax.process_index(), jax.process_count())
-  for split, batches in iters.items():
-    xent, weight = 0.0, 0.0
-    mem = None
-    if memory is not None:
-      mem = memory_lib.empty_memory(memory, batch_size, _eval_mem_len(cfg, memory),
-                                    shd.batch_sharding(mesh, 1))
-    if progress:
-      import tqdm  # only for interactive evaluations: training logs its own progress
-      batches = tqdm.tqdm(batches, desc=split, total=cfg.eval_steps or None, unit='batch')
-    for i, batch in enumerate(batches):
-      if cfg.eval_steps and i >= cfg.eval_steps:
-        break
-      batch = shd.host_local_to_global(batch, mesh)
-      if mem is None:
-        r = eval_fn(state.params, state.rest, batch)
-      else:
-        r, mem = eval_fn(state.params, state.rest, batch, mem)
-      xent += float(r['xent_sum'])
-      weight += float(r['weight'])
-    if weight == 0:
-      continue
-    loss = xent / weight
-    out[f'{split}/eval_loss'] = loss
-    out[f'{split}/perplexity'] = float(np.exp(min(loss, 50.0)))
-    out[f'{split}/bits_per_token'] = loss / np.log(2)
-    out[f'{split}/eval_tokens'] = weight
-    bytes_per_token = getattr(data, 'bytes_per_token', lambda s: None)(split)
-    if bytes_per_token:
-      out[f'{split}/bits_per_byte'] = loss / np.log(2) / bytes_per_token
-  return out
-
-
-def _eval_mem_len(cfg: TrainConfig, spec: memory_lib.MemorySpec | None) -> int:
-  if spec is None:
-    return 0
-  return spec.mem_len if cfg.eval_mem_len is None else cfg.eval_mem_len
-
-
-def make_eval_fn(graphdef, state_sh, mesh, cfg: TrainConfig, spec):
-  """(the jitted eval step, the memory spec `evaluate` must carry for it, or None)."""
-  mem_len = _eval_mem_len(cfg, spec)
-  fn = step_lib.jit_eval_step(step_lib.make_eval_step(graphdef, mem_len), state_sh, mesh,
-                              with_memory=mem_len > 0)
-  return fn, (spec if mem_len else None)
 
 
 @dataclasses.dataclass
@@ -338,6 +282,21 @@ def _train(model_fn, data, cfg: TrainConfig, mesh, flops_per_token, init_from,
   window = _Window(flops_per_token)
   evaluate_now = lambda: evaluate(eval_fn, state, data, cfg, mesh, eval_memory)
   last, evals, stopped = None, {}, False
+  last_good, checked = checkpointer.latest_step(), start
+
+  def check_finite(done, scalars):
+    nonlocal checked
+    try:
+      guard.check_finite(done, checked, scalars, state.params,
+                         bool(built_opt_skips), last_good)
+    except guard.NonFiniteError:
+      checkpointer.wait()     # the saves in flight (of good states) complete
+      checkpointer.close()
+      writer.close()
+      raise
+    checked = done
+
+  built_opt_skips = optim.skipped_steps(state.opt_state) is not None
   with shd.use_mesh(mesh, cfg.rules):
     if cfg.eval_before_training and start < cfg.train_steps:
       writer.write(start, evaluate_now())
@@ -346,17 +305,25 @@ def _train(model_fn, data, cfg: TrainConfig, mesh, flops_per_token, init_from,
       state, last = train_fn(state, batch)
       window.add(int(np.prod(batch['decoder_input_tokens'].shape)))
       done = step + 1
+      saving = cfg.checkpoint_period and done % cfg.checkpoint_period == 0
       if done % cfg.log_period == 0 or done == cfg.train_steps:
         scalars = _host_scalars(last)  # blocks: the window's time is real compute time
+        check_finite(done, scalars)
         scalars.update(window.scalars(first_window=step + 1 - window.steps == start))
         # Device-seconds = step_time x devices (analysis.collect); CPU's fake devices count 1.
         scalars['devices'] = metrics_lib.working_devices(mesh)
+        skipped = optim.skipped_steps(state.opt_state)
+        if skipped is not None:
+          scalars['skipped_steps'] = int(skipped)
         writer.write(done, scalars)
         writer.progress(done, float(scalars['loss']), scalars['tokens_per_second'])
+      elif saving:   # never checkpoint a bad state
+        check_finite(done, _host_scalars({k: last[k] for k in ('loss', 'param_norm')}))
       if cfg.eval_period and done % cfg.eval_period == 0 and done != cfg.train_steps:
         writer.write(done, evaluate_now())
-      if cfg.checkpoint_period and done % cfg.checkpoint_period == 0:
+      if saving:
         checkpointer.save(done, state, {'data_position': it.position()})
+        last_good = done
       if done < cfg.train_steps and preempted(done):
         # The grace period is short: checkpoint now (below), skip the final evaluation.
         log.warning('preemption notice: stopping at step %d with a checkpoint', done)
