@@ -68,6 +68,17 @@ def _start_and_interrupt(model_dir, sig, after_step):
   return proc, out, err
 
 
+def _assert_resumes_to(reference, model_dir):
+  """The same command again finishes the run, and every logged loss (the last of each step)
+  equals the uninterrupted run's."""
+  r = _run(model_dir)
+  assert r.returncode == 0, r.stderr[-2000:]
+  resumed = _losses(model_dir)
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  np.testing.assert_array_equal([resumed[s] for s in sorted(resumed)],
+                                [reference[s] for s in sorted(reference)])
+
+
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
   d = tmp_path_factory.mktemp('reference')
@@ -82,12 +93,7 @@ def test_kill_9_then_the_same_command_resumes_exactly(reference, tmp_path):
   assert proc.returncode == -signal.SIGKILL
   first = _losses(d)
   assert 5 <= max(first) < STEPS          # it was killed mid-run
-  r = _run(d)
-  assert r.returncode == 0, r.stderr[-2000:]
-  resumed = _losses(d)
-  assert sorted(resumed) == list(range(1, STEPS + 1))
-  np.testing.assert_array_equal([resumed[s] for s in sorted(resumed)],
-                                [reference[s] for s in sorted(reference)])
+  _assert_resumes_to(reference, d)
 
 
 def test_sigterm_saves_at_the_current_step_exits_0_and_resumes_exactly(reference, tmp_path):
@@ -99,12 +105,7 @@ def test_sigterm_saves_at_the_current_step_exits_0_and_resumes_exactly(reference
   steps = sorted(int(p.name) for p in (d / 'checkpoints').iterdir() if p.name.isdigit())
   assert steps[-1] == stopped                      # saved where it stopped, not at a period
   assert 'preempted' in out and 'preemption notice' in err
-  r = _run(d)
-  assert r.returncode == 0, r.stderr[-2000:]
-  resumed = _losses(d)
-  assert sorted(resumed) == list(range(1, STEPS + 1))
-  np.testing.assert_array_equal([resumed[s] for s in sorted(resumed)],
-                                [reference[s] for s in sorted(reference)])
+  _assert_resumes_to(reference, d)
 
 
 def test_a_second_run_on_a_model_dir_in_use_is_refused(tmp_path):

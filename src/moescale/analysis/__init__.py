@@ -19,7 +19,7 @@ factors: NumPy only), matched (parameter-matched comparison), tables (text table
 Names load on first use, so reading a records file or computing speedups imports no JAX.
 """
 
-import importlib
+from moescale import lazy
 
 _LAZY = {
     'COLUMNS': 'records', 'read_records': 'records', 'write_records': 'records',
@@ -33,14 +33,4 @@ _LAZY = {
     'stage_runs': 'storage',
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name):
-  if name in _LAZY:
-    return getattr(importlib.import_module(f'{__name__}.{_LAZY[name]}'), name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-def __dir__():
-  return sorted(list(globals()) + __all__)
+__getattr__, __dir__, __all__ = lazy.names(__name__, _LAZY)

@@ -14,7 +14,7 @@ data: the public releases' files, tasks built from the embedded corpus), cli (`m
 on first use, so `moescale.evaluate.tasks` alone imports no JAX.
 """
 
-import importlib
+from moescale import lazy
 
 _LAZY = {
     'Run': 'run', 'RunError': 'run', 'load_run': 'run',
@@ -24,14 +24,4 @@ _LAZY = {
     'load_task': 'tasks', 'Task': 'tasks', 'Example': 'tasks', 'Choice': 'tasks',
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name):
-  if name in _LAZY:
-    return getattr(importlib.import_module(f'{__name__}.{_LAZY[name]}'), name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-def __dir__():
-  return sorted(list(globals()) + __all__)
+__getattr__, __dir__, __all__ = lazy.names(__name__, _LAZY)
