@@ -356,8 +356,14 @@ def test_trainer_data_source(small_task, two_epochs):
   source = source_lib.SeqioDataSource(small_task[0], {'targets': L})
   assert source.sequence_length == L and source.vocab_size == 259
   assert source.eval_splits == ('validation',)
-  # Per-host batch size in, host 1 of 2 gets the second half of each batch.
+  # Per-host batch size in: training reads the host's own documents (test_data_resume.py).
   it = source.train_iterator(B // 2, 1, 2, seed=0, position=None)
+  assert next(it)['decoder_target_tokens'].shape == (B // 2, L)
+  assert it.position()['sharded_steps'] == 1 and it.position()['num_shards'] == 2
+  # A DataPipeline position (a run from before sharding) continues on global batches, of
+  # which host 1 of 2 gets the second half.
+  it = source.train_iterator(B // 2, 1, 2, seed=0,
+                             position={'epoch': 0, 'batches_in_epoch': 0, 'seed': 0})
   batch = next(it)
   for k, v in two_epochs[0][0].items():
     np.testing.assert_array_equal(batch[k], v[B // 2:])

@@ -11,6 +11,8 @@ Modules:
             enwik8 (imports seqio and TensorFlow)
   pipeline  DataPipeline / get_dataset: packed, sharded, resumable numpy
             batches (imports seqio)
+  sharded   ShardedIterator: training batches from each host's own documents,
+            resumable in O(1) (imports seqio to read)
   stats     split and epoch sizes, for logs and bits per byte (imports seqio)
   source    SeqioDataSource: the trainer's data source (imports seqio)
 
@@ -18,7 +20,7 @@ Importing this package is light: the names below are loaded on first use
 (PEP 562), so `import moescale.data.corpus` never imports TensorFlow.
 """
 
-import importlib
+from moescale import lazy
 
 _LAZY = {
     # corpus
@@ -34,18 +36,7 @@ _LAZY = {
     # pipeline, stats, source
     'DataPipeline': 'pipeline', 'get_dataset': 'pipeline',
     'split_stats': 'stats', 'count_tokens': 'stats',
-    'SeqioDataSource': 'source',
+    'SeqioDataSource': 'source', 'ShardedIterator': 'sharded',
 }
 
-__all__ = sorted(_LAZY)
-
-
-def __getattr__(name):
-  if name in _LAZY:
-    module = importlib.import_module(f'{__name__}.{_LAZY[name]}')
-    return getattr(module, name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-
-
-def __dir__():
-  return sorted(list(globals()) + __all__)
+__getattr__, __dir__, __all__ = lazy.names(__name__, _LAZY)

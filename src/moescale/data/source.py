@@ -2,9 +2,10 @@
 
 `SeqioDataSource` is what `moescale.launch.seqio_data` builds for a run (see
 moescale.train.trainer.DataSource): it turns the trainer's per-host batch sizes and saved
-positions into `DataPipeline`s, picks the eval splits (the default corpus adds its
-out-of-domain ones), keeps eval pipelines to rewind rather than rebuild, and gives bits per
-byte its bytes per token.
+positions into `ShardedIterator`s (training on a task: each host reads its own documents and
+resumes in O(1)) or `DataPipeline`s (mixtures, unpacked rows, evaluation, older positions),
+picks the eval splits (the default corpus adds its out-of-domain ones), keeps eval pipelines
+to rewind rather than rebuild, and gives bits per byte its bytes per token.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ class SeqioDataSource:
       'task:split' (another task, e.g. 'moescale_kjv:validation'). None: the
       training task's 'validation' split (else its non-train splits), and for
       the default in-domain corpus also the out-of-domain ones.
-    pack: pack chunks into rows.
+    pack: pack chunks into rows. Training on a task with packing reads per-host document
+      shards and resumes in O(1) (moescale.data.sharded); mixtures, `pack=False` and
+      evaluation use moescale.data.pipeline.DataPipeline.
     stream: instead of packed shuffled chunks, each split as one contiguous token stream
       whose rows continue from batch to batch (moescale.data.stream): what a model with
       Transformer-XL memory trains and evaluates on. Needs a task, not a mixture.
@@ -49,6 +52,7 @@ class SeqioDataSource:
     self.pack = pack
     self.stream = stream
     self._stream_tokens: dict[tuple[str, str], Any] = {}
+    self._share_tokens: dict[tuple[int, int], Any] = {}
     provider = tasks_lib.get_provider(mixture_or_task_name, vocabulary)
     self.vocabulary = provider.output_features['targets'].vocabulary
     self.vocab_size = self.vocabulary.vocab_size
@@ -77,11 +81,33 @@ class SeqioDataSource:
     if self.stream:
       return self._stream('train', batch_size * num_shards, shard_id, num_shards, None,
                           position)
+    if self._sharded(position):
+      return self._sharded_iterator(batch_size, shard_id, num_shards, seed, position)
     return DataPipeline(self.name, self.task_feature_lengths, 'train',
                         batch_size * num_shards, seed=seed, shuffle=True,
                         shard_id=shard_id, num_shards=num_shards,
                         vocabulary=self.vocabulary_spec, pack=self.pack,
                         state=position)
+
+  def _sharded(self, position) -> bool:
+    """Whether training reads per-host document shards (moescale.data.sharded): a task with
+    packing, unless the position was saved by a DataPipeline (a run started before sharding,
+    whose data it continues exactly; skipping to it re-reads up to an epoch)."""
+    import seqio
+    if position is not None and 'batches_in_epoch' in position:
+      return False
+    return self.pack and isinstance(tasks_lib.get_provider(self.name), seqio.Task)
+
+  def _sharded_iterator(self, batch_size, shard_id, num_shards, seed, position):
+    from moescale.data import sharded
+    key = (shard_id, num_shards)
+    if key not in self._share_tokens:  # tokenizing the host's share is the slow part
+      self._share_tokens[key] = sharded.share_tokens(
+          self.name, 'train', self.vocabulary_spec, shard_id=shard_id, num_shards=num_shards)
+    return sharded.ShardedIterator(
+        self._share_tokens[key], self.sequence_length, batch_size * num_shards,
+        shard_id=shard_id, num_shards=num_shards, seed=seed, name=f'{self.name}:train',
+        state=position)
 
   def eval_iterators(self, batch_size: int, shard_id: int = 0,
                      num_shards: int = 1) -> dict[str, DataPipeline]:
