@@ -238,3 +238,21 @@ def query(name: str, default=None):
     fn = value.scoped_configurable_fn
     return fn() if value.evaluate else fn
   return value
+
+
+def parse_run(run_dir: str, bindings: Sequence[str] = ()):
+  """(model constructor, TrainConfig, data-source factory) of run_dir/config.gin with
+  `bindings` applied over it: what evaluation, fine-tuning and `moescale collect` read a run
+  directory by. The data source is returned unbuilt (its seqio import costs seconds)."""
+  path = os.path.join(run_dir, 'config.gin')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{run_dir} has no config.gin: not a run directory (moescale '
+                            'train and the study code write one beside the checkpoints)')
+  parse([path], list(bindings), finalize=False)
+  # `%MODEL` (a macro) evaluates to the constructor; `@ClassifierLM` (a reference, as a
+  # fine-tuned run binds it) is the constructor itself.
+  model_ref = gin.query_parameter('run_training.model')
+  model_fn = (model_ref.scoped_configurable_fn() if model_ref.evaluate
+              else model_ref.scoped_configurable_fn)
+  config = gin.query_parameter('run_training.config').scoped_configurable_fn()
+  return model_fn, config, gin.query_parameter('run_training.data').scoped_configurable_fn

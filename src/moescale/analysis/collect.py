@@ -187,11 +187,10 @@ def median_step_seconds(metrics: list[dict], step: int) -> float | None:
 def count_run(run_dir: str, convention: str = 'standard') -> dict:
   """Family, counts, tokens per step, device count and task from RUN_DIR/config.gin."""
   import gin
-  from moescale import accounting
-  from moescale.evaluate import run as run_lib
+  from moescale import accounting, gin_config
   if convention not in accounting.CONVENTIONS:
     raise ValueError(f'convention={convention!r}; valid: {list(accounting.CONVENTIONS)}')
-  model_fn, cfg, _ = run_lib.parse_config(run_dir, ())
+  model_fn, cfg, _ = gin_config.parse_run(run_dir)
   segment, task = _data_shape(run_dir)
   mem_len = int(gin.get_bindings('TransformerLM').get('mem_len') or 0)
   model = accounting.abstract_model(model_fn)
@@ -216,13 +215,13 @@ def _data_shape(run_dir: str) -> tuple[int, str | None]:
   """(sequence length of a training row, the seqio task or None) of the parsed config."""
   import gin
   import inspect
-  from moescale import launch
-  name = gin.query_parameter('run_training.data').configurable.name.rsplit('.', 1)[-1]
+  ref = gin.query_parameter('run_training.data')
+  name = ref.configurable.name.rsplit('.', 1)[-1]
   bindings = gin.get_bindings(name)
   if name == 'seqio_data':
     return int(bindings['task_feature_lengths']['targets']), bindings.get('mixture_or_task_name')
   if name == 'synthetic_data':
-    default = inspect.signature(launch.synthetic_data).parameters['length'].default
+    default = inspect.signature(ref.configurable.wrapped).parameters['length'].default
     return int(bindings.get('length', default)), None
   raise ValueError(f'{run_dir}: run_training.data = @{name}(): not a data source whose sequence '
                    'length collect knows (seqio_data, synthetic_data)')

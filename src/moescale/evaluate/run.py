@@ -87,24 +87,14 @@ def barrier(name: str) -> None:
 
 def parse_config(run_dir: str, bindings) -> tuple[Callable, trainer.TrainConfig, Callable]:
   """(model constructor, TrainConfig, data-source factory) of run_dir/config.gin with
-  `bindings` applied over it (what fine-tuning derives its own run from)."""
-  import gin
+  `bindings` applied over it (`gin_config.parse_run`; a RunError where it is no run)."""
   from moescale import gin_config
-  path = os.path.join(run_dir, 'config.gin')
-  if not os.path.isfile(path):
-    raise RunError(f'{run_dir} has no config.gin: not a run directory (moescale train and the '
-                   'study code write one beside the checkpoints)')
-  gin_config.parse([path], list(bindings), finalize=False)
-  evaluate = lambda name: gin.query_parameter(name).scoped_configurable_fn()
-  # `%MODEL` (a macro) evaluates to the constructor; `@ClassifierLM` (a reference, as a
-  # fine-tuned run binds it) is the constructor itself.
-  model_ref = gin.query_parameter('run_training.model')
-  model_fn = (model_ref.scoped_configurable_fn() if model_ref.evaluate
-              else model_ref.scoped_configurable_fn)
-  config = evaluate('run_training.config')
-  data_ref = gin.query_parameter('run_training.data')
-  # The data source is built on first use: its seqio import costs seconds and 850 MB.
-  return model_fn, config, data_ref.scoped_configurable_fn
+  try:
+    return gin_config.parse_run(run_dir, bindings)
+  except FileNotFoundError as e:
+    if not os.path.isfile(os.path.join(run_dir, 'config.gin')):
+      raise RunError(str(e)) from None
+    raise
 
 
 def load_run(run_dir: str, step: int | None = None, *, mesh=None,
