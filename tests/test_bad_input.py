@@ -169,3 +169,81 @@ def test_train_prints_no_library_start_up_noise(tmp_path):
   assert (tmp_path / 'metrics.jsonl').is_file()  # it read the seqio data: TensorFlow loaded
   noise = _NOISE.findall(r.stderr.replace('\r', '\n'))
   assert not noise, r.stderr
+
+
+@pytest.mark.parametrize('files,binding,expected', [
+    (['runs/tiny.gin'], '--gin.NUM_EXPERTS=0', 'num_experts=0 must be > 0'),
+    (['runs/tiny.gin'], '--gin.NUM_EXPERTS=-2', 'num_experts=-2 must be > 0'),
+    (['runs/tiny.gin'], '--gin.EXPERT_SIZE=0', 'expert_size=0 must be > 0'),
+    (['runs/tiny.gin', 'ffn/sigma_moe.gin'], '--gin.NUM_EXPERTS=0', 'num_experts=0 must be > 0'),
+    (['models/decoder.gin', 'ffn/dense.gin'], '--gin.D_FF=0', 'd_ff=0 must be > 0'),
+    (['models/decoder.gin', 'ffn/dense.gin'], '--gin.D_FF=-5', 'd_ff=-5 must be > 0'),
+    (['runs/tiny.gin', 'ffn/pkm.gin'], '--gin.PKM_KNN=1025', 'knn=1025 must be <= num_keys**2=1024'),
+    (['runs/tiny.gin', 'ffn/pkm.gin'], '--gin.PKM_NUM_KEYS=0', 'num_keys=0 must be > 0'),
+])
+def test_zero_negative_or_too_large_sizes_name_the_value(capsys, files, binding, expected):
+  err = _error(capsys, 'count', *(f'--gin_file={f}' for f in files), binding)
+  assert expected in err and len(err.strip().splitlines()) == 1, err
+
+
+_SYNTHETIC = ['--gin.TRAIN_STEPS=1', '--gin_bindings=run_training.data = @synthetic_data()']
+
+
+@pytest.mark.parametrize('bindings,expected', [
+    (['--gin.DATA_PARALLELISM=3'], "has 3 devices, but 8 are available: valid are axis sizes "
+     'whose product is 8'),
+    (['--gin.NUM_DEVICES=9'], 'num_devices=9 but only 8 devices are available; valid: 1..8'),
+    # Refused, not trained with the experts silently replicated over the expert axis.
+    (['--gin.NUM_EXPERTS=6', '--gin.EXPERT_PARALLELISM=4'],
+     'do not divide over the expert mesh axis of size 4 (MeshConfig.expert, EXPERT_PARALLELISM)'
+     ': valid sizes divide both the experts and the 8 devices: [1, 2]'),
+    (['--gin.BATCH_SIZE=12'], 'batch_size=12 must be a multiple of 8, the batch shards'),
+])
+def test_a_mesh_that_does_not_fit_is_refused_before_anything_is_written(capsys, tmp_path,
+                                                                         bindings, expected):
+  assert len(__import__('jax').devices()) == 8   # conftest's fake devices
+  model_dir = tmp_path / 'run'
+  err = _error(capsys, 'train', '--gin_file=runs/tiny.gin', f"--gin.MODEL_DIR='{model_dir}'",
+               *_SYNTHETIC, *bindings)
+  assert expected in err, err
+  assert not model_dir.exists()   # no config.gin, no lock file
+
+
+def test_an_unknown_task_lists_the_valid_names(capsys, tmp_path):
+  # The default tasks register on first use: they were missing from the list ('Registered: []').
+  err = _error(capsys, 'train', '--gin_file=runs/tiny.gin', f"--gin.MODEL_DIR='{tmp_path}/r'",
+               "--gin.MIXTURE_OR_TASK_NAME='moescale_sot'")
+  assert ("No seqio task or mixture named 'moescale_sot'. Did you mean moescale_sotu" in err
+          and 'Valid: moescale_kjv, moescale_pydoc, moescale_sotu.' in err), err
+  assert not (tmp_path / 'r').exists()
+
+
+def _analysis_inputs(root: pathlib.Path) -> None:
+  (root / 'not_a_run').mkdir()
+  (root / 'empty.txt').write_text('')
+  (root / 'records.csv').write_text('a,b\n1,2\n')
+  (root / 'hs').mkdir()
+  for split in ('train', 'val'):
+    (root / 'hs' / f'hellaswag_{split}.jsonl').write_text('ctx,endings,label\n')  # a CSV
+
+
+@pytest.mark.parametrize('argv,expected', [
+    (['eval', '{r}/not_a_run'], 'not_a_run has no config.gin: not a run directory'),
+    (['eval', '{r}/not_a_run', '--text=mine={r}/missing.txt'],
+     "expected a file at '{r}/missing.txt', but it does not exist"),
+    (['eval', '{r}/not_a_run', '--text=mine={r}/empty.txt'],
+     'files of a text corpus are empty (0 bytes): {r}/empty.txt'),
+    (['prime', '{r}/not_a_run', '--task=hellaswag:{r}/hs'],
+     '{r}/hs/hellaswag_train.jsonl, line 1: not valid JSON'),
+    (['prime', '{r}/not_a_run', '--task=xml:{r}/hs'], "unknown format 'xml'; expected"),
+    (['speedup', '{r}/records.csv'], "missing column(s) ['run', 'family', 'train_flops', "
+     "'perplexity']; it has ['a', 'b']"),
+    (['report', '{r}/not_a_run', '--out', '{r}/report'], 'no run directory in {r}/not_a_run'),
+    (['count', '--gin_file=runs/tiny.gin', '--context_length=-4'],
+     'context length -4 must be >= 1'),
+])
+def test_evaluation_and_analysis_commands_refuse_bad_input(capsys, tmp_path, argv, expected):
+  _analysis_inputs(tmp_path)
+  err = _error(capsys, *(a.format(r=tmp_path) for a in argv))
+  assert expected.format(r=tmp_path) in err and len(err.strip().splitlines()) == 1, err
+  assert not (tmp_path / 'report').exists() and not (tmp_path / 'not_a_run' / 'eval').exists()

@@ -1,6 +1,8 @@
 """moescale.train.checkpoint on its own: what a save gives back, where it places it, what it
 keeps. (tests/test_trainer.py resumes whole runs through it.)"""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,4 +151,31 @@ def test_a_step_that_fails_to_restore_without_a_manifest_is_skipped_too(tmp_path
       p.write_text('{not json')
   _, meta, step = ckpt.restore_latest(_abstract(state))
   assert step == 2
+  ckpt.close()
+
+
+def test_a_full_disk_during_a_save_keeps_the_earlier_step_and_says_so(tmp_path, monkeypatch):
+  import errno
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as json_handler
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  state = _state()
+  ckpt.save(1, state, {'position': 1})
+  ckpt.wait()
+
+  async def full(self, item, directory):  # orbax's own write of the step's meta, mid-save
+    raise OSError(errno.ENOSPC, 'No space left on device', str(directory))
+  monkeypatch.setattr(json_handler.JsonCheckpointHandler, '_save_fn', full)
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    ckpt.save(2, state, {'position': 2})
+    ckpt.wait()   # orbax writes in the background: the error surfaces at the latest here
+  message = str(e.value)
+  assert 'checkpoint step 2' in message and ckpt.directory in message, message
+  assert 'disk is full' in message and 'checkpoints [1] are intact' in message, message
+  # The failed step is neither listed nor given a manifest, and step 1 still restores.
+  monkeypatch.undo()
+  assert ckpt.all_steps() == [1]
+  assert sorted(os.listdir(ckpt.manifest_dir)) == ['1.json']
+  restored, meta, step = ckpt.restore_latest(_abstract(state))
+  assert step == 1 and meta == {'position': 1}
+  np.testing.assert_array_equal(restored['w'], state['w'])
   ckpt.close()

@@ -97,6 +97,9 @@ def _count(argv: Sequence[str]) -> int:
   context = args.context_length or lengths.get('targets') or gin_config.query('MAX_LENGTH')
   if not context:
     p.error('no context length: pass --context_length or bind TASK_FEATURE_LENGTHS')
+  if int(context) < 1:   # else negative attention FLOPs, printed as if they were counts
+    raise ValueError(f'context length {context} must be >= 1 (--context_length, or '
+                     "TASK_FEATURE_LENGTHS['targets'])")
   model_fn = gin_config.query('MODEL')
   if model_fn is None:
     p.error('the gin files bind no MODEL (include a models/*.gin file)')

@@ -130,6 +130,7 @@ def run_training(model: Callable = None, data: Any = None,
   length = getattr(data, 'sequence_length', None) or 0
   flops = accounting.forward_flops_per_token(model, context_length=length) if length else None
   from moescale.train import guard
+  trainer.check_mesh(model, config)       # a mesh that cannot run: refused, nothing written
   with guard.RunLock(config.model_dir):   # before config.gin: a refused run writes nothing
     _write_gin_config(config.model_dir, allow_config_change)
     return trainer.train(model, data, config, flops_per_token=flops)

@@ -81,7 +81,9 @@ def mesh_shape(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
                        f'(product {known})')
     sizes[unknown[0]] = n // known
   if math.prod(sizes.values()) != n:
-    raise ValueError(f'mesh {sizes} has {math.prod(sizes.values())} devices, but {n} are available')
+    raise ValueError(f'mesh {sizes} has {math.prod(sizes.values())} devices, but {n} are '
+                     f'available: valid are axis sizes whose product is {n}, or one axis -1 '
+                     'for the devices the others leave')
   return sizes
 
 

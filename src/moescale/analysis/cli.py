@@ -122,6 +122,10 @@ def report_main(argv: Sequence[str]) -> int:
   from moescale.analysis import report as report_lib
   from moescale.analysis import storage, tables
   dirs = storage.stage_runs(args.run_dirs, os.path.join(args.out, 'runs'), checkpoints=False)
+  if not any(storage.is_run(d) for d in dirs):   # else a report of nothing but 'missing'
+    raise ValueError(f"no run directory in {', '.join(args.run_dirs)}: valid are run "
+                     'directories (with the config.gin or metrics.jsonl `moescale train` '
+                     'writes) and study roots (with a study.json), or folders holding them')
   r = report_lib.build_report(dirs, args.out, fit=args.fit,
                               reference=args.reference, convention=args.convention,
                               devices=args.devices, tolerance=args.param_tolerance)

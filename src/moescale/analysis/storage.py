@@ -36,14 +36,14 @@ def stage_runs(paths: Sequence[str], cache_dir: str, *, refresh: bool = False,
     if os.path.isfile(study):
       with open(study) as f:
         out += [os.path.join(local, r['name']) for r in json.load(f).get('runs', [])]
-    elif _is_run(local) or not (found := runs_under(local)):
+    elif is_run(local) or not (found := runs_under(local)):
       out.append(local)   # a run, or nothing to find: collect names what is missing
     else:
       out += found
   return out
 
 
-def _is_run(path: str) -> bool:
+def is_run(path: str) -> bool:
   return any(os.path.exists(os.path.join(path, f)) for f in ('config.gin', 'metrics.jsonl'))
 
 
@@ -52,7 +52,7 @@ def runs_under(root: str) -> list[str]:
   trained run has), sorted; not descending into a run (its checkpoints, eval)."""
   found = []
   for here, dirs, _ in os.walk(root):
-    if here != root and _is_run(here):
+    if here != root and is_run(here):
       found.append(here)
       dirs[:] = []
     dirs.sort()

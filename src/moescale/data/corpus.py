@@ -210,8 +210,11 @@ def text_files_splits(split_files: dict[str, Sequence[str]], *,
     if not patterns:
       continue
     files = expand_files(patterns, f'{split} files of a {format} corpus')
-    splits[split] = [Part(f, os.path.getsize(f), functools.partial(reader, f))
-                     for f in files]
+    parts = [Part(f, os.path.getsize(f), functools.partial(reader, f)) for f in files]
+    if not any(p.nbytes for p in parts):  # else training or evaluation would read nothing
+      raise ValueError(f'the {split} files of a {format} corpus are empty (0 bytes): '
+                       f'{", ".join(files)}; valid: files with at least one document')
+    splits[split] = parts
   if not splits:
     raise ValueError('no split has any file.')
   return splits

@@ -26,6 +26,7 @@ Default tasks (embedded corpus, see `moescale.data.corpus`):
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 from typing import Any, Iterator, Mapping, Sequence
@@ -287,13 +288,15 @@ def get_provider(name: str, vocabulary: Any = None):
   try:
     provider = seqio.get_mixture_or_task(name)
   except ValueError:
-    known = sorted(set(seqio.TaskRegistry.names())
-                   | set(seqio.MixtureRegistry.names()))
+    # The default tasks are registered on first use: listed whether or not they are yet.
+    known = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+                   | set(default_names))
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(close)}?" if close else ''
     raise ValueError(
-        f'No seqio task or mixture named {name!r}. Registered: {known}; the '
-        f'default corpus: {default_names}. Register user corpora with '
-        'moescale.data.register_text_task / register_wikitext103 / '
-        'register_enwik8.') from None
+        f'No seqio task or mixture named {name!r}.{hint} Valid: {", ".join(known)}. '
+        'Register a corpus of your own with moescale.data.register_text_task / '
+        'register_wikitext103 / register_enwik8.') from None
   if vocabulary is not None:
     want = vocab_lib.vocabulary_spec(vocab_lib.get_vocabulary(vocabulary))
     have = vocab_lib.vocabulary_spec(provider.output_features['targets']

@@ -77,11 +77,15 @@ def eval_main(argv: Sequence[str]) -> int:
   p.add_argument('--mem_len', type=int, default=None,
                  help='Transformer-XL memory in tokens (default: the run\'s evaluation memory)')
   args = parse(p, argv)
+  from moescale.data import corpus
   from moescale.evaluate import lm
+  texts = [_name_and_files(p, spec) for spec in args.text]
+  for _, files in texts:   # a missing or empty file: refused before the checkpoint restore
+    corpus.text_files_splits({'validation': files})
   run = load(args)
   tasks = _split_list(args.tasks) or ([] if args.text else None)
-  for spec in args.text:
-    tasks.append(lm.register_text_domain(run, *_name_and_files(p, spec)))
+  for name, files in texts:
+    tasks.append(lm.register_text_domain(run, name, files))
   results = lm.perplexity(run, tasks, max_batches=args.max_batches,
                           batch_size=args.batch_size, mem_len=args.mem_len,
                           progress=not args.json)
@@ -124,11 +128,15 @@ def prime_main(argv: Sequence[str]) -> int:
   p.add_argument('--batch_size', type=int, default=None, help='prompts per batch')
   args = parse(p, argv)
   from moescale.evaluate import lm, priming
-  shots = [int(s) for s in args.shots.split(',') if s]
+  shots = _split_list(args.shots) or []
+  if not all(s.isdigit() for s in shots):
+    p.error(f'--shots={args.shots!r}: valid are counts >= 0, comma-separated, e.g. 0,1,4')
+  shots = [int(s) for s in shots]
+  # The task files first: a bad one is refused before the slow checkpoint restore.
+  loaded = [tasks_lib.load_task(spec) for spec in args.task]
   run = load(args)
   results = []
-  for spec in args.task:
-    task = tasks_lib.load_task(spec)
+  for task in loaded:
     for k in shots:
       results.append(priming.prime(run, task, shots=k, draws=args.draws, seed=args.seed,
                                    max_examples=args.max_examples, batch_size=args.batch_size,

@@ -18,6 +18,8 @@ overwritten by a failed restore.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -28,6 +30,8 @@ import orbax.checkpoint as ocp
 
 
 log = logging.getLogger(__name__)
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CheckpointError(ValueError):
@@ -78,6 +82,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=('state', 'meta'))
+    self._in_flight: int | None = None   # the step of the save orbax may still be writing
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -86,11 +91,33 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, meta: dict[str, Any], force: bool = False) -> bool:
-    saved = self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(_keys_to_data(state)),
-                                      meta=ocp.args.JsonSave(meta)), force=force)
-    self._write_manifests()   # of the steps completed before this one (orbax is async)
+    # orbax first waits for the save in flight: its write error surfaces here or in wait().
+    with self._write_errors(step):
+      saved = self.manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(_keys_to_data(state)),
+                                        meta=ocp.args.JsonSave(meta)), force=force)
+      self._write_manifests()   # of the steps completed before this one (orbax is async)
+    if saved:
+      self._in_flight = step
     return saved
+
+  @contextlib.contextmanager
+  def _write_errors(self, step: int | None):
+    """An OSError of a save (a full disk, a quota) as a CheckpointError naming the step, the
+    directory and the steps still intact. orbax writes each step under a temporary name and
+    renames it only once complete, so a failed step is never listed (nor given a manifest)."""
+    try:
+      yield
+    except OSError as e:
+      steps = [s for s in (self._in_flight, step) if s is not None]
+      self._in_flight = None
+      what = ' or '.join(f'step {s}' for s in sorted(set(steps))) or 'a checkpoint'
+      why = ('the disk is full or over quota: free space' if e.errno in _DISK_FULL
+             else 'fix the file system')
+      raise CheckpointError(
+          f'writing checkpoint {what} to {self.directory} failed ({e.strerror or e}): {why}, '
+          f'then resume from the same MODEL_DIR. The complete checkpoints '
+          f'{self.all_steps()} are intact; nothing of them was overwritten.') from e
 
   # -- the size manifest (module docstring) --------------------------------------------------
 
@@ -182,8 +209,10 @@ class Checkpointer:
     return _data_to_keys(restored['state'], abstract_state), dict(restored['meta'] or {})
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
-    self._write_manifests()
+    with self._write_errors(None):
+      self.manager.wait_until_finished()
+      self._in_flight = None
+      self._write_manifests()
 
   def close(self) -> None:
     self.manager.close()

@@ -198,6 +198,37 @@ def build_state(model_fn, cfg: TrainConfig, mesh, abstract: bool = False) -> Bui
   return BuiltState(graphdef, state, state_sh, tx, schedule, memory)
 
 
+def check_mesh(model_fn, cfg: TrainConfig):
+  """cfg's mesh, refused (ValueError) where it does not fit the devices, the batch or the
+  experts: before anything is written to the run directory."""
+  mesh = cfg.mesh.make()
+  shards = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
+  if cfg.batch_size % shards:
+    raise ValueError(f'batch_size={cfg.batch_size} must be a multiple of {shards}, the batch '
+                     f'shards (data x fsdp x expert) of the mesh {dict(mesh.shape)}')
+  _check_expert_axis(step_lib.abstract_model(model_fn, cfg.seed)[1], mesh)
+  return mesh
+
+
+def _check_expert_axis(abs_params, mesh) -> None:
+  """Refuses an expert mesh axis that does not divide the experts. state_shardings would
+  replicate them over it (as it does for small test models on big meshes), so the run would
+  train with none of the expert parallelism asked for, and say nothing."""
+  size = dict(mesh.shape).get('expert', 1)
+  if size == 1:
+    return
+  for path, var in nnx.to_flat_state(abs_params):
+    names = var.get_metadata().get('out_sharding') or ()
+    for name, dim in zip(names, var.get_value().shape):
+      if name == 'expert' and dim % size:
+        devices = mesh.devices.size
+        valid = [n for n in range(1, dim + 1) if dim % n == 0 and devices % n == 0]
+        raise ValueError(
+            f'{dim} experts (in {"/".join(map(str, path))}) do not divide over the expert mesh '
+            f'axis of size {size} (MeshConfig.expert, EXPERT_PARALLELISM): valid sizes divide '
+            f'both the experts and the {devices} devices: {valid}')
+
+
 def _restore(checkpointer, state, state_sh):
   """(state, data position) from the latest complete checkpoint, or as given if none."""
   if checkpointer.latest_step() is None:
@@ -248,10 +279,7 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
   has no checkpoint yet (fine-tuning a pretrained model; the optimizer state starts fresh), or
   a function (fresh params, fresh rest) -> (params, rest) that fills in part of them.
   """
-  mesh = cfg.mesh.make()
-  if cfg.batch_size % (mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']):
-    raise ValueError(f'batch_size={cfg.batch_size} must divide by the data-parallel mesh size '
-                     f'{dict(mesh.shape)}')
+  mesh = check_mesh(model_fn, cfg)
   with guard.RunLock(cfg.model_dir), guard.Preemption() as preempted:
     return _train(model_fn, data, cfg, mesh, flops_per_token, init_from, preempted)
 
