@@ -174,8 +174,8 @@ def test_train_bad_process_flags_are_a_clear_error(fake_initialize, capsys, flag
 
 
 def test_demo_trains_writes_metrics_and_a_checkpoint_then_resumes(tmp_path, capsys):
-  # The demo as `make demo` runs it (tiny.gin on the embedded corpus), made smaller through
-  # the gin flags it passes on: 2 layers (the second a top-2 MoE), 32-token rows.
+  # `moescale demo` (tiny.gin on the embedded corpus; `make demo` runs a study), made smaller
+  # through the gin flags it passes on: 2 layers (the second a top-2 MoE), 32-token rows.
   model_dir = tmp_path / 'demo'
   small = ['--gin.NUM_LAYERS=2', '--gin.BATCH_SIZE=2', "--gin.TASK_FEATURE_LENGTHS={'targets': 32}",
            '--gin.EVAL_STEPS=1', '--gin.PARALLEL_MICROBATCHES=1', '--gin.NUM_DEVICES=1',

@@ -2,7 +2,7 @@
 `moescale --help` and every command that reads no data never import TensorFlow.
 
     moescale train --gin_file=F [--gin_file=G] [--gin.NAME=VALUE] [--gin_search_paths=a,b]
-    moescale demo                      the tiny run on the embedded corpus (what `make demo` runs)
+    moescale demo                      the tiny run on the embedded corpus (`make demo`: a study)
     moescale vocab --input F [F ...] --model_prefix P --vocab_size N
     moescale bench [--quick] [--json]  layer and training-step benchmarks (no gin, no data)
     moescale pairs check|make|list     matched experiment pairs (see `moescale pairs --help`)
@@ -66,10 +66,10 @@ def _train(argv: Sequence[str]) -> int:
   return 0
 
 
-@command('demo', 'train the tiny default model on the embedded corpus (make demo)')
+@command('demo', 'train the tiny default model on the embedded corpus (make demo runs a study)')
 def _demo(argv: Sequence[str]) -> int:
   p = argparse.ArgumentParser(prog='moescale demo')
-  p.add_argument('--model_dir', default='runs/demo')
+  p.add_argument('--model_dir', default='runs/tiny')  # runs/demo is make demo's study
   p.add_argument('--steps', type=int, default=None)
   args, extra = p.parse_known_args(argv)
   flags = ['--gin_file=runs/tiny.gin', f"--gin.MODEL_DIR='{args.model_dir}'", *extra]

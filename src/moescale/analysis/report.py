@@ -83,7 +83,11 @@ def build_report(run_dirs: Sequence[str], out_dir: str, *, fit: str | None = Non
     missing.append(f'only the evaluation logged while training (a few batches, not the whole '
                    f'split: `moescale eval RUN_DIR` evaluates the checkpoint): '
                    f'{", ".join(logged_only)}')
-  analysis, pairs = _analyse(rows, reference, fit, tolerance, missing)
+  # A run a study matched on compute is compared by speedup, not at equal parameters: it is
+  # left out of the parameter-matched comparison (and of its "no dense run" note).
+  flops_matched = {r['run'] for r in runs if 'flops' in str(
+      (r['meta'].get('matched') or {}).get('quantity', ''))}
+  analysis, pairs = _analyse(rows, reference, fit, tolerance, missing, flops_matched)
   checks = matched_checks(runs, rows, tolerance)
   missing += [f"{c['run']}: {c['quantity']} {c['recounted']:.4f} x its reference "
               f"{c['reference']}, outside {100 * tolerance:g}%" for c in checks if not c['ok']]
@@ -98,7 +102,7 @@ def build_report(run_dirs: Sequence[str], out_dir: str, *, fit: str | None = Non
   return report
 
 
-def _analyse(rows, reference, fit, tolerance, missing):
+def _analyse(rows, reference, fit, tolerance, missing, flops_matched=frozenset()):
   """(the speedup Analysis or None, parameter-matched pairs); notes go to `missing`."""
   analysis, pairs = None, []
   if not rows:
@@ -109,8 +113,10 @@ def _analyse(rows, reference, fit, tolerance, missing):
   except ValueError as e:   # e.g. only dense runs, or no two dense runs in any domain
     missing.append(f'no speedup factors: {e}')
     return analysis, pairs
-  pairs, notes = matched.param_matched(rows, reference, tolerance, source='the runs')
-  missing += notes
+  candidates = [r for r in rows if r['run'] not in flops_matched]
+  if any(r['family'] != reference for r in candidates):
+    pairs, notes = matched.param_matched(candidates, reference, tolerance, source='the runs')
+    missing += notes
   return analysis, pairs
 
 

@@ -78,11 +78,19 @@ class Experiment:
       json.dump(self.to_json(model_dir), f, indent=1)
     return model_dir
 
-  def launch(self, model_dir: str) -> dict:
-    """Trains (or resumes) in model_dir; returns the trainer's summary."""
+  def launch(self, model_dir: str, data=None, progress: bool = True) -> dict:
+    """Trains (or resumes) in model_dir; returns the trainer's summary.
+
+    data: the built data source to read (default: this experiment's DataSpec, built now); a
+    study passes one source to all its runs of the same data, so each split is read and
+    tokenized once. progress: the trainer's own progress bar (off under a study's display;
+    config.gin keeps the run's setting)."""
     if self.data is None:
       raise ValueError(f'{self.name}: no data spec to train on')
     from moescale.train import trainer
     self.write(model_dir)
-    return trainer.train(self.model_fn(), self.data.build(), self.train_config(model_dir),
+    cfg = self.train_config(model_dir)
+    if not progress:
+      cfg = dataclasses.replace(cfg, progress=False)
+    return trainer.train(self.model_fn(), self.data.build() if data is None else data, cfg,
                          flops_per_token=self.counts.flops_per_token)

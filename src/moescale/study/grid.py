@@ -23,11 +23,14 @@ class Family:
   train: what this family's runs change in the study's training settings: a dict or a
     function (size name, size) -> dict, merged over the study's `train` (the 'optimizer' dict
     key by key), e.g. Csordás et al.'s Top-K activation runs clip gradients at 0.1.
+  matching: this family's own rule where it differs from the study's, e.g. families
+    parameter-matched to the dense model in a study that matches the others' compute.
   """
   name: str
   build: Callable[[Mapping[str, Any]], ModelSpec | None]
   knob: str | None = None
   train: Mapping[str, Any] | Callable[[str, Mapping], Mapping] | None = None
+  matching: Matching | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +51,8 @@ class Matching:
 
 @dataclasses.dataclass(frozen=True)
 class ScalingStudy:
-  """A grid: every size x every family, matched to the reference family per `matching`.
+  """A grid: every size x every family, matched to the reference family per `matching` (or
+  per the family's own `Family.matching`).
 
   sizes: name -> size dict (free-form; what the family builders read).
   data, train: a DataSpec / TrainConfig-kwargs dict, or a function (size name, size) -> one.
@@ -66,14 +70,20 @@ class ScalingStudy:
     names = [f.name for f in self.families]
     if len(set(names)) != len(names):
       raise ValueError(f'family names repeat: {names}')
-    q = self.matching.quantity
-    if q is not None:
-      from moescale import pairs
-      if q not in pairs.MATCHES:
-        raise ValueError(f'Matching.quantity={q!r}; valid: None or {list(pairs.MATCHES)}')
-      if self.matching.reference not in names:
-        raise ValueError(f'Matching.reference={self.matching.reference!r} is not a family: '
-                         f'{names}')
+    from moescale import pairs
+    for family in self.families:
+      m = self.rule(family)
+      if m.quantity is None:
+        continue
+      if m.quantity not in pairs.MATCHES:
+        raise ValueError(f'Matching.quantity={m.quantity!r}; valid: None or '
+                         f'{list(pairs.MATCHES)}')
+      if m.reference not in names:
+        raise ValueError(f'Matching.reference={m.reference!r} is not a family: {names}')
+
+  def rule(self, family: Family) -> Matching:
+    """The matching rule of a family: its own, else the study's."""
+    return family.matching or self.matching
 
   def _resolve(self, value, size_name, size):
     return value(size_name, size) if callable(value) else value
@@ -91,30 +101,30 @@ class ScalingStudy:
 
   def expand(self, only: Sequence[str] | None = None) -> list[Experiment]:
     """The grid's experiments, matched. only: size names to expand (default all)."""
-    m = self.matching
+    families = {f.name: f for f in self.families}
+    references = {self.rule(f).reference for f in self.families
+                  if self.rule(f).quantity is not None}
     out = []
     for size_name, size in self.sizes.items():
       if only and size_name not in only:
         continue
-      ref = None
-      if m.quantity is not None:
-        ref_family = next(f for f in self.families if f.name == m.reference)
-        ref = self._experiment(size_name, size, ref_family, {'role': 'reference'})
+      refs = {name: self._experiment(size_name, size, families[name], {'role': 'reference'})
+              for name in references}
       for family in self.families:
-        if ref is not None and family.name == m.reference:
-          out.append(ref)
-          continue
-        if ref is None or family.knob is None:
+        m, ref = self.rule(family), refs.get(self.rule(family).reference)
+        if family.name in refs:
+          exp = refs[family.name]
+        elif m.quantity is None or ref is None or family.knob is None:
           exp = self._experiment(size_name, size, family, {})
         else:
-          exp = self._match(size_name, size, family, ref)
+          exp = self._match(size_name, size, family, ref, m)
         if exp is not None:
           out.append(exp)
     return out
 
-  def _match(self, size_name, size, family, ref: Experiment) -> Experiment | None:
+  def _match(self, size_name, size, family, ref: Experiment, m: Matching
+             ) -> Experiment | None:
     from moescale import pairs
-    m = self.matching
     target = _quantity(ref.counts, m.quantity, m.convention)
     if family.build(size) is None:
       return None
@@ -155,36 +165,11 @@ class ScalingStudy:
 
   def evaluate(self, root: str, tasks=None, experiments: Sequence[Experiment] | None = None,
                **kwargs) -> dict[str, dict]:
-    """The trained runs under root, evaluated from their checkpoints: `evaluate_runs`."""
+    """The trained runs under root, evaluated from their checkpoints:
+    `moescale.study.evaluation.evaluate_runs`."""
+    from moescale.study.evaluation import evaluate_runs
     return evaluate_runs(root, self.expand() if experiments is None else experiments, tasks,
                          **kwargs)
-
-
-def evaluate_runs(root: str, experiments: Sequence[Experiment], tasks=None, *,
-                  max_batches: int | None = None, priming: Sequence[str] = (),
-                  shots: Sequence[int] = (0,), draws: int | None = None) -> dict[str, dict]:
-  """{run name: {'step', 'perplexity': {task: metrics}, 'priming': {'task/kshot': result}}}
-  for every experiment under root that has a checkpoint (moescale.evaluate; each result also
-  saved beside its checkpoint). tasks: perplexity tasks (None: each run's own evaluation
-  splits); priming: task specs scored at each number of `shots`."""
-  from moescale import evaluate
-  from moescale.evaluate import lm
-  out = {}
-  for e in experiments:
-    run_dir = os.path.join(root, e.name)
-    if not os.path.isdir(os.path.join(run_dir, 'checkpoints')):
-      continue
-    run = evaluate.load_run(run_dir)
-    res = {'step': run.step,
-           'perplexity': evaluate.perplexity(run, tasks, max_batches=max_batches)}
-    lm.save(run, 'perplexity', res['perplexity'])
-    res['priming'] = {f'{spec}/{k}shot': evaluate.prime(run, evaluate.load_task(spec), k,
-                                                        draws=draws)
-                      for spec in priming for k in shots}
-    if res['priming']:
-      lm.save(run, 'priming', res['priming'])
-    out[e.name] = res
-  return out
 
 
 def run_from_args(study: 'ScalingStudy', root: str, only=None, families=None,

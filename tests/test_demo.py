@@ -1,0 +1,72 @@
+"""`make demo`'s study (experiments/demo.py) end to end at its --quick size: the pairs pass the
+pair checker before training, every run is evaluated by domain and on the priming task, the
+report holds the speedup table, and a second call reuses everything and overwrites nothing."""
+
+import importlib.util
+import json
+import pathlib
+
+from moescale import pairs
+from moescale.study import session
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location('demo', REPO / 'experiments' / 'demo.py')
+DEMO = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(DEMO)
+
+# Two of the four sizes: a dense curve (d8, d24), one compute-matched MoE (d8) and the three
+# parameter-matched families (d24): every family and both matchings, 6 runs instead of 9.
+ARGS = ['--quick', '--no_progress', '--only', 'd8', 'd24']
+RUNS = ['d8/dense', 'd8/moe', 'd24/dense', 'd24/sigma_moe', 'd24/pkm', 'd24/topk_activation']
+
+
+def _files(root: pathlib.Path) -> dict[str, float]:
+  """Every file under the runs with its modification time (the report is rewritten)."""
+  return {str(p): p.stat().st_mtime_ns for name in RUNS for p in (root / name).rglob('*')
+          if p.is_file() and p.name != '.moescale.lock'}
+
+
+def test_quick_demo_end_to_end_then_reused(tmp_path, capsys):
+  root = tmp_path / 'demo'
+  assert DEMO.main([*ARGS, '--root', str(root)]) == 0
+  out, err = capsys.readouterr()
+  listed = [r['name'] for r in json.loads((root / 'study.json').read_text())['runs']]
+  assert listed == RUNS
+  # Each matched pair was written as a pair file and passes the checker, as the study said.
+  files = sorted((root / 'pairs').glob('*.gin'))
+  assert [f.stem for f in files] == ['d24_pkm', 'd24_sigma_moe', 'd24_topk_activation',
+                                     'd8_moe']
+  assert all(pairs.check(pairs.load(str(f))).ok for f in files)
+  assert '4 matched pairs pass the pair checker' in err
+  for name in RUNS:
+    saved = json.loads((root / name / 'eval' / 'perplexity_step2.json').read_text())['results']
+    assert set(saved) == set(DEMO.DOMAINS) and all(r['eval_tokens'] > 0 for r in saved.values())
+    primed = json.loads((root / name / 'eval' / 'priming_step2.json').read_text())['results']
+    assert primed['sotu_next_sentence/0shot']['examples'] == 8
+  report = (root / 'report' / 'report.md').read_text()
+  assert 'd8/moe' in report and 'sigma_moe' in report
+  assert 'Speedup over the dense runs' in out and 'speedup device-s' in out
+  assert 'Parameter-matched' in out and 'd24/sigma_moe' in out
+  assert str(root / 'report' / 'report.md') in out
+
+  before = _files(root)
+  assert DEMO.main([*ARGS, '--root', str(root)]) == 0
+  out, err = (' '.join(text.split()) for text in capsys.readouterr())  # lines are wrapped
+  assert f'reusing 6 finished run(s) in {root}' in err
+  assert 'reusing the saved evaluations of 6 run(s)' in err
+  assert 'trained 0 run(s)' in out
+  assert _files(root) == before               # nothing rewritten, let alone overwritten
+
+
+def test_a_different_grid_goes_to_a_new_study_directory(tmp_path):
+  root = tmp_path / 'demo'
+  study = DEMO.make_study(2, quick=True)
+  study.write(str(root), study.expand(['d8']))
+  same = study.expand(['d8'])
+  assert session.choose_root(str(root), same) == (str(root), True)
+  longer = DEMO.make_study(3, quick=True).expand(['d8'])       # another TRAIN_STEPS
+  assert session.choose_root(str(root), longer) == (f'{root}-2', False)
+  assert session.choose_root(str(root), study.expand()) == (f'{root}-2', False)  # more runs
+  (tmp_path / 'other').mkdir()
+  (tmp_path / 'other' / 'notes.txt').write_text('not a study')
+  assert session.choose_root(str(tmp_path / 'other'), same) == (f'{tmp_path}/other-2', False)
