@@ -214,7 +214,7 @@ def test_an_unknown_task_lists_the_valid_names(capsys, tmp_path):
   err = _error(capsys, 'train', '--gin_file=runs/tiny.gin', f"--gin.MODEL_DIR='{tmp_path}/r'",
                "--gin.MIXTURE_OR_TASK_NAME='moescale_sot'")
   assert ("No seqio task or mixture named 'moescale_sot'. Did you mean moescale_sotu" in err
-          and 'Valid: moescale_kjv, moescale_pydoc, moescale_sotu.' in err), err
+          and 'Valid: moescale_kjv, moescale_pydoc, moescale_sotu' in err), err
   assert not (tmp_path / 'r').exists()
 
 

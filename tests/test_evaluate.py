@@ -271,3 +271,15 @@ def test_finetune_with_a_classification_head(run_dir, tmp_path):
   with pytest.raises(ValueError, match='needs a classification task'):
     ft.finetune(run, _toy_task(), str(tmp_path / 'mc'), cfg)
   del classifier
+
+
+def test_classification_rows_target_only_label_indices():
+  """The head's logits cover the labels: every target a row holds is a label index (the
+  unscored positions 0), else the loss gathers out of range, NaN, and NaN * 0 stays NaN."""
+  from moescale.data import vocab as vocab_lib
+  from moescale.evaluate import classifier
+  feats = classifier.rows(vocab_lib.get_vocabulary('bytes'), ['some context', 'x'], [1, 0], 16)
+  scored = feats['decoder_loss_weights'] > 0
+  assert scored.sum(axis=1).tolist() == [1, 1]
+  assert feats['decoder_target_tokens'][scored].tolist() == [1, 0]
+  assert not feats['decoder_target_tokens'][~scored].any()

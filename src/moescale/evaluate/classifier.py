@@ -19,7 +19,12 @@ def rows(vocab, contexts: Sequence[str], labels: Sequence[int], length: int):
   its last position with the label's index as the target (appended as a last target token)."""
   sequences = [(list(vocab.encode(c))[-(length - 1):] or [0]) + [label]
                for c, label in zip(contexts, labels)]
-  return priming.token_rows(sequences, [1] * len(sequences), length)
+  feats = priming.token_rows(sequences, [1] * len(sequences), length)
+  # The head's logits cover the labels only: an unscored position's target (a context token
+  # id) would be gathered out of range, as NaN, and NaN * weight 0 makes the logged loss NaN.
+  feats['decoder_target_tokens'] = np.where(feats['decoder_loss_weights'] > 0,
+                                            feats['decoder_target_tokens'], 0)
+  return feats
 
 
 def examples_rows(task, split: str, vocab, length: int):

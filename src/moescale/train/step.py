@@ -121,15 +121,10 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   """(sum of weighted token losses incl. z-loss, sum of weights, sum of weighted xent)."""
   logits = logits.astype(jnp.float32)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  # mode='clip': a position of weight 0 may hold a target outside the logits (a classification
-  # head's logits cover the labels, its unscored positions hold token ids); the default fill
-  # would make it NaN, and NaN * 0 is NaN. Its term is then zeroed, never multiplied.
-  xent = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1, mode='clip')[..., 0]
+  xent = log_z - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   total = xent + z_loss * jnp.square(log_z)
   w = weights.astype(jnp.float32)
-  scored = w != 0
-  return (jnp.sum(jnp.where(scored, total * w, 0.0)), jnp.sum(w),
-          jnp.sum(jnp.where(scored, xent * w, 0.0)))
+  return jnp.sum(total * w), jnp.sum(w), jnp.sum(xent * w)
 
 
 def _train_forward(model, batch):
