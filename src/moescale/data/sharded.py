@@ -59,17 +59,10 @@ def share_tokens(mixture_or_task_name: str, split: str, vocabulary: Any = None, 
   """
   from moescale.data import tasks as tasks_lib  # seqio / TF: only where data is read
   import seqio
-  provider = tasks_lib.get_provider(mixture_or_task_name, vocabulary)
-  if not isinstance(provider, seqio.Task):
-    raise ValueError(f'{mixture_or_task_name!r} is a mixture: per-host document shards need '
-                     'one task; use moescale.data.pipeline.DataPipeline for mixtures')
-  if split not in provider.splits:
-    raise ValueError(f'{mixture_or_task_name!r} has no {split!r} split; it has '
-                     f'{list(provider.splits)}')
-  ds = provider.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
-                            shard_info=seqio.ShardInfo(shard_id, num_shards),
-                            try_in_mem_cache=False)
-  return [ex['targets'].astype(np.int32) for ex in ds.as_numpy_iterator()]
+  return tasks_lib.tokenized_documents(
+      mixture_or_task_name, split, vocabulary, shard_info=seqio.ShardInfo(shard_id, num_shards),
+      needs='per-host document shards need one task; use moescale.data.pipeline.DataPipeline '
+            'for mixtures')
 
 
 def _chunks(doc_lengths: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -42,17 +42,10 @@ def split_tokens(mixture_or_task_name: str, split: str, vocabulary: Any = None) 
   without chunking (no sequence length) and without shuffling. Imports seqio and TensorFlow.
   """
   from moescale.data import tasks as tasks_lib  # seqio / TF: only where data is read
-  import seqio
-  provider = tasks_lib.get_provider(mixture_or_task_name, vocabulary)
-  if not isinstance(provider, seqio.Task):
-    raise ValueError(f'{mixture_or_task_name!r} is a mixture: a contiguous stream needs one '
-                     'task (a mixture samples its tasks at random); register a task instead')
-  if split not in provider.splits:
-    raise ValueError(f'{mixture_or_task_name!r} has no {split!r} split; it has '
-                     f'{list(provider.splits)}')
-  ds = provider.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
-                            try_in_mem_cache=False)
-  parts = [ex['targets'] for ex in ds.as_numpy_iterator()]
+  parts = tasks_lib.tokenized_documents(
+      mixture_or_task_name, split, vocabulary,
+      needs='a contiguous stream needs one task (a mixture samples its tasks at random); '
+            'register a task instead')
   if not parts:
     raise ValueError(f'{mixture_or_task_name}:{split} has no documents')
   return np.concatenate(parts).astype(np.int32)

@@ -307,3 +307,19 @@ def get_provider(name: str, vocabulary: Any = None):
           'corpus under another name with that vocabulary (e.g. '
           "register_default_tasks(vocabulary, suffix='_sp')).")
   return provider
+
+
+def tokenized_documents(name: str, split: str, vocabulary: Any = None, *, needs: str,
+                        shard_info: seqio.ShardInfo | None = None) -> list[np.ndarray]:
+  """The documents of a task's split, tokenized by the task's own preprocessing (tokenizer,
+  EOS) without chunking or shuffling, in source order: one int32 array each. shard_info: only
+  that shard's documents (read before tokenization). needs: what the caller needs one task
+  for, said when `name` is a mixture."""
+  provider = get_provider(name, vocabulary)
+  if not isinstance(provider, seqio.Task):
+    raise ValueError(f'{name!r} is a mixture: {needs}')
+  if split not in provider.splits:
+    raise ValueError(f'{name!r} has no {split!r} split; it has {list(provider.splits)}')
+  ds = provider.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
+                            shard_info=shard_info, try_in_mem_cache=False)
+  return [ex['targets'].astype(np.int32) for ex in ds.as_numpy_iterator()]

@@ -311,20 +311,18 @@ def _train(model_fn, data, cfg: TrainConfig, mesh, flops_per_token, init_from,
   evaluate_now = lambda: evaluate(eval_fn, state, data, cfg, mesh, eval_memory)
   last, evals, stopped = None, {}, False
   last_good, checked = checkpointer.latest_step(), start
+  skipping = optim.skipped_steps(state.opt_state) is not None   # skip_nonfinite is on
 
   def check_finite(done, scalars):
     nonlocal checked
     try:
-      guard.check_finite(done, checked, scalars, state.params,
-                         bool(built_opt_skips), last_good)
+      guard.check_finite(done, checked, scalars, state.params, skipping, last_good)
     except guard.NonFiniteError:
       checkpointer.wait()     # the saves in flight (of good states) complete
       checkpointer.close()
       writer.close()
       raise
     checked = done
-
-  built_opt_skips = optim.skipped_steps(state.opt_state) is not None
   with shd.use_mesh(mesh, cfg.rules):
     if cfg.eval_before_training and start < cfg.train_steps:
       writer.write(start, evaluate_now())
