@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench mutate clean
+.PHONY: install test demo study bench mutate clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: $(STAMP)
 # another grid is left alone and the study goes to runs/demo-2, ...
 demo: $(STAMP)
 	$(PY) experiments/demo.py
+
+# The study: the demo's models at five dense sizes, each configuration with three seeds, trained
+# 3x longer: about an hour on 2 cores (experiments/study.py; README.md, "The study"). It ends by
+# answering both papers' questions with the seed spread; run again, it continues in runs/study.
+study: $(STAMP)
+	$(PY) experiments/study.py
 
 bench: $(STAMP)
 	$(VENV)/bin/moescale bench
@@ -62,4 +68,4 @@ endif
 	@echo 'mutmut results: the mutants not killed; mutmut show NAME: one diff'
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info runs/demo runs/demo-*
+	rm -rf $(VENV) build src/*.egg-info runs/demo runs/demo-* runs/study runs/study-*

@@ -30,10 +30,7 @@ left alone and the study goes to the next free DIR-2, DIR-3, ...
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
 
 # TensorFlow (the data) logs nothing below errors, as under the `moescale` command. Set before
 # JAX loads: set later (though before TF loads), TF's runtime lines still print (a failed
@@ -42,7 +39,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 from moescale.layers.common import depth_scale
 from moescale.study import (Component, DataSpec, Evaluation, Family, Matching, ModelSpec,
-                            ScalingStudy)
+                            ScalingStudy, script)
 
 VOCAB_SIZE = 264           # the byte vocabulary (259 ids) padded to a multiple of 8
 
@@ -164,9 +161,11 @@ def _start(size) -> dict:
           'pkm_keys': max(2, round(size['d_ff'] ** 0.5))}
 
 
-def make_study(train_steps: int = TRAIN_STEPS, quick: bool = False) -> ScalingStudy:
-  """The demo's grid (quick: at QUICK_SIZES, 4-row batches)."""
-  sizes = {name: _start(s) for name, s in (QUICK_SIZES if quick else SIZES).items()}
+def make_study(train_steps: int = TRAIN_STEPS, quick: bool = False, seeds=None, *,
+               sizes=None, families=None, name: str = 'demo') -> ScalingStudy:
+  """The demo's grid (quick: at QUICK_SIZES, 4-row batches; seeds: ScalingStudy.seeds).
+  sizes, families, name: another grid of the same models (experiments/study.py)."""
+  sizes = {k: _start(v) for k, v in (sizes or (QUICK_SIZES if quick else SIZES)).items()}
   length = next(iter(sizes.values()))['sequence_length']
   # One split evaluated while training (a few batches, for the loss curve): the study's
   # evaluation afterwards reads every domain.
@@ -182,8 +181,8 @@ def make_study(train_steps: int = TRAIN_STEPS, quick: bool = False) -> ScalingSt
                optimizer=dict(learning_rate=LEARNING_RATES['dense'],
                               warmup_steps=min(10, train_steps // 2), b1=0.9, b2=0.999,
                               weight_decay=0.0, decay='cosine', clip_norm=0.25))
-  return ScalingStudy('demo', sizes, FAMILIES, data=data, train=train,
-                      matching=Matching('train_flops', reference='dense'))
+  return ScalingStudy(name, sizes, families or FAMILIES, data=data, train=train,
+                      matching=Matching('train_flops', reference='dense'), seeds=seeds)
 
 
 def evaluation(quick: bool = False) -> Evaluation:
@@ -196,51 +195,9 @@ def evaluation(quick: bool = False) -> Evaluation:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--root', default='runs/demo', help='the study directory (see above)')
-  p.add_argument('--steps', type=int, default=None,
-                 help=f'training steps of every run (default {TRAIN_STEPS}; --quick: 2)')
-  p.add_argument('--quick', action='store_true',
-                 help='the grid at tiny sizes, 2 steps, 1 batch per domain: seconds, no signal')
-  p.add_argument('--only', nargs='*', default=None, help='size names to keep')
-  p.add_argument('--families', nargs='*', default=None, help='family names to keep')
-  p.add_argument('--dry_run', action='store_true',
-                 help='write the run directories, check the pairs and print counts; train nothing')
-  p.add_argument('--no_progress', action='store_true', help='no progress display')
-  args = p.parse_args(argv)
-  from moescale.cpu import heap
-  heap.keep_heap()  # as the `moescale` command does, before JAX starts its CPU client
-  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
-  steps = args.steps or (2 if args.quick else TRAIN_STEPS)
-  from moescale.study import session, table
-  study = make_study(steps, args.quick)
-  experiments = [e for e in study.expand(args.only)
-                 if not args.families or e.meta['family'] in args.families]
-  print(table(experiments))
-  if args.dry_run:
-    root, _ = session.choose_root(args.root, experiments)
-    session.check_pairs(study, study.write(root, experiments), root)
-    print(f'wrote the run directories under {root}; every matched pair passes the pair checker')
-    return 0
-  try:
-    result = session.run_study(study, args.root, evaluation(args.quick),
-                               experiments=experiments, progress=not args.no_progress)
-  except (KeyboardInterrupt, session.Stopped) as e:
-    print(f'\nstopped{": " + str(e) if str(e) else ""}. The same command continues where it '
-          'stopped (finished runs, checkpoints and evaluations are kept).', file=sys.stderr)
-    return 130
-  print(session.summary(result))
-  return 0
+  return script.main(argv, make_study, evaluation, doc=__doc__, root='runs/demo',
+                     steps=TRAIN_STEPS)
 
 
 if __name__ == '__main__':
-  code = main()
-  if code == 130:
-    # Stopped: what is worth keeping is on disk. A Ctrl-C can land inside XLA or a tf.data
-    # thread, and the interpreter's teardown then crashes in native code (a segmentation fault
-    # after the message above, measured with jax 0.10.2 and TF 2.21): leave without it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-  sys.exit(code)
+  script.exit(main())

@@ -56,7 +56,12 @@ class ScalingStudy:
 
   sizes: name -> size dict (free-form; what the family builders read).
   data, train: a DataSpec / TrainConfig-kwargs dict, or a function (size name, size) -> one.
-  Experiments are named '<size>/<family>' and live in root/<size>/<family>.
+  seeds: None (one run per configuration, named '<size>/<family>', trained with `train`'s
+    seed) or the seeds to train each configuration with: its runs are then named
+    '<size>/<family>/seed<N>', train with seed N (the initialisation and the data order), and
+    carry meta 'config' ('<size>/<family>') and 'seed', which the analysis groups by to give
+    each configuration's mean and spread. Matching is per configuration: seeds share the knob.
+  Experiments live in root/<name>.
   """
   name: str
   sizes: Mapping[str, Mapping[str, Any]]
@@ -65,11 +70,18 @@ class ScalingStudy:
   train: Mapping[str, Any] | Callable[[str, Mapping], Mapping] = dataclasses.field(
       default_factory=dict)
   matching: Matching = Matching()
+  seeds: Sequence[int] | None = None
 
   def __post_init__(self):
     names = [f.name for f in self.families]
     if len(set(names)) != len(names):
       raise ValueError(f'family names repeat: {names}')
+    if self.seeds is not None:
+      seeds = list(self.seeds)
+      if (not seeds or len(set(seeds)) != len(seeds)
+          or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds)):
+        raise ValueError(f'seeds={self.seeds!r}; valid: None or distinct integers >= 0, at '
+                         'least one')
     from moescale import pairs
     for family in self.families:
       m = self.rule(family)
@@ -120,7 +132,10 @@ class ScalingStudy:
           exp = self._match(size_name, size, family, ref, m)
         if exp is not None:
           out.append(exp)
-    return out
+    if self.seeds is None:
+      return out
+    # Seed by seed: a study stopped early has whole seeds of the grid, not some configurations.
+    return [_seeded(e, seed) for seed in self.seeds for e in out]
 
   def _match(self, size_name, size, family, ref: Experiment, m: Matching
              ) -> Experiment | None:
@@ -170,6 +185,12 @@ class ScalingStudy:
     from moescale.study.evaluation import evaluate_runs
     return evaluate_runs(root, self.expand() if experiments is None else experiments, tasks,
                          **kwargs)
+
+
+def _seeded(e: Experiment, seed: int) -> Experiment:
+  """One seed's run of a configuration (see ScalingStudy.seeds)."""
+  return dataclasses.replace(e, name=f'{e.name}/seed{seed}', train={**e.train, 'seed': seed},
+                             meta={**e.meta, 'config': e.name, 'seed': seed})
 
 
 def run_from_args(study: 'ScalingStudy', root: str, only=None, families=None,

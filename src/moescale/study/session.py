@@ -114,12 +114,15 @@ def check_pairs(study: ScalingStudy, runs: Sequence[tuple[Experiment, str]], roo
   from moescale import pairs
   dirs = {e.name: d for e, d in runs}
   families = {f.name: f for f in study.families}
-  results = []
+  results, checked = [], set()
   for e, d in runs:
     m = e.meta.get('matched')
-    if not m:
+    # Seeds of one configuration share its matched knob: one check per configuration.
+    if not m or e.meta.get('config', e.name) in checked:
       continue
-    ref = f"{e.meta['size']}/{m['to']}"
+    checked.add(e.meta.get('config', e.name))
+    seed = f"/seed{e.meta['seed']}" if 'seed' in e.meta else ''
+    ref = f"{e.meta['size']}/{m['to']}{seed}"
     name = f"{e.meta['size']}_{e.meta['family']}"
     pair = pairs.Pair(
         dense=[os.path.abspath(os.path.join(dirs[ref], 'config.gin'))],
