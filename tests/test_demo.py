@@ -1,6 +1,7 @@
 """`make demo`'s study (experiments/demo.py) end to end at its --quick size: the pairs pass the
 pair checker before training, every run is evaluated by domain and on the priming task, the
-report holds the speedup table, and a second call reuses everything and overwrites nothing."""
+report holds the speedup table, and a second call reuses everything and overwrites nothing.
+`make study` (experiments/study.py) the same way with two seeds per configuration."""
 
 import importlib.util
 import json
@@ -10,9 +11,17 @@ from moescale import pairs
 from moescale.study import session
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location('demo', REPO / 'experiments' / 'demo.py')
-DEMO = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(DEMO)
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'experiments' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+DEMO = _load('demo')
+STUDY = _load('study')      # `make study`: the demo's models with seeds
 
 # Two of the four sizes: a dense curve (d8, d24), one compute-matched MoE (d8) and the three
 # parameter-matched families (d24): every family and both matchings, 6 runs instead of 9.
@@ -70,3 +79,33 @@ def test_a_different_grid_goes_to_a_new_study_directory(tmp_path):
   (tmp_path / 'other').mkdir()
   (tmp_path / 'other' / 'notes.txt').write_text('not a study')
   assert session.choose_root(str(tmp_path / 'other'), same) == (f'{tmp_path}/other-2', False)
+
+
+def test_quick_study_trains_every_configuration_with_each_seed(tmp_path, capsys):
+  from moescale.analysis import build_report, questions
+  root = tmp_path / 'study'
+  args = ['--quick', '--no_progress', '--only', 'd8', 'd24', '--families', 'dense', 'moe',
+          'pkm', 'pkm_softmax', '--root', str(root)]
+  assert STUDY.main(args) == 0
+  out, err = capsys.readouterr()
+  configs = ['d8/dense', 'd8/moe', 'd24/dense', 'd24/pkm', 'd24/pkm_softmax']
+  runs = [f'{c}/seed{s}' for s in (0, 1) for c in configs]
+  assert [r['name'] for r in json.loads((root / 'study.json').read_text())['runs']] == runs
+  for name in runs:
+    meta = json.loads((root / name / 'config.json').read_text())['meta']
+    assert meta['config'] == name.rsplit('/', 1)[0] and f"seed{meta['seed']}" in name
+    assert f"seed = {meta['seed']}" in (root / name / 'config.gin').read_text()
+  # One pair file per configuration, not per seed; the seeds differ (init and data order).
+  assert sorted(f.stem for f in (root / 'pairs').glob('*.gin')) == [
+      'd24_pkm', 'd24_pkm_softmax', 'd8_moe']
+  ppl = lambda name: json.loads((root / name / 'eval' / 'perplexity_step2.json').read_text())[
+      'results']['validation']['perplexity']
+  assert ppl('d8/dense/seed0') != ppl('d8/dense/seed1')
+  report = (root / 'report' / 'report.md').read_text()
+  assert report.count('### By configuration, over its seeds') == 2
+  assert "## The papers' questions, as measured here" in report
+  assert 'per configuration (mean over seeds)' in out and ', 2 seeds)' in out
+  # What it printed is what the runs say: the answers recomputed from the run directories.
+  again = questions.answer(build_report([str(root / r) for r in runs], str(tmp_path / 'r')))
+  assert questions.render_text(again) in out
+  assert [a.answer for a in again][-1] != 'not measured'      # the PKM pair by seed was read

@@ -240,6 +240,24 @@ def query(name: str, default=None):
   return value
 
 
+def data_shape(where: str = 'the config') -> tuple[int, str | None, bool]:
+  """(sequence length of a training row, the seqio task or None, whether rows are contiguous
+  Transformer-XL streams) of the parsed run's data source (`run_training.data`), read from
+  its bindings without building it (no seqio import). where: names the config in errors."""
+  import inspect
+  ref = gin.query_parameter('run_training.data')
+  name = ref.configurable.name.rsplit('.', 1)[-1]
+  bindings = gin.get_bindings(name)
+  if name == 'seqio_data':
+    return (int(bindings['task_feature_lengths']['targets']),
+            bindings.get('mixture_or_task_name'), bool(bindings.get('stream', False)))
+  if name == 'synthetic_data':
+    default = inspect.signature(ref.configurable.wrapped).parameters['length'].default
+    return int(bindings.get('length', default)), None, False
+  raise ValueError(f'{where}: run_training.data = @{name}(): not a data source whose sequence '
+                   'length moescale knows (seqio_data, synthetic_data)')
+
+
 def parse_run(run_dir: str, bindings: Sequence[str] = ()):
   """(model constructor, TrainConfig, data-source factory) of run_dir/config.gin with
   `bindings` applied over it: what evaluation, fine-tuning and `moescale collect` read a run
@@ -249,6 +267,12 @@ def parse_run(run_dir: str, bindings: Sequence[str] = ()):
     raise FileNotFoundError(f'{run_dir} has no config.gin: not a run directory (moescale '
                             'train and the study code write one beside the checkpoints)')
   parse([path], list(bindings), finalize=False)
+  return run_parts()
+
+
+def run_parts():
+  """(model constructor, TrainConfig, data-source factory) of the parsed run (`run_training`'s
+  bindings), the data source unbuilt."""
   # `%MODEL` (a macro) evaluates to the constructor; `@ClassifierLM` (a reference, as a
   # fine-tuned run binds it) is the constructor itself.
   model_ref = gin.query_parameter('run_training.model')

@@ -11,6 +11,11 @@ The columns (`records.COLUMNS`):
   family         config.json's meta.family (a study's run), else from the FFN layers: 'dense'
                  when every one is a plain DenseFFN, else the other layers' classes joined by
                  '+', Top-K activation as 'DenseFFN[topk=K]'
+  config, seed   the configuration the run is one seed of (config.json's meta.config, a
+                 study's '<size>/<family>' with seeds; else the run itself) and its seed
+                 (TrainConfig.seed): `moescale.analysis.seeds` groups by them
+  train_task     the seqio task it trained on (empty for synthetic data): a domain of that
+                 task is in-domain
   domain         the evaluation task; a bare split ('validation') is the run's own task's and
                  is named 'task:split', so runs trained on different tasks never share a curve
   step, source   the evaluated step N; 'eval' (RUN_DIR/eval/perplexity_step<N>.json, written
@@ -94,7 +99,8 @@ def collect_run(run_dir: str, name: str, *, step: int | None = None,
   metrics = read_metrics(run_dir)
   n, domains = evaluation(run_dir, metrics, step)
   counts = count_run(run_dir, convention)
-  task, per_step, pinned = (counts.pop(k) for k in ('task', 'tokens_per_step', 'devices'))
+  task, per_step, pinned, config = (counts.pop(k) for k in ('task', 'tokens_per_step', 'devices',
+                                                            'config'))
   if devices is None:  # what the trainer logged, else what the config pins
     devices = next((r['devices'] for r in reversed(metrics) if r.get('devices')), pinned)
   if devices is None:
@@ -102,7 +108,8 @@ def collect_run(run_dir: str, name: str, *, step: int | None = None,
                 'device (pass --devices N)', run_dir)
     devices = 1
   seconds = median_step_seconds(metrics, n)
-  base = {'run': name, 'step': n, **counts, 'tokens': n * per_step,
+  base = {'run': name, 'config': config or name, 'train_task': task, 'step': n, **counts,
+          'tokens': n * per_step,
           'train_flops': n * per_step * counts['train_flops_per_token'],
           'step_seconds': seconds, 'train_seconds': None if seconds is None else n * seconds,
           'devices': devices,
@@ -191,14 +198,16 @@ def count_run(run_dir: str, convention: str = 'standard') -> dict:
   if convention not in accounting.CONVENTIONS:
     raise ValueError(f'convention={convention!r}; valid: {list(accounting.CONVENTIONS)}')
   model_fn, cfg, _ = gin_config.parse_run(run_dir)
-  segment, task = _data_shape(run_dir)
+  segment, task, _ = gin_config.data_shape(run_dir)
   mem_len = int(gin.get_bindings('TransformerLM').get('mem_len') or 0)
   model = accounting.abstract_model(model_fn)
   c = accounting.count(model, segment + mem_len, segment)
   ffn_params, ffn_bytes = _ffn_param_tree(model)
   ffn_active = sum(layer['ffn_active_params'] for layer in c.layers)
+  meta = _meta(run_dir)
   return {
-      'family': _meta_family(run_dir) or family_of(model),
+      'family': meta.get('family') or family_of(model), 'config': meta.get('config'),
+      'seed': int(cfg.seed),
       'params': c.total_params, 'active_params': c.active_params,
       'ffn_params': ffn_params, 'ffn_active_params': ffn_active,
       'ffn_param_bytes': ffn_bytes,
@@ -209,22 +218,6 @@ def count_run(run_dir: str, convention: str = 'standard') -> dict:
       'tokens_per_step': cfg.batch_size * segment, 'devices': _pinned_devices(cfg.mesh),
       'task': task,
   }
-
-
-def _data_shape(run_dir: str) -> tuple[int, str | None]:
-  """(sequence length of a training row, the seqio task or None) of the parsed config."""
-  import gin
-  import inspect
-  ref = gin.query_parameter('run_training.data')
-  name = ref.configurable.name.rsplit('.', 1)[-1]
-  bindings = gin.get_bindings(name)
-  if name == 'seqio_data':
-    return int(bindings['task_feature_lengths']['targets']), bindings.get('mixture_or_task_name')
-  if name == 'synthetic_data':
-    default = inspect.signature(ref.configurable.wrapped).parameters['length'].default
-    return int(bindings.get('length', default)), None
-  raise ValueError(f'{run_dir}: run_training.data = @{name}(): not a data source whose sequence '
-                   'length collect knows (seqio_data, synthetic_data)')
 
 
 def _ffn_param_tree(model) -> tuple[int, int]:
@@ -251,12 +244,13 @@ def family_of(model) -> str:
   return '+'.join(kinds) or 'dense'
 
 
-def _meta_family(run_dir: str) -> str | None:
+def _meta(run_dir: str) -> dict:
+  """config.json's meta (a study's run), else {}."""
   path = os.path.join(run_dir, 'config.json')
   if not os.path.isfile(path):
-    return None
+    return {}
   with open(path) as f:
-    return (json.load(f).get('meta') or {}).get('family')
+    return json.load(f).get('meta') or {}
 
 
 def _pinned_devices(mesh) -> int | None:

@@ -55,10 +55,12 @@ def expert_usage(h: History, path: str) -> str:
   for ax, layer in zip(axes, layers):
     steps, usage = h.usage[layer]
     e = usage.shape[1]
+    # One log (a very short run) still gets a column of width 1 step, not an empty extent.
+    x0, x1 = (steps[0], steps[-1]) if steps[-1] > steps[0] else (steps[0] - 0.5, steps[0] + 0.5)
     # Colour relative to perfect balance (1/E), so that layers of any E read alike.
     im = ax.imshow((usage * e).T, aspect='auto', origin='lower', cmap='viridis', vmin=0,
                    vmax=max(2.0, float((usage * e).max())), interpolation='nearest',
-                   extent=(steps[0], steps[-1], -0.5, e - 0.5))
+                   extent=(x0, x1, -0.5, e - 0.5))
     ax.set_xlabel('step')
     ax.set_ylabel('expert')
     ax.yaxis.get_major_locator().set_params(integer=True)

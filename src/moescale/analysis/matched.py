@@ -38,7 +38,9 @@ def param_matched(records: Sequence[dict], reference: str = 'dense', tolerance: 
       continue
     dense = [d for d in rows if d['family'] == reference and d['domain'] == r['domain']
              and d.get('params') is not None]
-    best = min(dense, key=lambda d: abs(r['params'] / d['params'] - 1), default=None)
+    # The nearest in parameters; among dense seeds of equal size, the run's own seed.
+    best = min(dense, key=lambda d: (round(abs(r['params'] / d['params'] - 1), 9),
+                                     d.get('seed') != r.get('seed')), default=None)
     if best is None or abs(r['params'] / best['params'] - 1) > tolerance:
       unmatched.append(f"{r['run']} ({r['domain']})")
       continue
@@ -51,7 +53,9 @@ def param_matched(records: Sequence[dict], reference: str = 'dense', tolerance: 
 
 
 def _comparison(r: dict, d: dict) -> dict:
-  out = {'run': r['run'], 'family': r['family'], 'domain': r['domain'], 'dense_run': d['run'],
+  out = {'run': r['run'], 'family': r['family'], 'config': r.get('config'), 'seed': r.get('seed'),
+         'train_task': r.get('train_task'), 'domain': r['domain'], 'dense_run': d['run'],
+         'dense_config': d.get('config'),
          'params': r['params'], 'dense_params': d['params'],
          'params_ratio': r['params'] / d['params'],
          'perplexity': r['perplexity'], 'dense_perplexity': d['perplexity'],

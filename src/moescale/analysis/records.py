@@ -15,7 +15,7 @@ import os
 from typing import Iterable
 
 COLUMNS = (
-    'run', 'family', 'domain', 'step', 'source',
+    'run', 'family', 'config', 'seed', 'train_task', 'domain', 'step', 'source',
     'params', 'active_params', 'ffn_params', 'ffn_active_params',
     'ffn_param_bytes', 'ffn_active_bytes',
     'forward_flops_per_token', 'ffn_flops_per_token', 'train_flops_per_token', 'convention',
@@ -24,7 +24,8 @@ COLUMNS = (
     'run_dir',
 )
 # Columns that hold text; every other known column is a number (empty: unknown).
-TEXT_COLUMNS = frozenset({'run', 'family', 'domain', 'source', 'convention', 'run_dir'})
+TEXT_COLUMNS = frozenset({'run', 'family', 'config', 'train_task', 'domain', 'source',
+                          'convention', 'run_dir'})
 FORMATS = {'.csv': 'CSV', '.jsonl': 'JSON lines'}
 
 

@@ -23,7 +23,8 @@ import os
 import re
 from typing import Sequence
 
-from moescale.analysis import collect, history, history_plots, matched, plots, speedup
+from moescale.analysis import (collect, history, history_plots, matched, plots, questions,
+                               speedup)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Report:
   pairs: list[dict]
   priming: list[dict]
   finetuning: list[dict]
+  answers: list = dataclasses.field(default_factory=list)   # questions.Answer
 
 
 def build_report(run_dirs: Sequence[str], out_dir: str, *, fit: str | None = None,
@@ -96,6 +98,7 @@ def build_report(run_dirs: Sequence[str], out_dir: str, *, fit: str | None = Non
   paths += history_plots.write_history_plots(histories, rows, reference, out_dir)
   report = Report(os.path.join(out_dir, 'report.md'), paths, runs, rows, missing, checks,
                   analysis, pairs, priming_results(dirs, names), finetune_results(dirs, names))
+  report.answers = questions.answer(report)
   from moescale.analysis import report_md
   with open(report.path, 'w') as f:
     f.write(report_md.render(report, histories, fit=fit, convention=convention))

@@ -8,13 +8,14 @@ import subprocess
 from typing import Sequence
 
 import moescale
-from moescale.analysis import history, tables
+from moescale.analysis import history, questions, seeds, tables
 
 
 def render(report, histories: Sequence[history.History], *, fit: str | None,
            convention: str) -> str:
   out_dir = os.path.dirname(report.path)
   sections = [_header(report, convention), _runs(report), _missing(report),
+              questions.render_md(report.answers) if report.answers else [],
               _speedup(report, out_dir, fit), _matched(report, out_dir),
               _training(report, histories, out_dir), _priming(report), _finetuning(report)]
   return '\n'.join(line for s in sections for line in s) + '\n'
@@ -106,6 +107,11 @@ def _speedup(report, out_dir: str, fit: str | None) -> list[str]:
     rows.append(row)
   lines += md_table(head, rows)
   lines += [tables.LEGEND.format(ref=a.reference), '']
+  if seeds.has_seeds(a.speedups):
+    lines += ['### By configuration, over its seeds', '',
+              'The factor of the mean perplexity at the mean compute against the dense curve '
+              '(itself the mean over the dense seeds), with the range of the seeds\' own factors.',
+              ''] + md_table(*tables.speedup_group_rows(seeds.speedups(a)))
   for name, caption in (('perplexity_vs_flops.png', 'perplexity against training FLOPs'),
                         ('perplexity_vs_seconds.png', 'perplexity against device-seconds'),
                         ('speedup.png', 'speedup per domain')):
@@ -125,6 +131,10 @@ def _matched(report, out_dir: str) -> list[str]:
           _pct(p['ffn_active_bytes_ratio']), _pct(p['ffn_param_bytes_ratio'])]
          for p in report.pairs])
     lines += ['FFN columns: sparse as a share of dense.', '']
+    if seeds.has_seeds(report.pairs):
+      lines += ['### By configuration, over its seeds', '',
+                'Each seed against the dense run of the same parameters and seed.', '']
+      lines += md_table(*tables.matched_group_rows(seeds.matched(report.pairs)))
   else:
     lines += ['No sparse run has a dense run of the same parameters (within tolerance).', '']
   return lines + _image(out_dir, 'perplexity_vs_params.png', report.plots,

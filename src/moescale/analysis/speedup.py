@@ -201,8 +201,8 @@ def analyse(records: Sequence[dict], reference: str = 'dense', fit: str | None =
 
 
 def _speedup_record(r: dict, curves: dict, fits: dict, fit: str | None) -> dict:
-  out = {k: r.get(k) for k in ('run', 'family', 'domain', 'perplexity', 'train_flops',
-                               'device_seconds')}
+  out = {k: r.get(k) for k in ('run', 'family', 'config', 'seed', 'train_task', 'domain',
+                               'perplexity', 'train_flops', 'device_seconds')}
   for measure, column in MEASURES.items():
     key = (r['domain'], measure)
     out[measure] = dataclasses.asdict(factor(curves.get(key), r.get(column), r['perplexity']))

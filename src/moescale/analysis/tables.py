@@ -49,6 +49,28 @@ def speedup_table(analysis: Analysis) -> str:
                                                         100)
 
 
+def speedup_group_rows(entries: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+  """(head, rows) of `seeds.speedups` entries: per configuration and domain, the factor of the
+  mean perplexity and the seeds' range."""
+  from moescale.analysis.questions import factor_text
+  head = ['configuration', 'family', 'domain', 'seeds', 'perplexity (mean, min..max)',
+          'speedup FLOPs (seeds)', 'speedup device-s (seeds)']
+  rows = [[e['config'], e['family'], e['domain'], str(len(e['seeds'])), e['perplexity'].text(),
+           factor_text(e, 'flops'), factor_text(e, 'seconds')] for e in entries]
+  return head, rows
+
+
+def matched_group_rows(groups: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
+  """(head, rows) of `seeds.matched` groups: sparse and dense perplexity over seeds and the
+  relative difference."""
+  from moescale.analysis.questions import percent
+  head = ['configuration', 'dense', 'domain', 'perplexity (mean, min..max)',
+          'dense perplexity', 'sparse / dense - 1']
+  rows = [[g['config'], g['dense_config'], g['domain'], g['perplexity'].text(),
+           g['dense_perplexity'].text(), percent(g['relative'])] for g in groups]
+  return head, rows
+
+
 def pairs_table(pairs: Sequence[dict]) -> str:
   """The parameter-matched comparisons, sparse / dense where a pair of numbers."""
   head = ['run', 'dense run', 'domain', 'params s/d', 'ppl s/d', 'ppl diff', 'FFN FLOPs',

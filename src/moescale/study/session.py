@@ -227,12 +227,19 @@ def _wrap(text: str) -> str:
 def summary(result: StudyResult) -> str:
   """What a study's end prints: the speedup table (FLOPs and device-seconds), the
   parameter-matched comparison, zero-shot priming, what is missing, where everything is."""
-  from moescale.analysis import tables
+  from moescale.analysis import seeds, tables
   r = result.report
   out = []
-  if r.analysis is not None:
+  if r.analysis is not None and seeds.has_seeds(r.analysis.speedups):
+    out.append('Speedup over the dense runs, per configuration (mean over seeds) and domain:\n'
+               + tables.text_table(*tables.speedup_group_rows(seeds.speedups(r.analysis))))
+  elif r.analysis is not None:
     out.append('Speedup over the dense runs, per domain:\n' + tables.speedup_table(r.analysis))
-  if r.pairs:
+  if r.pairs and seeds.has_seeds(r.pairs):
+    out.append('Parameter-matched, per configuration over its seeds (each seed against the '
+               'dense run of its parameters and seed):\n'
+               + tables.text_table(*tables.matched_group_rows(seeds.matched(r.pairs))))
+  elif r.pairs:
     out.append('Parameter-matched (each run against the dense run of its parameter count):\n'
                + tables.pairs_table(r.pairs))
   if r.priming:
