@@ -13,6 +13,7 @@
     moescale collect RUN_DIR... --out FILE  one record per (run, domain): counts, compute, ppl
     moescale speedup FILE [--json] [--fit powerlaw] [--plot DIR]  speedup factors by domain
     moescale report RUN_DIRS... --out DIR   report.md with PNG plots (a study root: all its runs)
+    moescale plan --gin_file=F --platform=tpu_v5p --mesh=D,F,T,E  memory, collectives, time
 
 Bad input (an unknown gin name, an unused macro, an impossible size) exits with status 2 and one
 paragraph naming the value, no traceback: `--debug` anywhere on the line (`moescale train ...
@@ -189,6 +190,13 @@ def _speedup(argv: Sequence[str]) -> int:
 def _report(argv: Sequence[str]) -> int:
   from moescale.analysis import cli
   return cli.report_main(argv)
+
+
+@command('plan', 'compile the training step for a mesh of simulated devices: will it fit, '
+                 'how fast')
+def _plan(argv: Sequence[str]) -> int:
+  from moescale.plan import cli
+  return cli.main(argv)
 
 
 @command('bench', 'benchmark sparse layers against FLOP-matched dense layers')

@@ -94,8 +94,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, expert: int = 1, tensor: int = 1,
   sizes = mesh_shape(data, fsdp, expert, tensor, num_devices=len(devices))
   shape = tuple(sizes[a] for a in MESH_AXES)
   # Auto axes: GSPMD propagates shardings from our explicit in/out shardings and constraints.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
-                       devices=devices)
+  types = (jax.sharding.AxisType.Auto,) * 4
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+  except NotImplementedError:
+    # A TPU slice's devices are laid out on its physical torus, each mesh axis a product of
+    # whole physical axes; an axis of 32 on an 8x8x8 slice needs one physical axis split (JAX
+    # refuses by default: such an axis's rings are less direct). Split rather than fail.
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def logical_to_spec(names: Sequence[str | None] | None, rules: Rules = DEFAULT_RULES) -> P:
@@ -136,6 +144,29 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES):
     sharding = NamedSharding(mesh, spec)
     return var.replace(sharding) if isinstance(var, nnx.Variable) else sharding
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def undivided(state: nnx.State, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> list[dict]:
+  """Where `state_shardings` replicates a dimension its rules would split, because the mesh
+  axis (size > 1) does not divide it: one {'path', 'shape', 'dim', 'axis', 'axis_size'} each.
+  Harmless for a small test model on a big mesh; for a real run (`moescale plan`) it is memory
+  and parallelism lost without a word."""
+  sizes, out = dict(mesh.shape), []
+  for path, var in nnx.to_flat_state(state):
+    names = var.get_metadata().get('out_sharding') if isinstance(var, nnx.Variable) else None
+    if not names:
+      continue
+    shape = var.get_value().shape
+    wanted = logical_to_spec(names, rules)
+    for i, (dim, entry) in enumerate(zip(shape, tuple(wanted))):
+      size = 1
+      for a in ((entry,) if isinstance(entry, str) else tuple(entry or ())):
+        if sizes.get(a, 1) > 1 and dim % (size * sizes[a]):
+          out.append({'path': '/'.join(map(str, path)), 'shape': tuple(shape), 'dim': i,
+                      'axis': a, 'axis_size': sizes[a]})
+        elif a in sizes:
+          size *= sizes[a]
+  return out
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

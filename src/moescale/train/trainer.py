@@ -198,10 +198,11 @@ def build_state(model_fn, cfg: TrainConfig, mesh, abstract: bool = False) -> Bui
   return BuiltState(graphdef, state, state_sh, tx, schedule, memory)
 
 
-def check_mesh(model_fn, cfg: TrainConfig):
-  """cfg's mesh, refused (ValueError) where it does not fit the devices, the batch or the
-  experts: before anything is written to the run directory."""
-  mesh = cfg.mesh.make()
+def check_mesh(model_fn, cfg: TrainConfig, devices=None):
+  """cfg's mesh over `devices` (default: this process's), refused (ValueError) where it does
+  not fit the devices, the batch or the experts: before anything is written to the run
+  directory (or compiled, by `moescale plan`)."""
+  mesh = cfg.mesh.make(devices)
   shards = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
   if cfg.batch_size % shards:
     raise ValueError(f'batch_size={cfg.batch_size} must be a multiple of {shards}, the batch '
