@@ -342,3 +342,16 @@ def test_collect_then_speedup_from_the_command_line_without_tensorflow(study, tm
   bad = tmp_path / 'bad.csv'
   bad.write_text('run,family,perplexity\nd,dense,3\n')
   assert cli.main(['speedup', str(bad)]) == 2
+
+
+def test_a_dense_curve_that_rises_is_noted():
+  rows = [{'run': f'd{i}', 'family': 'dense', 'domain': 'a', 'train_flops': c, 'perplexity': p}
+          for i, (c, p) in enumerate([(1e18, 20.0), (2e18, 16.0), (4e18, 17.0)])]
+  rows.append({'run': 'm', 'family': 'moe', 'domain': 'a', 'train_flops': 1e18,
+               'perplexity': 18.0})
+  a = speedup.analyse(rows)
+  assert a.curves['a', 'flops'].rises() == [(2e18, 16.0, 4e18, 17.0)]
+  assert any("domain 'a': the dense perplexity does not fall with compute (16 at 2e+18 "
+             'FLOPs, 17 at 4e+18)' in n for n in a.notes)
+  rows[2]['perplexity'] = 15.0
+  assert not any('does not fall' in n for n in speedup.analyse(rows).notes)

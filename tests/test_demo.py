@@ -3,25 +3,15 @@ pair checker before training, every run is evaluated by domain and on the primin
 report holds the speedup table, and a second call reuses everything and overwrites nothing.
 `make study` (experiments/study.py) the same way with two seeds per configuration."""
 
-import importlib.util
 import json
 import pathlib
 
+import experiment_scripts
 from moescale import pairs
 from moescale.study import session
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'experiments' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-DEMO = _load('demo')
-STUDY = _load('study')      # `make study`: the demo's models with seeds
+DEMO = experiment_scripts.load('demo')
+STUDY = experiment_scripts.load('study')      # `make study`: the demo's models with seeds
 
 # Two of the four sizes: a dense curve (d8, d24), one compute-matched MoE (d8) and the three
 # parameter-matched families (d24): every family and both matchings, 6 runs instead of 9.

@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from moescale.analysis import matched, questions, seeds, speedup
+from moescale.analysis import matched, questions, seeds, speedup, tables
 
 SOTU, KJV = 'sotu:validation', 'kjv:validation'
 
@@ -67,7 +67,7 @@ def test_bounds_are_kept_beside_the_seed_range():
                      _row('s/moe/seed1', 'moe', SOTU, 1e18, 16, 1)]
   entry, = seeds.speedups(speedup.analyse(rows))
   assert entry['flops_bounds'] == ['>4.00'] and entry['flops_seeds'].n == 1
-  assert questions.factor_text(entry, 'flops').endswith('(bounds >4.00)')
+  assert tables.factor_text(entry, 'flops').endswith('(bounds >4.00)')
 
 
 @pytest.mark.parametrize('checks, want', [

@@ -4,7 +4,6 @@ to the same runs."""
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import pathlib
@@ -15,22 +14,13 @@ import jax
 import pytest
 from flax import nnx
 
+import experiment_scripts
 from moescale import accounting, gin_config, study
 from moescale.study import (REQUIRED, Component, DataSpec, Family, Matching, ModelSpec,
                             ScalingStudy)
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'experiments' / f'{name}.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
-ARTETXE = _load('artetxe2022')
-CSORDAS = _load('csordas2023')
+ARTETXE = experiment_scripts.load('artetxe2022')
+CSORDAS = experiment_scripts.load('csordas2023')
 
 
 def _gin_twin(paper, small, name):

@@ -27,6 +27,7 @@ import math
 from typing import Mapping, Sequence
 
 from moescale.analysis import seeds as seeds_lib
+from moescale.analysis.tables import factor_text, percent
 
 FEW_PERCENT = 0.03
 ROLES = {'moe': ('moe', 'TopKMoE'), 'sigma_moe': ('sigma_moe', 'SigmaMoE'),
@@ -83,19 +84,6 @@ def greater(a: Mapping, b: Mapping | float) -> bool | None:
   if ia[1] < ib[0]:
     return False
   return None
-
-
-def factor_text(entry: dict, measure: str) -> str:
-  """A `seeds.speedups` entry's factor in one measure, with its seeds' range and bounds."""
-  from moescale.analysis.tables import factor_cell
-  main = factor_cell(entry[measure])
-  spread, bounds = entry[f'{measure}_seeds'], entry[f'{measure}_bounds']
-  parts = []
-  if spread is not None and spread.n > 1:
-    parts.append(f'seeds {spread.lo:.2f}..{spread.hi:.2f}')
-  if bounds:
-    parts.append('bounds ' + ', '.join(bounds))
-  return main + (f" ({'; '.join(parts)})" if parts else '')
 
 
 def _one_seed(answer: str, runs: int) -> str:
@@ -174,14 +162,6 @@ def pkm_question(report, roles=ROLES) -> Answer:
   return Answer('Csordás et al. 2023', q, _one_seed(verdict(checks), runs),
                 tuple(evidence) or ('no ReLU and softmax PKM runs of the same size and seed',),
                 len(checks))
-
-
-def percent(s: seeds_lib.Spread | None) -> str:
-  if s is None:
-    return '-'
-  if s.n == 1:
-    return f'{100 * s.mean:+.1f}%'
-  return f'{100 * s.mean:+.1f}% ({100 * s.lo:+.1f}..{100 * s.hi:+.1f}%, {s.n} seeds)'
 
 
 def answer(report, roles: Mapping[str, Sequence[str]] = ROLES,

@@ -82,6 +82,13 @@ class DenseCurve:
     xs = sorted(by_c)
     return cls(tuple(xs), tuple(float(np.mean(by_c[x])) for x in xs))
 
+  def rises(self) -> list[tuple[float, float, float, float]]:
+    """(c0, p0, c1, p1) for each step up the curve, where more compute gave a worse perplexity
+    (p1 > p0): a curve like that reads a perplexity at the first compute that reaches it, and
+    a sparse run past the rise may get a bound instead of a factor."""
+    pts = list(zip(self.compute, self.perplexity))
+    return [(c0, p0, c1, p1) for (c0, p0), (c1, p1) in zip(pts, pts[1:]) if p1 > p0]
+
   def perplexity_at(self, c: float) -> float:
     """The curve at compute c (within the dense runs' range; plotting)."""
     return float(np.interp(math.log(c), np.log(self.compute), self.perplexity))
@@ -184,6 +191,12 @@ def analyse(records: Sequence[dict], reference: str = 'dense', fit: str | None =
         continue  # no device-seconds in this file: nothing to say per domain
       try:
         curves[domain, measure] = DenseCurve.from_points(points)
+        rises = curves[domain, measure].rises() if measure == 'flops' else []
+        if rises:
+          notes.append(f'domain {domain!r}: the {reference} perplexity does not fall with '
+                       'compute (' + '; '.join(f'{p0:.4g} at {c0:.3g} FLOPs, {p1:.4g} at '
+                                               f'{c1:.3g}' for c0, p0, c1, p1 in rises)
+                       + '): speedups read off this curve are less reliable there')
         if fit:
           fits[domain, measure] = PowerLaw.fit(points)
       except ValueError as e:

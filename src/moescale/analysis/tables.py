@@ -49,10 +49,30 @@ def speedup_table(analysis: Analysis) -> str:
                                                         100)
 
 
+def factor_text(entry: dict, measure: str) -> str:
+  """A `seeds.speedups` entry's factor in one measure, with its seeds' range and bounds."""
+  main = factor_cell(entry[measure])
+  spread, bounds = entry[f'{measure}_seeds'], entry[f'{measure}_bounds']
+  parts = []
+  if spread is not None and spread.n > 1:
+    parts.append(f'seeds {spread.lo:.2f}..{spread.hi:.2f}')
+  if bounds:
+    parts.append('bounds ' + ', '.join(bounds))
+  return main + (f" ({'; '.join(parts)})" if parts else '')
+
+
+def percent(s) -> str:
+  """A `seeds.Spread` of ratios as signed percentages, with its range over seeds."""
+  if s is None:
+    return '-'
+  if s.n == 1:
+    return f'{100 * s.mean:+.1f}%'
+  return f'{100 * s.mean:+.1f}% ({100 * s.lo:+.1f}..{100 * s.hi:+.1f}%, {s.n} seeds)'
+
+
 def speedup_group_rows(entries: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
   """(head, rows) of `seeds.speedups` entries: per configuration and domain, the factor of the
   mean perplexity and the seeds' range."""
-  from moescale.analysis.questions import factor_text
   head = ['configuration', 'family', 'domain', 'seeds', 'perplexity (mean, min..max)',
           'speedup FLOPs (seeds)', 'speedup device-s (seeds)']
   rows = [[e['config'], e['family'], e['domain'], str(len(e['seeds'])), e['perplexity'].text(),
@@ -63,7 +83,6 @@ def speedup_group_rows(entries: Sequence[dict]) -> tuple[list[str], list[list[st
 def matched_group_rows(groups: Sequence[dict]) -> tuple[list[str], list[list[str]]]:
   """(head, rows) of `seeds.matched` groups: sparse and dense perplexity over seeds and the
   relative difference."""
-  from moescale.analysis.questions import percent
   head = ['configuration', 'dense', 'domain', 'perplexity (mean, min..max)',
           'dense perplexity', 'sparse / dense - 1']
   rows = [[g['config'], g['dense_config'], g['domain'], g['perplexity'].text(),
