@@ -512,3 +512,43 @@ def test_line_breaks_eos_is_fairseqs_format(tmp_path):
   assert sorted(tokens('keep')) == sorted([_byte_ids('one\ntwo é'), _byte_ids('three')])
   with pytest.raises(ValueError, match="line_breaks='crlf'; valid"):
     tasks.register_text_task(_name('bad'), str(path), line_breaks='crlf')
+
+
+def test_a_vocabulary_of_the_same_size_but_other_tokens_is_refused(tmp_path):
+  """guard.check_vocabulary: the fingerprint a run recorded (here from a SentencePiece model
+  trained on one text) refuses another model of the same vocab_size (trained on another text),
+  for training on and for evaluation; the recorded one and the byte vocabulary behave."""
+  from moescale.data import vocab
+  from moescale.train import guard
+  topics = corpus.pydoc_topics()
+  texts = {'a': '\n'.join(topics[:30]), 'b': '\n'.join(topics[30:60])}
+  models = {}
+  for name, text in texts.items():
+    (tmp_path / f'{name}.txt').write_text(text, encoding='utf-8')
+    models[name] = vocab.train_sentencepiece(str(tmp_path / f'{name}.txt'),
+                                             str(tmp_path / name), 100, byte_fallback=False,
+                                             character_coverage=0.995, num_threads=1)
+
+  class Source:
+    def __init__(self, spec):
+      self.vocabulary = vocab.get_vocabulary(spec)
+
+    def fingerprint(self):
+      return vocab.fingerprint(self.vocabulary)
+
+  a, b = Source(models['a']), Source(models['b'])
+  assert a.vocabulary.vocab_size == b.vocabulary.vocab_size == 100
+  run = tmp_path / 'run'
+  guard.check_vocabulary(str(run), a, write=False)        # evaluation writes nothing
+  assert not (run / 'vocabulary.json').exists()
+  guard.check_vocabulary(str(run), a)                     # training records it
+  recorded = json.loads((run / 'vocabulary.json').read_text())
+  assert recorded['vocab_size'] == 100 and recorded['vocabulary'].endswith('a.model')
+  guard.check_vocabulary(str(run), a)                     # the same one: fine
+  with pytest.raises(guard.VocabularyMismatch, match=r'trained with the vocabulary .*a\.model'
+                     r"' \(100 ids, sha256 .*this data has .*b\.model' \(100 ids"):
+    guard.check_vocabulary(str(run), b)
+  with pytest.raises(guard.VocabularyMismatch):
+    guard.check_vocabulary(str(run), Source('bytes'))
+  guard.check_vocabulary(str(run), object())              # no fingerprint: not checked
+  assert vocab.fingerprint(vocab.get_vocabulary('bytes')) == Source('bytes').fingerprint()

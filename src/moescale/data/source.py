@@ -61,6 +61,11 @@ class SeqioDataSource:
         self._default_eval_splits(provider))
     self._eval_pipelines: dict[tuple, dict[str, Any]] = {}
 
+  def fingerprint(self) -> dict:
+    """What identifies the token ids (`vocab.fingerprint`): recorded with a run's checkpoints
+    and checked when they are read again (moescale.train.guard.check_vocabulary)."""
+    return vocab_lib.fingerprint(self.vocabulary)
+
   def _default_eval_splits(self, provider) -> tuple[str, ...]:
     splits = [s for s in provider.splits if s != 'train']
     own = ('validation',) if 'validation' in splits else tuple(splits)

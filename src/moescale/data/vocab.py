@@ -78,6 +78,21 @@ def vocabulary_spec(vocabulary) -> str:
   return repr(vocabulary)
 
 
+def fingerprint(vocabulary) -> dict:
+  """What identifies a vocabulary's token ids: {'vocabulary' (its spec), 'vocab_size',
+  'sha256'}. The hash is of the SentencePiece model itself (its serialized proto), so a
+  different model of the same size, or the same path retrained, hashes differently; the
+  byte vocabulary hashes its kind and extra ids."""
+  import hashlib
+  import seqio  # pylint: disable=g-import-not-at-top
+  if isinstance(vocabulary, seqio.SentencePieceVocabulary):
+    content = vocabulary.sp_model
+  else:
+    content = f'{type(vocabulary).__name__}:{vocabulary.extra_ids}'.encode()
+  return {'vocabulary': vocabulary_spec(vocabulary), 'vocab_size': int(vocabulary.vocab_size),
+          'sha256': hashlib.sha256(content).hexdigest()}
+
+
 # ------------------------------------------------------------ SentencePiece
 
 

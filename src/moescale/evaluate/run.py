@@ -21,7 +21,7 @@ import jax
 from flax import nnx
 
 from moescale.train import checkpoint as ckpt_lib
-from moescale.train import trainer
+from moescale.train import guard, trainer
 
 
 class RunError(ValueError):
@@ -46,6 +46,10 @@ class Run:
   def data(self):
     """The run's data source (moescale.launch.seqio_data: imports seqio and TensorFlow)."""
     data = self.data_factory()
+    try:
+      guard.check_vocabulary(self.run_dir, data, write=False)
+    except guard.VocabularyMismatch as e:
+      raise RunError(str(e)) from None
     have, need = getattr(data, 'vocab_size', None), getattr(self.model, 'vocab_size', None)
     if have and need and have > need:
       raise RunError(f'the vocabulary of {self.run_dir} has {have} ids but the checkpoint\'s '

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -145,3 +146,40 @@ def nonfinite_parameters(params) -> list[str]:
   flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(ok))
   return [jax.tree_util.keystr(path, simple=True, separator='/')
           for path, good in flat if not bool(good)]
+
+
+VOCABULARY_FILE = 'vocabulary.json'
+
+
+class VocabularyMismatch(ValueError):
+  pass
+
+
+def check_vocabulary(model_dir: str, data, write: bool = True) -> None:
+  """The token ids a run's checkpoints were trained on stay the ones it reads. The data
+  source's `fingerprint()` (a seqio source's vocabulary: moescale.data.vocab.fingerprint) is
+  recorded in MODEL_DIR/vocabulary.json when training starts (write, process 0); when the
+  file exists, a source whose fingerprint differs is refused: the same vocab_size with other
+  tokens would train or evaluate without a word on ids that mean something else. Sources
+  without a fingerprint (synthetic data) are not checked."""
+  fingerprint = getattr(data, 'fingerprint', None)
+  if fingerprint is None:
+    return
+  now = fingerprint()
+  path = os.path.join(model_dir, VOCABULARY_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      then = json.load(f)
+    if then.get('sha256') != now['sha256']:
+      raise VocabularyMismatch(
+          f"{model_dir} was trained with the vocabulary {then.get('vocabulary')!r} "
+          f"({then.get('vocab_size')} ids, sha256 {str(then.get('sha256'))[:12]}), but this "
+          f"data has {now['vocabulary']!r} ({now['vocab_size']} ids, sha256 "
+          f"{now['sha256'][:12]}): token ids would mean other tokens. Valid: the vocabulary "
+          f'recorded in {path} (--gin.VOCABULARY)')
+    return
+  if write and jax.process_index() == 0:
+    os.makedirs(model_dir, exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(now, f, indent=1)
+    os.replace(path + '.tmp', path)

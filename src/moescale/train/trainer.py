@@ -282,6 +282,7 @@ def train(model_fn: Callable[..., nnx.Module], data: DataSource, cfg: TrainConfi
   """
   mesh = check_mesh(model_fn, cfg)
   with guard.RunLock(cfg.model_dir), guard.Preemption() as preempted:
+    guard.check_vocabulary(cfg.model_dir, data)
     return _train(model_fn, data, cfg, mesh, flops_per_token, init_from, preempted)
 
 
