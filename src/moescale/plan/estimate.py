@@ -54,8 +54,12 @@ def memory(program: Program) -> dict:
     out['peak'] = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
                    + m.temp_size_in_bytes + m.generated_code_size_in_bytes)
   else:
-    out.update(arguments=None, outputs=None, aliased=None, code=None,
-               temporaries=program.refused.needed, peak=None)
+    # The compiler's total temporaries where it says them; one allocation it could not place
+    # only bounds them from below.
+    r = program.refused
+    out.update(arguments=None, outputs=None, aliased=None, code=None, peak=None,
+               temporaries=None if r.array else r.needed,
+               temporaries_at_least=r.needed if r.array else None)
   return out
 
 
@@ -104,7 +108,7 @@ def suggestions(mem: dict, fit: dict, alternatives: dict[str, dict], cfg, *,
     if after < held:
       out.append(f'{flag}: parameters, optimizer state and gradients {_gib(held)} -> '
                  f'{_gib(after)} a device (exact for the state; plan it to see the rest)')
-  temp = mem.get('temporaries')
+  temp = mem.get('temporaries') or mem.get('temporaries_at_least')
   if temp and not remat:
     out.append(f'--gin.TransformerLM.remat=True: recompute each block in the backward pass; '
                f'activations kept for it are most of the {_gib(temp)} of temporaries')

@@ -34,7 +34,10 @@ def text(plan: dict) -> str:
                      ('aliased', 'compiler: aliased (donated)'),
                      ('temporaries', 'compiler: temporaries'), ('code', 'compiler: code'),
                      ('peak', 'peak')):
-    lines.append(f'  {label:<30} {_b(m.get(key)):>14}')
+    value = _b(m.get(key))
+    if key == 'temporaries' and m.get('temporaries_at_least'):
+      value = '>= ' + _b(m['temporaries_at_least'])
+    lines.append(f'  {label:<30} {value:>14}')
   fit = plan['fit']
   if fit.get('compiler'):
     lines.append(f"  DOES NOT FIT: the compiler refused it: {fit['compiler']}")
