@@ -67,7 +67,8 @@ def test_bounds_are_kept_beside_the_seed_range():
                      _row('s/moe/seed1', 'moe', SOTU, 1e18, 16, 1)]
   entry, = seeds.speedups(speedup.analyse(rows))
   assert entry['flops_bounds'] == ['>4.00'] and entry['flops_seeds'].n == 1
-  assert tables.factor_text(entry, 'flops').endswith('(bounds >4.00)')
+  # The mean, 14, is the large dense run's own: 4.00 exactly; one seed a value, one a bound.
+  assert tables.factor_text(entry, 'flops') == '4.00 (seed 2.69; bounds >4.00)'
 
 
 @pytest.mark.parametrize('checks, want', [
@@ -103,9 +104,11 @@ def test_artetxe_questions():
   q1, q2 = questions.speedup_questions(_report(_dense() + _moe([16, 17], [27, 26])))
   assert (q1.answer, q2.answer) == ('yes', 'yes') and (q1.seeds, q2.seeds) == (2, 2)
   assert 's/moe, sotu:validation' in q1.evidence[0]
+  assert q2.evidence[0].endswith('(FLOPs): yes, in-domain larger for 2 of 2 seeds')
   # Seed 1 out of domain at 21 (4^0.9 = 3.48 > its in-domain 2.21): the seeds disagree.
   q1, q2 = questions.speedup_questions(_report(_dense() + _moe([16, 17], [27, 21])))
   assert (q1.answer, q2.answer) == ('yes', 'not separated')
+  assert q2.evidence[0].endswith('not separated, in-domain larger for 1 of 2 seeds')
   # Both seeds worse than the smallest dense run in-domain: speedup < 1, a no.
   q1, _ = questions.speedup_questions(_report(_dense() + _moe([23, 24], [27, 26])))
   assert q1.answer == 'no'

@@ -57,6 +57,7 @@ def save_png(fig, path: str) -> str:
 
 
 def _curves_figure(analysis: Analysis, measure: str):
+  from matplotlib.ticker import NullFormatter
   column = MEASURES[measure]
   domains = [d for d in analysis.domains if (d, measure) in analysis.curves]
   fig, axes = new_figure(len(domains))
@@ -79,10 +80,17 @@ def _curves_figure(analysis: Analysis, measure: str):
       ax.scatter([r[column] for r in pts], [r['perplexity'] for r in pts],
                  marker=_MARKERS[i % len(_MARKERS)], s=30, zorder=3, label=family,
                  color='black' if family == analysis.reference else f'C{i}')
+      # One label per configuration: its seeds sit at one compute, and a label each would
+      # cover the points.
+      labelled = set()
       for r in pts:
-        ax.annotate(r['run'], (r[column], r['perplexity']), fontsize=6,
-                    xytext=(3, 3), textcoords='offset points')
+        name = r.get('config') or r['run']
+        if name not in labelled:
+          labelled.add(name)
+          ax.annotate(name, (r[column], r['perplexity']), fontsize=6, xytext=(3, 3),
+                      textcoords='offset points')
     ax.set_xscale('log')
+    ax.xaxis.set_minor_formatter(NullFormatter())   # minor labels (3x10^11, ...) overlap
     ax.set_xlabel(_LABELS[measure])
     ax.set_ylabel('perplexity')
     ax.set_title(domain, fontsize=9)

@@ -109,11 +109,13 @@ def speedup_questions(report, roles=ROLES) -> list[Answer]:
   c2, ev2 = [], []
   for e in inside:
     for o in (o for o in entries if o['config'] == e['config'] and not in_domain(o)):
-      c2 += [greater(by_seed[e['config'], seed, e['domain']]['flops'],
-                     by_seed[e['config'], seed, o['domain']]['flops'])
-             for seed in e['seeds'] if (e['config'], seed, o['domain']) in by_seed]
+      checks = [greater(by_seed[e['config'], seed, e['domain']]['flops'],
+                        by_seed[e['config'], seed, o['domain']]['flops'])
+                for seed in e['seeds'] if (e['config'], seed, o['domain']) in by_seed]
+      c2 += checks
       ev2.append(f"{e['config']}: in-domain {factor_text(e, 'flops')} vs {o['domain']} "
-                 f"{factor_text(o, 'flops')} (FLOPs)")
+                 f"{factor_text(o, 'flops')} (FLOPs): {verdict(checks)}, in-domain larger "
+                 f"for {sum(c is True for c in checks)} of {len(checks)} seeds")
   runs = max((len(e['seeds']) for e in inside), default=0)
   return [Answer('Artetxe et al. 2022', q1, _one_seed(verdict(c1), runs),
                  tuple(ev1) or ('no in-domain evaluation (a domain of the training task)',),

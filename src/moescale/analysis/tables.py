@@ -54,8 +54,9 @@ def factor_text(entry: dict, measure: str) -> str:
   main = factor_cell(entry[measure])
   spread, bounds = entry[f'{measure}_seeds'], entry[f'{measure}_bounds']
   parts = []
-  if spread is not None and spread.n > 1:
-    parts.append(f'seeds {spread.lo:.2f}..{spread.hi:.2f}')
+  if spread is not None and (spread.n > 1 or bounds):
+    parts.append(f'seeds {spread.lo:.2f}..{spread.hi:.2f}' if spread.n > 1
+                 else f'seed {spread.lo:.2f}')
   if bounds:
     parts.append('bounds ' + ', '.join(bounds))
   return main + (f" ({'; '.join(parts)})" if parts else '')
