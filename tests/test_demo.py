@@ -99,3 +99,17 @@ def test_quick_study_trains_every_configuration_with_each_seed(tmp_path, capsys)
   again = questions.answer(build_report([str(root / r) for r in runs], str(tmp_path / 'r')))
   assert questions.render_text(again) in out
   assert [a.answer for a in again][-1] != 'not measured'      # the PKM pair by seed was read
+
+
+def test_the_study_can_be_emitted_as_scheduler_jobs_instead(tmp_path, capsys):
+  jobs_dir, root = tmp_path / 'jobs', tmp_path / 'runs'
+  assert STUDY.main(['--quick', '--only', 'd8', '--emit_jobs', str(jobs_dir),
+                     '--root', str(root)]) == 0
+  commands = (jobs_dir / 'commands.txt').read_text().splitlines()
+  names = ['d8/dense/seed0', 'd8/moe/seed0', 'd8/dense/seed1', 'd8/moe/seed1']
+  assert [c.split('--gin_file=')[1].split('.gin')[0].rsplit('/', 1)[1] for c in commands] == [
+      n.replace('/', '__') for n in names]
+  assert all(c.startswith('moescale train ') and c.endswith('--multiprocess') for c in commands)
+  assert f'--array=0-{len(names) - 1}' in (jobs_dir / 'slurm_array.sbatch').read_text()
+  assert not (root / 'd8').exists() or not any((root / 'd8').rglob('metrics.jsonl'))
+  assert '4 jobs:' in capsys.readouterr().out

@@ -5,7 +5,8 @@
     evaluation(quick) -> session.Evaluation             what every run is evaluated on
 
 Flags: --root, --steps, --quick, --seeds, --only (sizes), --families, --dry_run (write the runs
-and check the pairs, train nothing), --no_progress. A stop (Ctrl-C, SIGTERM) returns 130 after
+and check the pairs, train nothing), --no_progress, and `study.jobs`'s (--emit_jobs DIR: each
+run a scheduler job instead). A stop (Ctrl-C, SIGTERM) returns 130 after
 saying that the same command continues; `exit` leaves without the interpreter's teardown then.
 """
 
@@ -35,6 +36,8 @@ def parser(doc: str, root: str, steps: int) -> argparse.ArgumentParser:
   p.add_argument('--dry_run', action='store_true',
                  help='write the run directories, check the pairs and print counts; train nothing')
   p.add_argument('--no_progress', action='store_true', help='no progress display')
+  from moescale.study import jobs
+  jobs.add_flags(p)
   return p
 
 
@@ -51,6 +54,15 @@ def main(argv, make_study: Callable, evaluation: Callable, *, doc: str, root: st
   experiments = [e for e in study.expand(args.only)
                  if not args.families or e.meta['family'] in args.families]
   print(table(experiments))
+  if args.emit_jobs:
+    # Each run a scheduler job (its `moescale train` command, a SLURM array): then `moescale
+    # eval` / `report` over the root, as the study would have done in this process.
+    from moescale.study import jobs
+    paths = jobs.write_jobs(experiments, args.root, args.emit_jobs,
+                            jobs.from_args(args)['slurm'])
+    print(f"{len(experiments)} jobs: {paths['commands']}, {paths['sbatch']}; runs under "
+          f'{args.root}')
+    return 0
   if args.dry_run:
     root, _ = session.choose_root(args.root, experiments)
     session.check_pairs(study, study.write(root, experiments), root)
