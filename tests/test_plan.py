@@ -7,6 +7,7 @@ example; bad input against its messages. The TPU compile itself needs libtpu (`p
 import dataclasses
 import importlib.util
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +214,14 @@ def test_tpu_plan_compiles_the_tpu_program(capsys):
   assert got['topology'] == 'v5p:2x2x1' and got['compiler'] == 'tpu'
   assert got['fit']['fits'] is True and got['fit']['device_memory'] == 95 * 2 ** 30
   assert got['collectives']['all-gather']['ops'] > 0
+
+
+def test_a_cpu_plan_leaves_the_environment_as_it_was(monkeypatch):
+  # Its fake-device flag is for this call only: a later subprocess (a notebook kernel, a
+  # `moescale` command) must start with the devices the caller asked for.
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+  assert cli.main([*TINY, '--platform=cpu', '--mesh=2,1,1,8', '--gin.BATCH_SIZE=32']) == 2
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8'
+  monkeypatch.delenv('XLA_FLAGS')
+  assert cli.main([*TINY, '--platform=cpu', '--mesh=2,1,1,8', '--gin.BATCH_SIZE=32']) == 2
+  assert 'XLA_FLAGS' not in os.environ

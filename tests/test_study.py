@@ -119,6 +119,23 @@ def test_grid_expansion_writes_the_expected_directories(tmp_path):
   assert [r['name'] for r in listing['runs']] == [e.name for e, _ in runs]
 
 
+def test_seeds_repeat_each_configuration_seed_by_seed():
+  st = dataclasses.replace(_tiny_study(Matching('train_flops')), seeds=(3, 7))
+  got = st.expand()
+  configs = ['s/dense', 's/sigma', 'm/dense', 'm/sigma', 'm/moe']
+  assert [e.name for e in got] == [f'{c}/seed{s}' for s in (3, 7) for c in configs]
+  for e in got:
+    seed = int(e.name.rsplit('seed', 1)[1])
+    assert e.train['seed'] == seed and e.meta['seed'] == seed
+    assert e.meta['config'] == e.name.rsplit('/', 1)[0]
+  # Seeds share the configuration's matched knob.
+  knobs = {e.name: e.meta['matched']['value'] for e in got if 'matched' in e.meta}
+  assert knobs['m/moe/seed3'] == knobs['m/moe/seed7']
+  for bad in ((), (1, 1), (-1,), (True,)):
+    with pytest.raises(ValueError, match='seeds=.*valid: None or distinct integers >= 0'):
+      dataclasses.replace(_tiny_study(), seeds=bad)
+
+
 def test_matching_solves_each_knob_against_the_reference():
   st = _tiny_study(Matching('total_params', reference='sigma'))
   exps = {e.name: e for e in st.expand()}

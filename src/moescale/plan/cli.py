@@ -49,15 +49,30 @@ def main(argv: Sequence[str]) -> int:
   if not files:
     p.error('at least one --gin_file is required, e.g. --gin_file=runs/tiny.gin')
   from moescale import plan
-  from moescale.plan import render, target
+  from moescale.plan import target
   chosen = plan.platform(args.platform).with_overrides(
       args.device_memory_gib, args.peak_tflops, args.link_gbytes)
   mesh = plan.parse_mesh(args.mesh) if args.mesh else None
+  plan.Assumptions(args.efficiency, args.overlap)   # bad values refused before JAX starts
+  saved = os.environ.get('XLA_FLAGS')
+  try:
+    if chosen.compiler == 'cpu' and mesh is not None:
+      # Fake CPU devices exist only if asked for before JAX starts its CPU client. Only for
+      # this call: a caller's later subprocesses must not inherit another device count.
+      count = plan._devices(mesh, args.devices)
+      os.environ['XLA_FLAGS'] = f"{saved or ''} {target.cpu_flag(count)}"
+    return _plan(files, bindings, paths, args, chosen, mesh)
+  finally:
+    if saved is None:
+      os.environ.pop('XLA_FLAGS', None)
+    else:
+      os.environ['XLA_FLAGS'] = saved
+
+
+def _plan(files, bindings, paths, args, chosen, mesh) -> int:
+  from moescale import gin_config, plan
+  from moescale.plan import render, target
   assumptions = plan.Assumptions(args.efficiency, args.overlap)
-  if chosen.compiler == 'cpu' and mesh is not None:
-    # Fake CPU devices exist only if asked for before JAX starts its CPU client.
-    count = plan._devices(mesh, args.devices)
-    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {target.cpu_flag(count)}"
   # What the step does not read need not be bound: where the run leaves them to the user
   # (a paper run names its vocabulary), placeholders. The user's own bindings are checked.
   bound = {b.split('=', 1)[0].strip() for b in bindings}
