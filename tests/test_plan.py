@@ -225,3 +225,24 @@ def test_a_cpu_plan_leaves_the_environment_as_it_was(monkeypatch):
   monkeypatch.delenv('XLA_FLAGS')
   assert cli.main([*TINY, '--platform=cpu', '--mesh=2,1,1,8', '--gin.BATCH_SIZE=32']) == 2
   assert 'XLA_FLAGS' not in os.environ
+
+
+def test_a_transformer_xl_plan_counts_the_memory_the_trainer_keeps():
+  """Csordás et al.'s CPU-sized model reads contiguous streams with one segment of memory:
+  the plan's batch is the stream's and its state holds the memory, as the trainer's does."""
+  gin_config.parse(['models/small/csordas_dense.gin', 'runs/csordas2023.gin'],
+                   ["MODEL_DIR='/tmp/unused'"], finalize=False)
+  model_fn, cfg = gin_config.run_parts()[:2]
+  length, _, stream = gin_config.data_shape()
+  assert stream
+  sizes = {'data': 2, 'fsdp': 1, 'tensor': 1, 'expert': 1}
+  got = plan.make_plan(model_fn, cfg, platforms.platform('cpu'), length=length, stream=stream,
+                       mem_len=length, mesh=sizes)
+  cfg = plan._with_mesh(cfg, sizes)
+  mesh = trainer.check_mesh(model_fn, cfg, jax.devices()[:2])
+  built = trainer.build_state(model_fn, cfg, mesh)
+  held = (_device0_bytes(built.state.memory) + _device0_bytes(built.state.rest)
+          + _device0_bytes(built.state.step))
+  assert got['memory']['other_state'] == held and _device0_bytes(built.state.memory) > 2 ** 19
+  assert got['memory']['arguments'] == sum(
+      got['memory'][k] for k in ('params', 'optimizer_state', 'other_state', 'batch'))

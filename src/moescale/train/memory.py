@@ -80,11 +80,17 @@ def with_memory(batch: Batch, memory) -> Batch:
   return {**batch, 'memory': {'layers': memory['layers'], 'mask': mask}}
 
 
-def attach(state, state_sh, spec: MemorySpec, batch_size: int, mesh):
+def attach(state, state_sh, spec: MemorySpec, batch_size: int, mesh, abstract: bool = False):
   """The state with an empty memory for batch_size rows, split over the data axes as the
-  batch rows are (each device keeps its own rows' memory)."""
+  batch rows are (each device keeps its own rows' memory). abstract: its shapes only, as the
+  rest of an abstract state (nothing is allocated: `moescale plan` compiles for devices that
+  hold no arrays)."""
   sharding = shd.batch_sharding(mesh, 1)
-  memory = empty_memory(spec, batch_size, sharding=sharding)
+  if abstract:
+    memory = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          jax.eval_shape(lambda: empty_memory(spec, batch_size)))
+  else:
+    memory = empty_memory(spec, batch_size, sharding=sharding)
   return (dataclasses.replace(state, memory=memory),
           dataclasses.replace(state_sh, memory=jax.tree.map(lambda _: sharding, memory)))
 

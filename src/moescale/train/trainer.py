@@ -194,7 +194,8 @@ def build_state(model_fn, cfg: TrainConfig, mesh, abstract: bool = False) -> Bui
                                                           cfg.rules, abstract=abstract)
   memory = memory_lib.memory_spec(graphdef, state.params, state.rest)
   if memory is not None:  # Transformer-XL: the memory is part of the state (and checkpoint)
-    state, state_sh = memory_lib.attach(state, state_sh, memory, cfg.batch_size, mesh)
+    state, state_sh = memory_lib.attach(state, state_sh, memory, cfg.batch_size, mesh,
+                                        abstract)
   return BuiltState(graphdef, state, state_sh, tx, schedule, memory)
 
 
