@@ -42,7 +42,7 @@ def test_cpu_plan_equals_what_the_trainer_allocates_and_compiles():
   got = plan.make_plan(model_fn, cfg, platforms.platform('cpu').with_overrides(1, 1, 10),
                        length=128, mesh=mesh_sizes)
   # The real thing on the same 8 devices: the trainer's state, initialised, and its step.
-  cfg = plan._with_mesh(cfg, mesh_sizes)
+  cfg = plan.with_mesh(cfg, mesh_sizes)
   mesh = trainer.check_mesh(model_fn, cfg)
   built = trainer.build_state(model_fn, cfg, mesh)
   m = got['memory']
@@ -238,7 +238,7 @@ def test_a_transformer_xl_plan_counts_the_memory_the_trainer_keeps():
   sizes = {'data': 2, 'fsdp': 1, 'tensor': 1, 'expert': 1}
   got = plan.make_plan(model_fn, cfg, platforms.platform('cpu'), length=length, stream=stream,
                        mem_len=length, mesh=sizes)
-  cfg = plan._with_mesh(cfg, sizes)
+  cfg = plan.with_mesh(cfg, sizes)
   mesh = trainer.check_mesh(model_fn, cfg, jax.devices()[:2])
   built = trainer.build_state(model_fn, cfg, mesh)
   held = (_device0_bytes(built.state.memory) + _device0_bytes(built.state.rest)

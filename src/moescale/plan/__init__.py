@@ -41,7 +41,8 @@ def parse_mesh(text: str) -> dict[str, int]:
   return dict(zip(MESH_ORDER, sizes))
 
 
-def _devices(sizes: dict[str, int], devices: int | None) -> int:
+def device_count(sizes: dict[str, int], devices: int | None) -> int:
+  """The devices a plan simulates: `devices`, else the product of a mesh with no -1."""
   if devices is not None:
     if devices < 1:
       raise ValueError(f'--devices={devices}; valid: a positive number of devices')
@@ -75,7 +76,7 @@ def _alternatives(model_fn, cfg, sizes: dict, devs) -> dict[str, dict]:
       alt = dict(sizes, **{frm: sizes[frm] // 2, to: sizes[to] * 2})
       try:
         mesh = shd.make_mesh(alt['data'], alt['fsdp'], alt['expert'], alt['tensor'], devs)
-        trainer.check_mesh(model_fn, _with_mesh(cfg, alt), devs)
+        trainer.check_mesh(model_fn, with_mesh(cfg, alt), devs)
         out['--mesh=' + ','.join(str(alt[a]) for a in MESH_ORDER)] = _state_bytes(
             model_fn, cfg, mesh)
       except ValueError:
@@ -84,7 +85,8 @@ def _alternatives(model_fn, cfg, sizes: dict, devs) -> dict[str, dict]:
   return out
 
 
-def _with_mesh(cfg, sizes: dict):
+def with_mesh(cfg, sizes: dict):
+  """The TrainConfig with its mesh axes replaced (the plan's mesh), on all given devices."""
   return dataclasses.replace(cfg, mesh=dataclasses.replace(
       cfg.mesh, data=sizes['data'], fsdp=sizes['fsdp'], expert=sizes['expert'],
       tensor=sizes['tensor'], num_devices=None))
@@ -121,7 +123,7 @@ def make_plan(model_fn, cfg, platform_: Platform, *, length: int, stream: bool =
   from moescale.train import trainer
   sizes = mesh or {'data': cfg.mesh.data, 'fsdp': cfg.mesh.fsdp, 'tensor': cfg.mesh.tensor,
                    'expert': cfg.mesh.expert}
-  count = _devices(sizes, devices)
+  count = device_count(sizes, devices)
   resolved = shd.mesh_shape(sizes['data'], sizes['fsdp'], sizes['expert'], sizes['tensor'],
                             num_devices=count)
   t = time.perf_counter()
@@ -130,7 +132,7 @@ def make_plan(model_fn, cfg, platform_: Platform, *, length: int, stream: bool =
     # libtpu stops at the first program over the chip's memory; told not to, it finishes and
     # says what the program needs, so a plan that does not fit still shows where memory goes.
     compiler_options = {'xla_tpu_no_crash_on_oom': True}
-  cfg = _with_mesh(cfg, resolved)
+  cfg = with_mesh(cfg, resolved)
   the_mesh = trainer.check_mesh(model_fn, cfg, devs)
   _check_divided(model_fn, cfg, the_mesh)
   prog = program.compile_step(model_fn, cfg, the_mesh, length, stream, compiler_options)
@@ -162,4 +164,5 @@ def make_plan(model_fn, cfg, platform_: Platform, *, length: int, stream: bool =
   }
 
 
-__all__ = ['PLATFORMS', 'Assumptions', 'Platform', 'make_plan', 'parse_mesh', 'platform']
+__all__ = ['PLATFORMS', 'Assumptions', 'Platform', 'device_count', 'make_plan', 'parse_mesh',
+           'platform', 'with_mesh']

@@ -59,7 +59,7 @@ def main(argv: Sequence[str]) -> int:
     if chosen.compiler == 'cpu' and mesh is not None:
       # Fake CPU devices exist only if asked for before JAX starts its CPU client. Only for
       # this call: a caller's later subprocesses must not inherit another device count.
-      count = plan._devices(mesh, args.devices)
+      count = plan.device_count(mesh, args.devices)
       os.environ['XLA_FLAGS'] = f"{saved or ''} {target.cpu_flag(count)}"
     return _plan(files, bindings, paths, args, chosen, mesh)
   finally:
