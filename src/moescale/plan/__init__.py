@@ -50,23 +50,12 @@ def device_count(sizes: dict[str, int], devices: int | None) -> int:
   if -1 in sizes.values():
     raise ValueError(f'the mesh {sizes} leaves an axis to the device count (-1): pass --devices '
                      'N, or give every axis')
-  n = 1
-  for v in sizes.values():
-    n *= v
-  return n
-
-
-def _state_bytes(model_fn, cfg, mesh) -> dict:
-  from moescale.train import trainer
-  state = trainer.build_state(model_fn, cfg, mesh, abstract=True).state
-  return {'params': program.shard_bytes(state.params),
-          'opt_state': program.shard_bytes(state.opt_state)}
+  return math.prod(sizes.values())
 
 
 def _alternatives(model_fn, cfg, sizes: dict, devs) -> dict[str, dict]:
   """State bytes under meshes that move a factor 2 into fsdp or expert (from data, else from
   the other), exactly and without compiling."""
-  from moescale import sharding as shd
   from moescale.train import trainer
   out = {}
   for to in ('fsdp', 'expert'):
@@ -75,10 +64,9 @@ def _alternatives(model_fn, cfg, sizes: dict, devs) -> dict[str, dict]:
         continue
       alt = dict(sizes, **{frm: sizes[frm] // 2, to: sizes[to] * 2})
       try:
-        mesh = shd.make_mesh(alt['data'], alt['fsdp'], alt['expert'], alt['tensor'], devs)
-        trainer.check_mesh(model_fn, with_mesh(cfg, alt), devs)
-        out['--mesh=' + ','.join(str(alt[a]) for a in MESH_ORDER)] = _state_bytes(
-            model_fn, cfg, mesh)
+        mesh = trainer.check_mesh(model_fn, with_mesh(cfg, alt), devs)
+        out['--mesh=' + ','.join(str(alt[a]) for a in MESH_ORDER)] = program.state_bytes(
+            trainer.build_state(model_fn, cfg, mesh, abstract=True).state)
       except ValueError:
         continue
       break

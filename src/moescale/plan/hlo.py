@@ -23,6 +23,7 @@ fusion bodies), per device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Iterable
@@ -64,6 +65,14 @@ def array_bytes(shape_text: str) -> list[float]:
     if dtype in DTYPE_BYTES:
       out.append(DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d))
   return out
+
+
+@functools.lru_cache(maxsize=2)
+def parsed(text: str) -> tuple[dict, dict]:
+  """(computations, multipliers) of a program's text, read once however many summaries ask
+  (a 1.1T model's program is ~10 MB of text)."""
+  comps = computations(text)
+  return comps, multipliers(comps)
 
 
 def computations(text: str) -> dict[str, list[tuple[str, str, str, str]]]:
@@ -139,8 +148,7 @@ def _group_size(rest: str, devices: int) -> int:
 
 def collectives(text: str, devices: int) -> list[Collective]:
   """The collectives of one device's program (module docstring)."""
-  comps = computations(text)
-  times = multipliers(comps)
+  comps, times = parsed(text)
   out = []
   for comp, count in times.items():
     for name, shape, op, rest in comps.get(comp, []):
@@ -172,8 +180,7 @@ def summary(items: Iterable[Collective]) -> dict[str, dict]:
 
 def largest_arrays(text: str, n: int = 8) -> list[dict]:
   """The n largest arrays outside fusion bodies: {'name', 'shape', 'bytes', 'op'}."""
-  comps = computations(text)
-  times = multipliers(comps)
+  comps, times = parsed(text)
   seen = []
   for comp in times:
     for name, shape, op, _ in comps.get(comp, []):

@@ -81,15 +81,20 @@ def shard_bytes(tree) -> int:
   return total
 
 
+def state_bytes(state) -> dict[str, int]:
+  """Bytes one device holds of an (abstract) TrainState, by part."""
+  return {'params': shard_bytes(state.params), 'opt_state': shard_bytes(state.opt_state),
+          'rest': shard_bytes(state.rest) + shard_bytes(state.step),
+          'memory': shard_bytes(state.memory) if state.memory is not None else 0}
+
+
 def compile_step(model_fn, cfg: trainer.TrainConfig, mesh, length: int, stream: bool,
                  compiler_options: dict | None = None) -> Program:
   """Lowers and compiles the trainer's step for `mesh` (see the module docstring)."""
   t = time.perf_counter()
   built = trainer.build_state(model_fn, cfg, mesh, abstract=True)
   state = built.state
-  state_bytes = {'params': shard_bytes(state.params), 'opt_state': shard_bytes(state.opt_state),
-                 'rest': shard_bytes(state.rest) + shard_bytes(state.step),
-                 'memory': shard_bytes(state.memory) if state.memory is not None else 0}
+  held = state_bytes(state)
   batch = batch_spec(cfg, mesh, length, stream)
   step = step_lib.jit_train_step(step_lib.make_train_step(built.graphdef, built.optimizer,
                                                           built.schedule, cfg.step),
@@ -105,9 +110,9 @@ def compile_step(model_fn, cfg: trainer.TrainConfig, mesh, length: int, stream: 
     if refused is None:
       raise
     seconds['compile'] = time.perf_counter() - t
-    return Program(mesh, state_bytes, shard_bytes(batch), None, None, refused, seconds)
+    return Program(mesh, held, shard_bytes(batch), None, None, refused, seconds)
   seconds['compile'] = time.perf_counter() - t
-  return Program(mesh, state_bytes, shard_bytes(batch), compiled.memory_analysis(),
+  return Program(mesh, held, shard_bytes(batch), compiled.memory_analysis(),
                  compiled.as_text(), None, seconds)
 
 
