@@ -6,6 +6,7 @@ at the current step and exits 0; a second run on a MODEL_DIR in use is refused."
 import json
 import os
 import pathlib
+import resource
 import signal
 import subprocess
 import sys
@@ -116,3 +117,39 @@ def test_a_second_run_on_a_model_dir_in_use_is_refused(tmp_path):
   assert not (tmp_path / 'metrics.jsonl').exists() and not (tmp_path / 'checkpoints').exists()
   with guard.RunLock(str(tmp_path)):   # released at exit: taken again
     pass
+
+
+def _limit_file_size(limit):
+  """For the child: files larger than `limit` bytes fail to write (EFBIG), as on a full disk;
+  SIGXFSZ ignored so the write fails instead of killing the process."""
+  def apply():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  return apply
+
+
+def test_a_failed_save_ends_the_run_with_one_paragraph_and_the_run_resumes(reference, tmp_path):
+  """The tiny run's checkpoint holds a ~1.5 MB array file: under a 512 kB limit on file size
+  its step-4 save fails in orbax's background threads, as on a full disk (there, before
+  moescale.quiet, 566 lines of orbax's tracebacks)."""
+  d = tmp_path / 'full'
+  first = subprocess.run(_command(d) + ['--gin.TRAIN_STEPS=2'], capture_output=True,
+                         text=True, env=_env(), cwd=REPO, timeout=300)
+  assert first.returncode == 0, first.stderr[-2000:]
+  failed = subprocess.run(_command(d), capture_output=True, text=True, env=_env(), cwd=REPO,
+                          timeout=300, preexec_fn=_limit_file_size(512 * 1024))
+  assert failed.returncode == 2, failed.stderr[-3000:]
+  lines = [l for l in failed.stderr.replace('\r', '\n').splitlines()
+           if l.strip() and not l.startswith('train:')]
+  error = [l for l in lines if l.startswith('moescale train: error: writing checkpoint step 4')]
+  assert len(error) == 1, failed.stderr[-3000:]
+  assert 'File too large' in error[0] and '`ulimit -f`' in error[0], error[0]
+  assert 'checkpoints [2] are intact' in error[0], error[0]
+  # Nothing else: no traceback, no orbax ERROR records, no 'Event loop is closed'.
+  assert all(l.startswith('INFO ') for l in lines if l not in error), lines
+  assert _steps(d) == [2]
+  _assert_resumes_to(reference, d)
+
+
+def _steps(model_dir):
+  return sorted(int(p.name) for p in (model_dir / 'checkpoints').iterdir() if p.name.isdigit())

@@ -222,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
   logging.getLogger('moescale').setLevel(logging.INFO)
+  if not debug:  # a failed checkpoint write is reported once, by moescale.train.checkpoint
+    from moescale import quiet
+    quiet.checkpoint_write_failures()
   if not argv or argv[0] in ('-h', '--help', 'help'):
     width = max(map(len, _COMMANDS))
     print('usage: moescale COMMAND [ARGS...]\n\ncommands:')

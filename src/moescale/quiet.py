@@ -1,4 +1,5 @@
-"""TensorFlow's start-up lines, held to TF_CPP_MIN_LOG_LEVEL.
+"""Library noise on the terminal: TensorFlow's start-up lines, held to TF_CPP_MIN_LOG_LEVEL,
+and the background copies of a failed checkpoint write (at the end).
 
 TensorFlow 2.21 logs through absl's C++ logging, and a few of its lines come from code that runs
 while its shared libraries load, before anything reads TF_CPP_MIN_LOG_LEVEL: with the level at 3
@@ -18,6 +19,7 @@ a Python warning or a crash report, comes back in order; TF_CPP_MIN_LOG_LEVEL=0 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -71,3 +73,69 @@ def native_stderr(level: int | None = None):
       kept = b''.join(line for line in tmp if keep(line, level))
       if kept:
         os.write(2, kept)
+
+
+# -- a failed checkpoint write, reported once --------------------------------------------------
+#
+# When a save fails (a full disk), orbax's background threads each log the failure at ERROR with
+# its traceback (the array writer, the metadata writer, the commit thread, then the main thread
+# waiting for them: four copies), and tensorstore's write callbacks, landing on the event loop
+# orbax has already closed, raise 'Event loop is closed' dozens of times through
+# sys.unraisablehook. The same failure then reaches the trainer's thread, where
+# moescale.train.checkpoint reports it as one paragraph naming the step and what is intact
+# (measured on a 13 MB tmpfs, the tiny run's second save: 566 lines of stderr before this).
+
+# tensorstore's and the OS's words for a write that could not happen: raised as ValueError
+# ('RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database ...: No space left on device').
+_WRITE_FAILURE = re.compile(
+    r'No space left on device|Disk quota exceeded|RESOURCE_EXHAUSTED|Error writing|Failed writing'
+    r'|Read-only file system')
+
+
+def write_failure(e: BaseException) -> bool:
+  """Whether `e` (or what caused it) is a failed write of a file: an OSError, or tensorstore's
+  error text for one."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) or _WRITE_FAILURE.search(str(e)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+class _WriteFailureRecords(logging.Filter):
+  """Drops ERROR records of a failed write (the caller reports it once). Logger, not file:
+  absl's records name absl's own file as their origin when its logger was made before absl."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not ((exc is not None and write_failure(exc))
+                or _WRITE_FAILURE.search(record.getMessage()))
+
+
+def _closed_loop(unraisable) -> bool:
+  return (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed')
+
+
+def checkpoint_write_failures() -> None:
+  """Quiets the background copies of a failed checkpoint write (see above): their ERROR records
+  from orbax (absl's logger) and from asyncio ('Task exception was never retrieved'), and 'Event
+  loop is closed' raised into sys.unraisablehook. Anything else still prints. For the command
+  line (not with --debug); idempotent."""
+  for name in ('absl', 'asyncio'):
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _WriteFailureRecords) for f in logger.filters):
+      logger.addFilter(_WriteFailureRecords())
+  previous = sys.unraisablehook
+  if getattr(previous, 'moescale_quiet', False):
+    return
+
+  def hook(unraisable):
+    if not _closed_loop(unraisable):
+      previous(unraisable)
+  hook.moescale_quiet = True
+  sys.unraisablehook = hook

@@ -23,15 +23,34 @@ import errno
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from moescale import quiet
+
 
 log = logging.getLogger(__name__)
 
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+def _errno(e: BaseException) -> int | None:
+  """The OS error number of a failed write: an OSError's, or the one tensorstore writes at the
+  end of its ValueError ('... No space left on device [os_error_code=\'28\']')."""
+  for x in (e, e.__cause__):
+    if getattr(x, 'errno', None):
+      return x.errno
+  m = re.search(r"os_error_code='?(\d+)", str(e))
+  return int(m.group(1)) if m else None
+
+
+_WHY = {errno.ENOSPC: 'the disk is full or over quota: free space',
+        errno.EDQUOT: 'the disk is full or over quota: free space',
+        errno.EFBIG: 'a file would pass the limit on file size (`ulimit -f`): raise it',
+        errno.EROFS: 'the file system is read-only: remount it writable',
+        errno.EACCES: 'permission denied: make MODEL_DIR writable',
+        errno.EPERM: 'permission denied: make MODEL_DIR writable'}
 
 
 class CheckpointError(ValueError):
@@ -103,19 +122,24 @@ class Checkpointer:
 
   @contextlib.contextmanager
   def _write_errors(self, step: int | None):
-    """An OSError of a save (a full disk, a quota) as a CheckpointError naming the step, the
+    """A failed write of a save (a full disk, a quota: an OSError, or tensorstore's ValueError
+    for the arrays) as a CheckpointError naming the step, the
     directory and the steps still intact. orbax writes each step under a temporary name and
     renames it only once complete, so a failed step is never listed (nor given a manifest)."""
     try:
       yield
-    except OSError as e:
+    except Exception as e:  # pylint: disable=broad-except
+      # tensorstore (the arrays) reports a full disk as ValueError('RESOURCE_EXHAUSTED: ...').
+      if not quiet.write_failure(e):
+        raise
       steps = [s for s in (self._in_flight, step) if s is not None]
       self._in_flight = None
       what = ' or '.join(f'step {s}' for s in sorted(set(steps))) or 'a checkpoint'
-      why = ('the disk is full or over quota: free space' if e.errno in _DISK_FULL
-             else 'fix the file system')
+      code = _errno(e)
+      why = _WHY.get(code, 'fix the file system')
+      cause = os.strerror(code) if code else str(e)[:300]
       raise CheckpointError(
-          f'writing checkpoint {what} to {self.directory} failed ({e.strerror or e}): {why}, '
+          f'writing checkpoint {what} to {self.directory} failed ({cause}): {why}, '
           f'then resume from the same MODEL_DIR. The complete checkpoints '
           f'{self.all_steps()} are intact; nothing of them was overwritten.') from e
 

@@ -71,11 +71,14 @@ class MetricsWriter:
     self._bar.refresh()
 
   def close(self) -> None:
-    if self._bar is not None:
-      self._bar.close()
-    if self._tb is not None:
-      self._tb.flush()
-      self._tb.close()
+    """Ends the bar's line (so an error printed next starts on its own) and flushes the event
+    files. Idempotent: the trainer closes on every way out."""
+    bar, tb, self._bar, self._tb = self._bar, self._tb, None, None
+    if bar is not None:
+      bar.close()
+    if tb is not None:
+      tb.flush()
+      tb.close()
 
 
 def read_metrics(model_dir: str) -> list[dict]:

@@ -323,49 +323,50 @@ def _train(model_fn, data, cfg: TrainConfig, mesh, flops_per_token, init_from,
     except guard.NonFiniteError:
       checkpointer.wait()     # the saves in flight (of good states) complete
       checkpointer.close()
-      writer.close()
       raise
     checked = done
-  with shd.use_mesh(mesh, cfg.rules):
-    if cfg.eval_before_training and start < cfg.train_steps:
-      writer.write(start, evaluate_now())
-    for step in range(start, cfg.train_steps):
-      batch = shd.host_local_to_global(next(it), mesh)
-      state, last = train_fn(state, batch)
-      window.add(int(np.prod(batch['decoder_input_tokens'].shape)))
-      done = step + 1
-      saving = cfg.checkpoint_period and done % cfg.checkpoint_period == 0
-      if done % cfg.log_period == 0 or done == cfg.train_steps:
-        scalars = _host_scalars(last)  # blocks: the window's time is real compute time
-        check_finite(done, scalars)
-        scalars.update(window.scalars(first_window=step + 1 - window.steps == start))
-        # Device-seconds = step_time x devices (analysis.collect); CPU's fake devices count 1.
-        scalars['devices'] = metrics_lib.working_devices(mesh)
-        skipped = optim.skipped_steps(state.opt_state)
-        if skipped is not None:
-          scalars['skipped_steps'] = int(skipped)
-        writer.write(done, scalars)
-        writer.progress(done, float(scalars['loss']), scalars['tokens_per_second'])
-      elif saving:   # never checkpoint a bad state
-        check_finite(done, _host_scalars({k: last[k] for k in ('loss', 'param_norm')}))
-      if cfg.eval_period and done % cfg.eval_period == 0 and done != cfg.train_steps:
-        writer.write(done, evaluate_now())
-      if saving:
-        checkpointer.save(done, state, {'data_position': it.position()})
-        last_good = done
-      if done < cfg.train_steps and preempted(done):
-        # The grace period is short: checkpoint now (below), skip the final evaluation.
-        log.warning('preemption notice: stopping at step %d with a checkpoint', done)
-        stopped = True
-        break
-    if not stopped and (last is not None or start == cfg.train_steps):
-      evals = evaluate_now()
-      writer.write(int(state.step), evals)
-    if checkpointer.latest_step() != int(state.step):
-      checkpointer.save(int(state.step), state, {'data_position': it.position()}, force=True)
-  checkpointer.wait()
+  try:  # the bar and the event files end on every way out (an error then prints cleanly)
+    with shd.use_mesh(mesh, cfg.rules):
+      if cfg.eval_before_training and start < cfg.train_steps:
+        writer.write(start, evaluate_now())
+      for step in range(start, cfg.train_steps):
+        batch = shd.host_local_to_global(next(it), mesh)
+        state, last = train_fn(state, batch)
+        window.add(int(np.prod(batch['decoder_input_tokens'].shape)))
+        done = step + 1
+        saving = cfg.checkpoint_period and done % cfg.checkpoint_period == 0
+        if done % cfg.log_period == 0 or done == cfg.train_steps:
+          scalars = _host_scalars(last)  # blocks: the window's time is real compute time
+          check_finite(done, scalars)
+          scalars.update(window.scalars(first_window=step + 1 - window.steps == start))
+          # Device-seconds = step_time x devices (analysis.collect); CPU's fake devices count 1.
+          scalars['devices'] = metrics_lib.working_devices(mesh)
+          skipped = optim.skipped_steps(state.opt_state)
+          if skipped is not None:
+            scalars['skipped_steps'] = int(skipped)
+          writer.write(done, scalars)
+          writer.progress(done, float(scalars['loss']), scalars['tokens_per_second'])
+        elif saving:   # never checkpoint a bad state
+          check_finite(done, _host_scalars({k: last[k] for k in ('loss', 'param_norm')}))
+        if cfg.eval_period and done % cfg.eval_period == 0 and done != cfg.train_steps:
+          writer.write(done, evaluate_now())
+        if saving:
+          checkpointer.save(done, state, {'data_position': it.position()})
+          last_good = done
+        if done < cfg.train_steps and preempted(done):
+          # The grace period is short: checkpoint now (below), skip the final evaluation.
+          log.warning('preemption notice: stopping at step %d with a checkpoint', done)
+          stopped = True
+          break
+      if not stopped and (last is not None or start == cfg.train_steps):
+        evals = evaluate_now()
+        writer.write(int(state.step), evals)
+      if checkpointer.latest_step() != int(state.step):
+        checkpointer.save(int(state.step), state, {'data_position': it.position()}, force=True)
+    checkpointer.wait()
+  finally:
+    writer.close()
   checkpointer.close()
-  writer.close()
   times = window.step_times
   return TrainSummary(
       model_dir=cfg.model_dir, start_step=start, final_step=int(state.step),
