@@ -24,10 +24,11 @@ Costs, stated: every host reads, tokenizes and packs the whole stream and
 keeps its slice (simple and exact; the price is host CPU, not accelerator
 time). Resuming rebuilds the epoch's pipeline and skips the consumed batches
 (`Dataset.skip`), i.e. re-reads at most one epoch of data; a mixture is one
-stream, so resuming it replays everything consumed so far. Training on a task
-therefore uses moescale.data.sharded instead (each host reads its own documents,
-resumes in O(1)); this pipeline serves mixtures, unpacked rows, evaluation (whose
-batches must not depend on the number of hosts) and runs saved before sharding.
+stream, so resuming it replays everything consumed so far. Training with packing
+therefore uses moescale.data.sharded (a task) or moescale.data.mixture (a mixture)
+instead: each host reads its own documents and resumes in O(1). This pipeline
+serves unpacked rows, evaluation (whose batches must not depend on the number of
+hosts) and runs saved before those.
 
 `SeqioDataSource` (moescale.data.source) adapts this to moescale.train.trainer
 (per-host batch sizes, `position()`, eval iterators, bytes per token for bits

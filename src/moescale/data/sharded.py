@@ -6,9 +6,9 @@
     saved = it.position()      # {'sharded_steps': 1, 'seed': 0, 'num_shards': H, ...}
     later = ShardedIterator(..., state=saved)   # continues with the 2nd batch, no replay
 
-What `SeqioDataSource.train_iterator` uses for a task with packing (moescale.data.pipeline's
-`DataPipeline` remains for mixtures, `pack=False`, evaluation, and positions saved before
-this module existed).
+What `SeqioDataSource.train_iterator` uses for a task with packing, and, through `take_rows`,
+for each task of a mixture (moescale.data.mixture). moescale.data.pipeline's `DataPipeline`
+remains for `pack=False`, evaluation, and positions saved before this module existed.
 
 Sharding: host h of H tokenizes and trains on only documents h, h + H, h + 2H, ... of the
 split (seqio.ShardInfo(h, H) on the source, before any preprocessing), the same share every
@@ -61,8 +61,8 @@ def share_tokens(mixture_or_task_name: str, split: str, vocabulary: Any = None, 
   import seqio
   return tasks_lib.tokenized_documents(
       mixture_or_task_name, split, vocabulary, shard_info=seqio.ShardInfo(shard_id, num_shards),
-      needs='per-host document shards need one task; use moescale.data.pipeline.DataPipeline '
-            'for mixtures')
+      needs='per-host document shards are of one task; a mixture reads each of its tasks\' '
+            '(moescale.data.mixture)')
 
 
 def _chunks(doc_lengths: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,11 +129,10 @@ class ShardedIterator(Iterator[Batch]):
       self._epoch = (epoch, order, starts)
     return self._epoch[1], self._epoch[2]
 
-  def __next__(self) -> Batch:
-    epoch, k = divmod(self._steps, self.batches_per_epoch)
+  def _window(self, epoch: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens [lo, hi) of `epoch`'s stream of permuted chunks, and each token's chunk number
+    (its place in the epoch's order: what tells pack_rows where a segment starts)."""
     order, starts = self._order(epoch)
-    span = self.rows * self.length
-    lo, hi = k * span, min((k + 1) * span, self.tokens_per_epoch)
     first = int(np.searchsorted(starts, lo, side='right')) - 1
     last = int(np.searchsorted(starts, hi, side='left'))     # chunks [first, last)
     parts = []
@@ -141,8 +140,35 @@ class ShardedIterator(Iterator[Batch]):
       begin = self._chunk_start[c]
       parts.append(self._tokens[begin + max(lo - s, 0):begin + min(hi - s, self._chunk_len[c])])
     chunk = np.repeat(np.arange(first, last), [len(p) for p in parts])
+    return np.concatenate(parts), chunk
+
+  def __next__(self) -> Batch:
+    epoch, k = divmod(self._steps, self.batches_per_epoch)
+    span = self.rows * self.length
+    tokens, chunk = self._window(epoch, k * span, min((k + 1) * span, self.tokens_per_epoch))
     self._steps += 1
-    return pack_rows(np.concatenate(parts), chunk, self.rows, self.length)
+    return pack_rows(tokens, chunk, self.rows, self.length)
+
+  @property
+  def rows_per_epoch(self) -> int:
+    return -(-self.tokens_per_epoch // self.length)
+
+  def take_rows(self, first: int, count: int) -> Batch:
+    """Rows [first, first + count) of this host's row stream, packed: each epoch's stream of
+    permuted chunks cut into rows of `length` (its last row padded), one epoch after another.
+    What a mixture reads from each of its tasks (moescale.data.mixture); costs O(count) rows,
+    whatever `first` is. Independent of `__next__` and its position."""
+    parts, row, end = [], first, first + count
+    while row < end:
+      epoch, i = divmod(row, self.rows_per_epoch)
+      n = min(end - row, self.rows_per_epoch - i)
+      tokens, chunk = self._window(epoch, i * self.length,
+                                   min((i + n) * self.length, self.tokens_per_epoch))
+      parts.append(pack_rows(tokens, chunk, n, self.length))
+      row += n
+    if not parts:
+      return pack_rows(np.zeros(0, np.int32), np.zeros(0, np.int64), 0, self.length)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def position(self) -> dict[str, int]:
     """Batches taken (the same on every host), and what a resume must match."""

@@ -2,8 +2,9 @@
 
 `SeqioDataSource` is what `moescale.launch.seqio_data` builds for a run (see
 moescale.train.trainer.DataSource): it turns the trainer's per-host batch sizes and saved
-positions into `ShardedIterator`s (training on a task: each host reads its own documents and
-resumes in O(1)) or `DataPipeline`s (mixtures, unpacked rows, evaluation, older positions),
+positions into `ShardedIterator`s or `MixtureIterator`s (training on a task or a mixture: each
+host reads its own documents and resumes in O(1)) or `DataPipeline`s (unpacked rows,
+evaluation, older positions),
 picks the eval splits (the default corpus adds its out-of-domain ones), keeps eval pipelines
 to rewind rather than rebuild, and gives bits per byte its bytes per token.
 """
@@ -30,9 +31,10 @@ class SeqioDataSource:
       'task:split' (another task, e.g. 'moescale_kjv:validation'). None: the
       training task's 'validation' split (else its non-train splits), and for
       the default in-domain corpus also the out-of-domain ones.
-    pack: pack chunks into rows. Training on a task with packing reads per-host document
-      shards and resumes in O(1) (moescale.data.sharded); mixtures, `pack=False` and
-      evaluation use moescale.data.pipeline.DataPipeline.
+    pack: pack chunks into rows. Training with packing reads per-host document shards and
+      resumes in O(1): a task with moescale.data.sharded, a mixture with
+      moescale.data.mixture. `pack=False` and evaluation use
+      moescale.data.pipeline.DataPipeline.
     stream: instead of packed shuffled chunks, each split as one contiguous token stream
       whose rows continue from batch to batch (moescale.data.stream): what a model with
       Transformer-XL memory trains and evaluates on. Needs a task, not a mixture.
@@ -52,7 +54,7 @@ class SeqioDataSource:
     self.pack = pack
     self.stream = stream
     self._stream_tokens: dict[tuple[str, str], Any] = {}
-    self._share_tokens: dict[tuple[int, int], Any] = {}
+    self._share_tokens: dict[tuple[str, int, int], Any] = {}
     provider = tasks_lib.get_provider(mixture_or_task_name, vocabulary)
     self.vocabulary = provider.output_features['targets'].vocabulary
     self.vocab_size = self.vocabulary.vocab_size
@@ -88,6 +90,8 @@ class SeqioDataSource:
                           position)
     if self._sharded(position):
       return self._sharded_iterator(batch_size, shard_id, num_shards, seed, position)
+    if self._mixture(position):
+      return self._mixture_iterator(batch_size, shard_id, num_shards, seed, position)
     return DataPipeline(self.name, self.task_feature_lengths, 'train',
                         batch_size * num_shards, seed=seed, shuffle=True,
                         shard_id=shard_id, num_shards=num_shards,
@@ -103,16 +107,38 @@ class SeqioDataSource:
       return False
     return self.pack and isinstance(tasks_lib.get_provider(self.name), seqio.Task)
 
+  def _mixture(self, position) -> bool:
+    """Whether training reads a mixture task by task (moescale.data.mixture): packing, and no
+    position saved by a DataPipeline (a run started before, continued exactly by replay)."""
+    import seqio
+    if position is not None and 'batches_in_epoch' in position:
+      return False
+    return self.pack and isinstance(tasks_lib.get_provider(self.name), seqio.Mixture)
+
+  def _share(self, task: str, shard_id: int, num_shards: int):
+    """This host's documents of a task's train split, tokenized (cached: the slow part)."""
+    from moescale.data import sharded
+    key = (task, shard_id, num_shards)
+    if key not in self._share_tokens:
+      self._share_tokens[key] = sharded.share_tokens(
+          task, 'train', self.vocabulary_spec, shard_id=shard_id, num_shards=num_shards)
+    return self._share_tokens[key]
+
   def _sharded_iterator(self, batch_size, shard_id, num_shards, seed, position):
     from moescale.data import sharded
-    key = (shard_id, num_shards)
-    if key not in self._share_tokens:  # tokenizing the host's share is the slow part
-      self._share_tokens[key] = sharded.share_tokens(
-          self.name, 'train', self.vocabulary_spec, shard_id=shard_id, num_shards=num_shards)
     return sharded.ShardedIterator(
-        self._share_tokens[key], self.sequence_length, batch_size * num_shards,
-        shard_id=shard_id, num_shards=num_shards, seed=seed, name=f'{self.name}:train',
-        state=position)
+        self._share(self.name, shard_id, num_shards), self.sequence_length,
+        batch_size * num_shards, shard_id=shard_id, num_shards=num_shards, seed=seed,
+        name=f'{self.name}:train', state=position)
+
+  def _mixture_iterator(self, batch_size, shard_id, num_shards, seed, position):
+    from moescale.data import mixture
+    mix = tasks_lib.get_provider(self.name)
+    tasks = [(t.name, mix.get_rate(t), self._share(t.name, shard_id, num_shards))
+             for t in mix.tasks]
+    return mixture.MixtureIterator(
+        tasks, self.sequence_length, batch_size * num_shards, shard_id=shard_id,
+        num_shards=num_shards, seed=seed, name=f'{self.name}:train', state=position)
 
   def eval_iterators(self, batch_size: int, shard_id: int = 0,
                      num_shards: int = 1) -> dict[str, DataPipeline]:
