@@ -6,7 +6,9 @@ spans every process's local CPU devices. Prints nothing; writes a summary to out
 mode 'train' (the default): trains a tiny MoE on synthetic data; the summary has its losses and
 parameters. mode 'evaluate': a one-process worker trains a tiny seqio run in model_dir while
 the processes of a multi-process run wait for it; then each evaluates it with
-`moescale.evaluate`: multiple-choice scores and perplexity by domain.
+`moescale.evaluate`: multiple-choice scores and perplexity by domain. mode 'resume': `moescale
+train` on a seqio mixture, uninterrupted and stopped then resumed; the
+summary has both runs' losses and the data position of the resumed run's checkpoint.
 """
 
 import json
@@ -32,7 +34,7 @@ def main():
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=nproc,
                                process_id=pid)
-  summary = {'train': train, 'evaluate': evaluate}[mode](model_dir)
+  summary = {'train': train, 'evaluate': evaluate, 'resume': resume}[mode](model_dir)
   summary.update(process_count=jax.process_count(), devices=jax.device_count())
   with open(out, 'w') as f:
     json.dump(summary, f)
@@ -116,6 +118,38 @@ def evaluate(run_dir):
       bad_batch = str(e)
   return {'scores': {k: v.tolist() for k, v in scores.items()}, 'perplexity': ppl,
           'saved': saved, 'bad_batch': bad_batch, 'step': run.step}
+
+
+
+
+def resume(model_dir):
+  """4 steps straight, and 2 steps then the same command to 4 (it resumes from step 2), on a
+  3 : 1 mixture of SOTU and a made-up task: each process reads its own share of both tasks' documents
+  and restores its position from the checkpoint process 0 wrote."""
+  import seqio
+  from moescale import cli
+  from moescale.data import tasks
+  tasks.get_provider('moescale_sotu')    # registers the embedded corpus's tasks
+  # A second task with a train split (the corpus's other domains are validation only): the
+  # same 200 made-up documents in every process.
+  path = os.path.join(model_dir, f'numbers{jax.process_index()}.txt')
+  with open(path, 'w') as f:
+    f.write('\n\n'.join(f'number {i} is {i * i % 97} then {i * 7 % 31}' for i in range(200)))
+  tasks.register_text_task('test_mp_numbers', path)
+  seqio.MixtureRegistry.add('test_mp_mixture', [('moescale_sotu', 3.0), ('test_mp_numbers', 1.0)])
+  flags = [*TINY, "--gin.MIXTURE_OR_TASK_NAME='test_mp_mixture'", '--gin.LOG_PERIOD=1',
+           '--gin.CHECKPOINT_PERIOD=2', "--gin.seqio_data.eval_splits=('moescale_kjv:validation',)",
+           '--gin_bindings=TrainConfig.tensorboard = False']
+  out = {}
+  for name, steps in (('straight', 4), ('resumed', 2), ('resumed', 4)):
+    run_dir = os.path.join(model_dir, name)
+    assert cli.main(['train', *flags, f'--gin.TRAIN_STEPS={steps}',
+                     f"--gin.MODEL_DIR='{run_dir}'"]) == 0
+    records = [json.loads(l) for l in open(os.path.join(run_dir, 'metrics.jsonl'))]
+    out[name] = {r['step']: r['loss'] for r in records if 'loss' in r}
+  with open(os.path.join(model_dir, 'resumed', 'checkpoints', '2', 'meta', 'metadata')) as f:
+    out['position'] = json.load(f)['data_position']
+  return out
 
 
 if __name__ == '__main__':

@@ -1,7 +1,8 @@
 """Two processes on localhost (jax.distributed, gloo CPU collectives) train and checkpoint;
 the result equals one process on one device with the same global batch and seed: losses,
 logged gradient norms and parameters after plain SGD (see multiprocess_worker.py). Two
-processes evaluating a run (moescale.evaluate) get the numbers one process gets."""
+processes evaluating a run (moescale.evaluate) get the numbers one process gets. Two processes
+training on a seqio mixture stop and resume to the losses of an uninterrupted run."""
 
 import json
 import os
@@ -103,3 +104,17 @@ def test_two_processes_evaluate_as_one(tmp_path):
   assert saved['results'] == multi[0]['perplexity'] and saved['step'] == 2
   assert sorted(os.listdir(run_dir / 'eval')) == ['perplexity_1p_step2.json',
                                                   'perplexity_2p_step2.json']
+
+
+def test_two_processes_resume_a_mixture_run_exactly(tmp_path):
+  """Each process reads its own share of every task of the mixture; the checkpoint's data
+  position (written by process 0) is one both processes resume from."""
+  port = _free_port()
+  _wait([_spawn(i, 2, port, tmp_path, tmp_path / f'p{i}.json', 2, 'resume') for i in range(2)])
+  out = json.loads((tmp_path / 'p0.json').read_text())
+  assert out['process_count'] == 2 and out['devices'] == 4
+  assert sorted(out['straight']) == sorted(out['resumed']) == ['1', '2', '3', '4']
+  assert out['resumed'] == out['straight']
+  position = out['position']
+  assert position['mixture_steps'] == 2 and position['num_shards'] == 2
+  assert [t for t, _ in position['tasks']] == ['moescale_sotu', 'test_mp_numbers']
