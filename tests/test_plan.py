@@ -2,7 +2,8 @@
 are checked against what the same config allocates when it runs on the tests' 8 fake CPU
 devices; the HLO reading against hand-written programs; the time model against its worked
 example; bad input against its messages. The TPU compile itself needs libtpu (`pip install
-'moescale[plan]'`): those tests run where it is installed."""
+'moescale[plan]'`), the GPU compile the CUDA plugin (`'moescale[plan-gpu]'`, no GPU): those
+tests run where they are installed."""
 
 import dataclasses
 import importlib.util
@@ -21,6 +22,13 @@ from moescale.train import step as step_lib
 from moescale.train import trainer
 
 TINY = ['--gin_file=runs/tiny.gin']
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:   # its parent package is not installed either
+    return False
 
 
 def _tiny(bindings=()):
@@ -216,9 +224,42 @@ def test_tpu_plan_compiles_the_tpu_program(capsys):
   assert got['collectives']['all-gather']['ops'] > 0
 
 
+def test_gpu_descriptions_carry_the_platforms_figures():
+  """What XLA:GPU is told of a GPU it compiles for without one: the published figures, and
+  the platform's memory (an override included), which the plan's fit uses too."""
+  from moescale.plan import gpu_target
+  h100 = platforms.platform('h100')
+  text = gpu_target.target_config(h100)
+  assert 'core_count: 132\n' in text and 'cuda_compute_capability { major: 9 minor: 0 }' in text
+  assert f'device_memory_size: {int(h100.memory_bytes)}\n' in text
+  assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
+  a100 = gpu_target.target_config(platforms.platform('a100').with_overrides(memory_gib=40))
+  assert 'core_count: 108\n' in a100 and f'device_memory_size: {40 * 2 ** 30}\n' in a100
+  assert 'major: 8 minor: 0' in a100
+  h200 = gpu_target.target_config(platforms.platform('h200'))
+  assert 'memory_bandwidth: 4800000000000\n' in h200 and 'device_memory_size: 141000000000' in h200
+  with pytest.raises(ValueError, match="no GPU description for 'tpu_v5p'"):
+    gpu_target.target_config(platforms.platform('tpu_v5p'))
+  from moescale.plan import target
+  with pytest.raises(ValueError, match='12 h100 GPUs do not fill nodes of 8'):
+    target.devices(h100, 12)
+
+
+@pytest.mark.skipif(not _installed('jax_plugins.xla_cuda12'),
+                    reason="CUDA plugin not installed (pip install 'moescale[plan-gpu]')")
+def test_gpu_plan_compiles_the_gpu_program_without_a_gpu(capsys):
+  assert cli.main([*TINY, '--platform=h100', '--mesh=1,2,1,2', '--json']) == 0
+  got = json.loads(capsys.readouterr().out)
+  assert got['compiler'] == 'cuda' and got['topology'] == '1x1x4' and got['fit']['fits'] is True
+  assert got['fit']['device_memory'] == 80e9
+  assert got['collectives']['all-gather']['ops'] > 0
+  assert 'JAX_SKIP_CUDA_CONSTRAINTS_CHECK' not in os.environ   # for the call only
+
+
 def test_a_cpu_plan_leaves_the_environment_as_it_was(monkeypatch):
   # Its fake-device flag is for this call only: a later subprocess (a notebook kernel, a
   # `moescale` command) must start with the devices the caller asked for.
+  jax.devices()   # JAX has started, with the tests' 8 devices: a plan of 16 is refused (2)
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
   assert cli.main([*TINY, '--platform=cpu', '--mesh=2,1,1,8', '--gin.BATCH_SIZE=32']) == 2
   assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=8'

@@ -136,7 +136,7 @@ def make_plan(model_fn, cfg, platform_: Platform, *, length: int, stream: bool =
   shards = resolved['data'] * resolved['fsdp'] * resolved['expert']
   return {
       'platform': platform_.name, 'compiler': platform_.compiler, 'devices': count,
-      'topology': platform_.topology(count) if platform_.compiler == 'tpu' else None,
+      'topology': target.topology_name(platform_, count),
       'mesh': {a: resolved[a] for a in MESH_ORDER}, 'batch_size': cfg.batch_size,
       'sequence_length': length, 'params': c.total_params,
       'memory': mem, 'fit': {**fit, 'suggestions': estimate.suggestions(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -54,19 +55,31 @@ def main(argv: Sequence[str]) -> int:
       args.device_memory_gib, args.peak_tflops, args.link_gbytes)
   mesh = plan.parse_mesh(args.mesh) if args.mesh else None
   plan.Assumptions(args.efficiency, args.overlap)   # bad values refused before JAX starts
-  saved = os.environ.get('XLA_FLAGS')
-  try:
-    if chosen.compiler == 'cpu' and mesh is not None:
-      # Fake CPU devices exist only if asked for before JAX starts its CPU client. Only for
-      # this call: a caller's later subprocesses must not inherit another device count.
-      count = plan.device_count(mesh, args.devices)
-      os.environ['XLA_FLAGS'] = f"{saved or ''} {target.cpu_flag(count)}"
+  env = {}
+  if chosen.compiler == 'cpu' and mesh is not None:
+    # Fake CPU devices exist only if asked for before JAX starts its CPU client.
+    count = plan.device_count(mesh, args.devices)
+    env['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS') or ''} {target.cpu_flag(count)}"
+  if chosen.compiler == 'cuda':
+    # The CUDA plugin checks the CUDA libraries against a GPU when JAX starts and, finding
+    # none, does not load: a compile-only plan needs the plugin, not a GPU.
+    env['JAX_SKIP_CUDA_CONSTRAINTS_CHECK'] = '1'
+  with _environ(env):   # only for this call: a caller's later subprocesses must not inherit
     return _plan(files, bindings, paths, args, chosen, mesh)
+
+
+@contextlib.contextmanager
+def _environ(changes: dict[str, str]):
+  saved = {k: os.environ.get(k) for k in changes}
+  os.environ.update(changes)
+  try:
+    yield
   finally:
-    if saved is None:
-      os.environ.pop('XLA_FLAGS', None)
-    else:
-      os.environ['XLA_FLAGS'] = saved
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
 
 
 def _plan(files, bindings, paths, args, chosen, mesh) -> int:

@@ -47,6 +47,10 @@ def text(plan: dict) -> str:
     verdict = 'fits' if fit['fits'] else 'DOES NOT FIT'
     lines.append(f"  {verdict}: {_b(m['peak'])} of {_b(fit['device_memory'])}, "
                  f"{'margin' if fit['fits'] else 'missing'} {_b(abs(fit['margin']))}")
+    if plan['compiler'] == 'cuda':
+      # JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of a GPU (0.75 unless set).
+      lines.append('  (of the whole GPU: run with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95, JAX '
+                   'takes 0.75 of it by default)')
   if fit['suggestions']:
     lines += ['', 'What would make it fit'] + [f'  {s}' for s in fit['suggestions']]
   if plan['largest_arrays']:

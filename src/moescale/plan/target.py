@@ -1,6 +1,7 @@
 """Simulated devices of a platform, for the compiler of that platform: a TPU slice's
 compile-only devices from libtpu (`jax.experimental.topologies`, no TPU needed), XLA:GPU's
-from the CUDA plugin, or this host's CPU devices (`--xla_force_host_platform_device_count`).
+from the CUDA plugin given a description of the GPU (moescale.plan.gpu_target, no GPU
+needed), or this host's CPU devices (`--xla_force_host_platform_device_count`).
 """
 
 from __future__ import annotations
@@ -52,13 +53,37 @@ def devices(platform: Platform, count: int) -> list:
             f'a {platform.name} plan compiles with the TPU compiler, libtpu, which is not '
             "installed here: pip install 'moescale[plan]' (libtpu; no TPU is needed)") from None
       raise Unavailable(f'libtpu could not make the TPU topology {name!r}: {e}') from None
-  per_host = min(count, 8)
-  name = f'1x{count // per_host}x{per_host}'
+  return _gpu_devices(platform, count, topologies)
+
+
+def topology_name(platform: Platform, count: int) -> str | None:
+  """The slice a plan compiles for: a TPU topology ('v5p:8x8x8'), GPU nodes of 8
+  ('1x64x8': one partition of 64 nodes of 8 GPUs), or None for this host's CPU."""
+  if platform.compiler == 'tpu':
+    return platform.topology(count)
+  if platform.compiler == 'cuda':
+    if count > 8 and count % 8:
+      raise ValueError(f'{count} {platform.name} GPUs do not fill nodes of 8; plan 1, 2, 4, 8 '
+                       'or a multiple of 8')
+    per_node = min(count, 8)
+    return f'1x{count // per_node}x{per_node}'
+  return None
+
+
+def _gpu_devices(platform: Platform, count: int, topologies) -> list:
+  """`count` compile-only GPUs in nodes of 8, described to XLA:GPU by moescale.plan.gpu_target:
+  the CUDA plugin compiles for them with no GPU present."""
+  from moescale.plan import gpu_target
+  name = topology_name(platform, count)
   try:
-    return list(topologies.get_topology_desc(platform='cuda', topology_name=name).devices)
+    topology = topologies.get_topology_desc(
+        platform='cuda', topology_name=name, topology=name,
+        target_config=gpu_target.target_config(platform))
   except (NotImplementedError, RuntimeError) as e:
     raise Unavailable(
         f'a {platform.name} plan compiles with XLA:GPU, which needs the CUDA plugin '
-        f"(pip install 'jax[cuda12]'): {str(e).splitlines()[0]}. Without it, plan for a TPU, "
-        'or pass --platform cpu with this GPU\'s figures (--device_memory_gib, --peak_tflops, '
-        "--link_gbytes) for XLA:CPU's program instead") from None
+        f"(pip install 'moescale[plan-gpu]'; no GPU is needed): {str(e).splitlines()[0]}. "
+        'Without it, plan for a TPU, or pass --platform cpu with this GPU\'s figures '
+        "(--device_memory_gib, --peak_tflops, --link_gbytes) for XLA:CPU's program "
+        'instead') from None
+  return list(topology.devices)
