@@ -193,9 +193,9 @@ def test_logical_rules_map_and_skip_used_axes():
     shd.logical_to_spec(('nonsense',))
 
 
-def test_expert_parallel_only_under_a_mesh_with_an_expert_axis(monkeypatch):
-  """The mesh JAX traces under (nothing of moescale's) decides whether a Dispatch runs expert
-  parallel; its exchange is the one it was built with."""
+def test_the_backend_runs_per_device_under_a_mesh_that_splits_rows_or_experts(monkeypatch):
+  """The mesh JAX traces under (nothing of moescale's) decides whether a Dispatch runs each
+  device's rows inside shard_map; its exchange is the one it was built with."""
   calls = []
   monkeypatch.setattr(ExpertParallel, 'apply',
                       lambda self, *a, **k: calls.append(self.exchange) or (a[0], 0.0))
@@ -205,14 +205,39 @@ def test_expert_parallel_only_under_a_mesh_with_an_expert_axis(monkeypatch):
                                        np.ones((4, 2, 4), np.float32))
   assert expert_parallel.expert_shards() == 1
   run(x, idx, np.ones((8, 1), np.float32), experts, jax.nn.relu)
+  assert calls == []                       # no mesh: the backend as it is
   with shd.use_mesh(shd.make_mesh(data=8)):
     assert expert_parallel.expert_shards() == 1
     run(x, idx, np.ones((8, 1), np.float32), experts, jax.nn.relu)
-  assert calls == []
   with jax.set_mesh(shd.make_mesh(data=2, expert=4)):
     assert expert_parallel.expert_shards() == 4
     run(x, idx, np.ones((8, 1), np.float32), experts, jax.nn.relu)
-  assert calls == ['all_to_all']
+  assert calls == ['all_to_all', 'all_to_all']
+
+
+@pytest.mark.parametrize('backend', ['fused', 'ragged'])
+def test_data_parallel_dispatch_keeps_tokens_on_their_device(backend):
+  """Rows split over 8 data-parallel devices: each device dispatches its own rows (no
+  collective at all in the program: GSPMD left with the backend's sort gathered every token),
+  and the result is the single-device one."""
+  rng = np.random.default_rng(0)
+  t, d, e, h, k = 64, 8, 4, 6, 2
+  x = rng.normal(size=(t, d)).astype(np.float32)
+  idx = np.stack([rng.permutation(e)[:k] for _ in range(t)]).astype(np.int32)
+  w = rng.uniform(size=(t, k)).astype(np.float32)
+  experts = dispatch_lib.ExpertWeights(rng.normal(size=(e, d, h)).astype(np.float32),
+                                       rng.normal(size=(e, h, d)).astype(np.float32))
+  run = dispatch_lib.Dispatch(backend)
+  want = run(x, idx, w, experts, jax.nn.relu)
+  mesh = shd.make_mesh(data=8)
+  rows = jax.NamedSharding(mesh, jax.P('data', None))
+  with shd.use_mesh(mesh):
+    fn = jax.jit(lambda *a: run(*a, experts, jax.nn.relu), in_shardings=(rows, rows, rows))
+    text = fn.lower(x, idx, w).compile().as_text()
+    got = fn(x, idx, w)
+  for op in ('all-gather', 'all-reduce', 'all-to-all', 'reduce-scatter'):
+    assert op not in text, op
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('scan_layers', [False, True])

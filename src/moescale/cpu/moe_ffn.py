@@ -74,7 +74,8 @@ def _forward(x, w_rows, experts, token, group_start, row_of, activation_id):
 
 def _row_weights(weights: Array, pair_of_row: Array) -> Array:
   """[n] float32: the combine weight of each row's pair (0 for a dropped row)."""
-  return weights.reshape(-1).at[pair_of_row].get(mode='fill', fill_value=0).astype(jnp.float32)
+  return jnp.asarray(weights).reshape(-1).at[pair_of_row].get(mode='fill', fill_value=0).astype(
+      jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))

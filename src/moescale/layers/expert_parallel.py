@@ -1,4 +1,6 @@
 """Expert parallelism: each device of the mesh's `expert` axis computes only its own experts.
+(With one expert shard, each device runs its own rows through every expert: what a mesh that
+splits only the rows does, see layers/dispatch.py.)
 
 A wrapper around any dispatch backend, run inside `jax.shard_map` (batch rows split over
 `shd.BATCH_AXES`, experts over `expert`), with two ways to bring tokens to their experts:
@@ -131,7 +133,8 @@ class ExpertParallel:
       local_capacity = min(local_capacity, num_shards * buffer)
     c = _Local(self.inner, activation, experts.num_experts, num_shards, split_hidden, buffer,
                local_capacity)
-    fn = _ring if self.exchange == 'ring' else _all_to_all
+    # One expert shard (the rows split, the experts not): no exchange, every expert local.
+    fn = _local if num_shards == 1 else _ring if self.exchange == 'ring' else _all_to_all
 
     def local(x, expert_index, weights, w, drop):
       if split_hidden and w.b_out is not None:
@@ -172,6 +175,12 @@ def _dropout_spec(dropout: dispatch_types.ExpertDropout, rows: P):
 def _inner(c: _Local, x, expert_index, weights, w, drop):
   extra = {} if drop is None else {'dropout': drop}
   return c.inner(x, expert_index, weights, w, c.activation, c.capacity, **extra)
+
+
+def _local(c: _Local, x, expert_index, weights, w, drop=None):
+  """This device's rows through all the experts (it holds them all): nothing to exchange."""
+  y = _inner(c, x, expert_index, weights, w, drop)
+  return (jax.lax.psum(y, 'tensor') if c.split_hidden else y), 0.0
 
 
 def _ring(c: _Local, x, expert_index, weights, w, drop=None):
