@@ -245,6 +245,37 @@ def test_gpu_descriptions_carry_the_platforms_figures():
     target.devices(h100, 12)
 
 
+def test_a_tpu_compiler_in_use_or_missing_is_named(monkeypatch):
+  """libtpu serves one process a machine, and its own message says to delete its lock, which
+  would let two share it: the plan says the compiler is busy instead. Without libtpu (or the
+  CUDA plugin), what to install."""
+  from jax.experimental import topologies
+  from moescale.plan import target
+  for key in target._LIBTPU_ENV:
+    monkeypatch.setenv(key, os.environ.get(key, ''))   # restored after the test
+  monkeypatch.setenv('TPU_ACCELERATOR_TYPE', 'v5p-8')
+
+  def busy(**_):
+    raise RuntimeError('ABORTED: Internal error when accessing libtpu multi-process lockfile. '
+                       'Run "$ sudo rm /tmp/libtpu_lockfile".')
+  monkeypatch.setattr(topologies, 'get_topology_desc', busy)
+  with pytest.raises(target.Unavailable, match='in use by another process') as e:
+    target.devices(platforms.platform('tpu_v5p'), 4)
+  assert 'sudo rm' not in str(e.value)
+
+  def missing(**_):
+    raise RuntimeError('TPU runtime not installed')
+  monkeypatch.setattr(topologies, 'get_topology_desc', missing)
+  with pytest.raises(target.Unavailable, match=r"pip install 'moescale\[plan\]'"):
+    target.devices(platforms.platform('tpu_v5p'), 4)
+
+  def no_plugin(**_):
+    raise NotImplementedError('topology not implemented for cuda')
+  monkeypatch.setattr(topologies, 'get_topology_desc', no_plugin)
+  with pytest.raises(target.Unavailable, match=r"pip install 'moescale\[plan-gpu\]'"):
+    target.devices(platforms.platform('h100'), 8)
+
+
 @pytest.mark.skipif(not _installed('jax_plugins.xla_cuda12'),
                     reason="CUDA plugin not installed (pip install 'moescale[plan-gpu]')")
 def test_gpu_plan_compiles_the_gpu_program_without_a_gpu(capsys):

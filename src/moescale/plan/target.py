@@ -52,6 +52,13 @@ def devices(platform: Platform, count: int) -> list:
         raise Unavailable(
             f'a {platform.name} plan compiles with the TPU compiler, libtpu, which is not '
             "installed here: pip install 'moescale[plan]' (libtpu; no TPU is needed)") from None
+      if 'lockfile' in str(e):
+        # libtpu serves one process a machine; its advice to delete the lock is for a crashed
+        # holder, and would let two processes share it.
+        raise Unavailable(
+            f'libtpu is in use by another process on this machine (its lock /tmp/'
+            'libtpu_lockfile is held): TPU plans run one at a time; wait for the other to '
+            'finish') from None
       raise Unavailable(f'libtpu could not make the TPU topology {name!r}: {e}') from None
   return _gpu_devices(platform, count, topologies)
 
