@@ -245,6 +245,32 @@ def test_gpu_descriptions_carry_the_platforms_figures():
     target.devices(h100, 12)
 
 
+def test_a_gemm_xla_gpu_cannot_tile_without_autotuning_goes_to_cublas_and_says_so():
+  class Lowered:   # what XLA:GPU did with Artetxe et al.'s 2.7B (head_dim 80), no GPU present
+    def __init__(self, fails):
+      self.fails, self.calls = fails, []
+
+    def compile(self, options):
+      self.calls.append(dict(options))
+      if self.fails and options.get('xla_gpu_enable_triton_gemm') is not False:
+        raise jax.errors.JaxRuntimeError(
+            "INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.79 = f32[32768,2560]")
+      return 'compiled'
+  lowered = Lowered(fails=True)
+  compiled, note = program.compile_lowered(lowered, {'a': 1})
+  assert compiled == 'compiled' and lowered.calls[-1] == {'a': 1,
+                                                          'xla_gpu_enable_triton_gemm': False}
+  assert 'could not tile a GEMM' in note and 'f32[32768,2560]' in note
+  lowered = Lowered(fails=False)
+  assert program.compile_lowered(lowered, None) == ('compiled', None) and len(lowered.calls) == 1
+
+  class Broken(Lowered):   # any other compiler error is not retried
+    def compile(self, options):
+      raise jax.errors.JaxRuntimeError('INTERNAL: something else')
+  with pytest.raises(jax.errors.JaxRuntimeError, match='something else'):
+    program.compile_lowered(Broken(True))
+
+
 def test_a_tpu_compiler_in_use_or_missing_is_named(monkeypatch):
   """libtpu serves one process a machine, and its own message says to delete its lock, which
   would let two share it: the plan says the compiler is busy instead. Without libtpu (or the

@@ -149,6 +149,7 @@ def make_plan(model_fn, cfg, platform_: Platform, *, length: int, stream: bool =
                       'device_memory': platform_.memory_bytes,
                       'flops_convention': 'standard'},
       'seconds': {**prog.seconds, 'total': time.perf_counter() - t},
+      'compiler_note': prog.note,
   }
 
 

@@ -53,6 +53,7 @@ class Program:
   hlo: str | None
   refused: DoesNotFit | None
   seconds: dict[str, float]
+  note: str | None = None        # how the compile departed from the platform's defaults
 
 
 def batch_spec(cfg: trainer.TrainConfig, mesh, length: int, stream: bool) -> dict:
@@ -103,17 +104,42 @@ def compile_step(model_fn, cfg: trainer.TrainConfig, mesh, length: int, stream: 
     lowered = step.lower(state, batch)
   seconds = {'lower': time.perf_counter() - t}
   t = time.perf_counter()
+  note = None
   try:
-    compiled = lowered.compile(compiler_options or {})
+    compiled, note = compile_lowered(lowered, compiler_options)
   except jax.errors.JaxRuntimeError as e:
     refused = _refusal(str(e))
     if refused is None:
       raise
     seconds['compile'] = time.perf_counter() - t
-    return Program(mesh, held, shard_bytes(batch), None, None, refused, seconds)
+    return Program(mesh, held, shard_bytes(batch), None, None, refused, seconds, note)
   seconds['compile'] = time.perf_counter() - t
   return Program(mesh, held, shard_bytes(batch), compiled.memory_analysis(),
-                 compiled.as_text(), None, seconds)
+                 compiled.as_text(), None, seconds, note)
+
+
+_TRITON_TILING = "Couldn't find output tile sizes"
+_TRITON_GEMM = 'xla_gpu_enable_triton_gemm'
+
+
+def compile_lowered(lowered, compiler_options: dict | None = None):
+  """(compiled, note): `lowered.compile(compiler_options)`, and where XLA:GPU cannot tile a
+  GEMM, again with Triton GEMMs off, the note saying so (None otherwise).
+
+  XLA:GPU picks Triton GEMM tilings by autotuning on the GPU; compiling without one it takes
+  defaults, which for some shapes (Artetxe et al.'s 2.7B, head_dim 80) it cannot tile. Those
+  GEMMs then go to cuBLAS, as XLA:GPU sends shapes Triton does not take: the same arrays and
+  collectives."""
+  options = dict(compiler_options or {})
+  try:
+    return lowered.compile(options), None
+  except jax.errors.JaxRuntimeError as e:
+    if _TRITON_TILING not in str(e) or options.get(_TRITON_GEMM) is False:
+      raise
+    note = (f'XLA:GPU could not tile a GEMM without a GPU to autotune on ('
+            f'{str(e).splitlines()[0][:160]}...): compiled with {_TRITON_GEMM}=False '
+            '(cuBLAS GEMMs)')
+    return lowered.compile({**options, _TRITON_GEMM: False}), note
 
 
 _UNITS = {'': 1, 'B': 1, 'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40, 'P': 2 ** 50}

@@ -76,6 +76,8 @@ def text(plan: dict) -> str:
   s = plan['seconds']
   lines += ['', f"planned in {s['total']:.1f} s (lowering {s['lower']:.1f} s, compiling "
                 f"{s['compile']:.1f} s)"]
+  if plan.get('compiler_note'):
+    lines.append(f"note: {plan['compiler_note']}")
   return '\n'.join(lines)
 
 
