@@ -32,8 +32,9 @@ The position is the number of batches taken (the same on every host); resuming a
 builds the iterator and computes, costing what starting does. Hosts read disjoint document
 shares of every task (documents i with i mod H = h), as `ShardedIterator` does for one task.
 
-Against seqio's sampling: proportions are exact (within a row or two of rate × rows at every
-batch, measured in tests/test_data_mixture.py) instead of random; a row holds one task's text
+Against seqio's sampling: proportions are exact (every task within one row of rate × rows
+after any number of rows: tests/test_data_mixture.py checks every prefix of a period for four
+sets of rates) instead of random; a row holds one task's text
 (seqio packs examples of several tasks into one row); a task runs into its next epoch on its
 own, as seqio's repeated task datasets do.
 """

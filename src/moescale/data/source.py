@@ -88,32 +88,27 @@ class SeqioDataSource:
     if self.stream:
       return self._stream('train', batch_size * num_shards, shard_id, num_shards, None,
                           position)
-    if self._sharded(position):
-      return self._sharded_iterator(batch_size, shard_id, num_shards, seed, position)
-    if self._mixture(position):
-      return self._mixture_iterator(batch_size, shard_id, num_shards, seed, position)
+    reader = {'task': self._sharded_iterator, 'mixture': self._mixture_iterator}.get(
+        self._per_host_reader(position))
+    if reader is not None:
+      return reader(batch_size, shard_id, num_shards, seed, position)
     return DataPipeline(self.name, self.task_feature_lengths, 'train',
                         batch_size * num_shards, seed=seed, shuffle=True,
                         shard_id=shard_id, num_shards=num_shards,
                         vocabulary=self.vocabulary_spec, pack=self.pack,
                         state=position)
 
-  def _sharded(self, position) -> bool:
-    """Whether training reads per-host document shards (moescale.data.sharded): a task with
-    packing, unless the position was saved by a DataPipeline (a run started before sharding,
-    whose data it continues exactly; skipping to it re-reads up to an epoch)."""
+  def _per_host_reader(self, position) -> str | None:
+    """How training reads per-host document shares, resuming in O(1): 'task'
+    (moescale.data.sharded) or 'mixture' (moescale.data.mixture), with packing. None: a
+    DataPipeline, for unpacked rows, or a position a DataPipeline saved (a run started before
+    these, continued exactly; skipping to it re-reads up to an epoch, a mixture's whole run)."""
     import seqio
-    if position is not None and 'batches_in_epoch' in position:
-      return False
-    return self.pack and isinstance(tasks_lib.get_provider(self.name), seqio.Task)
-
-  def _mixture(self, position) -> bool:
-    """Whether training reads a mixture task by task (moescale.data.mixture): packing, and no
-    position saved by a DataPipeline (a run started before, continued exactly by replay)."""
-    import seqio
-    if position is not None and 'batches_in_epoch' in position:
-      return False
-    return self.pack and isinstance(tasks_lib.get_provider(self.name), seqio.Mixture)
+    if not self.pack or (position is not None and 'batches_in_epoch' in position):
+      return None
+    provider = tasks_lib.get_provider(self.name)
+    return ('task' if isinstance(provider, seqio.Task)
+            else 'mixture' if isinstance(provider, seqio.Mixture) else None)
 
   def _share(self, task: str, shard_id: int, num_shards: int):
     """This host's documents of a task's train split, tokenized (cached: the slow part)."""

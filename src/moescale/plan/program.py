@@ -104,7 +104,6 @@ def compile_step(model_fn, cfg: trainer.TrainConfig, mesh, length: int, stream: 
     lowered = step.lower(state, batch)
   seconds = {'lower': time.perf_counter() - t}
   t = time.perf_counter()
-  note = None
   try:
     compiled, note = compile_lowered(lowered, compiler_options)
   except jax.errors.JaxRuntimeError as e:
@@ -112,7 +111,7 @@ def compile_step(model_fn, cfg: trainer.TrainConfig, mesh, length: int, stream: 
     if refused is None:
       raise
     seconds['compile'] = time.perf_counter() - t
-    return Program(mesh, held, shard_bytes(batch), None, None, refused, seconds, note)
+    return Program(mesh, held, shard_bytes(batch), None, None, refused, seconds)
   seconds['compile'] = time.perf_counter() - t
   return Program(mesh, held, shard_bytes(batch), compiled.memory_analysis(),
                  compiled.as_text(), None, seconds, note)

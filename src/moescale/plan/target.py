@@ -56,7 +56,7 @@ def devices(platform: Platform, count: int) -> list:
         # libtpu serves one process a machine; its advice to delete the lock is for a crashed
         # holder, and would let two processes share it.
         raise Unavailable(
-            f'libtpu is in use by another process on this machine (its lock /tmp/'
+            'libtpu is in use by another process on this machine (its lock /tmp/'
             'libtpu_lockfile is held): TPU plans run one at a time; wait for the other to '
             'finish') from None
       raise Unavailable(f'libtpu could not make the TPU topology {name!r}: {e}') from None
