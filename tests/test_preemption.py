@@ -6,7 +6,6 @@ at the current step and exits 0; a second run on a MODEL_DIR in use is refused."
 import json
 import os
 import pathlib
-import resource
 import signal
 import subprocess
 import sys
@@ -119,13 +118,11 @@ def test_a_second_run_on_a_model_dir_in_use_is_refused(tmp_path):
     pass
 
 
-def _limit_file_size(limit):
-  """For the child: files larger than `limit` bytes fail to write (EFBIG), as on a full disk;
-  SIGXFSZ ignored so the write fails instead of killing the process."""
-  def apply():
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  return apply
+def _with_file_size_limit(command, kib):
+  """`command` run with files larger than `kib` KiB failing to write (EFBIG), as on a full
+  disk; SIGXFSZ ignored so the write fails instead of killing the process. A shell sets both
+  before it execs: a preexec_fn would run Python in a fork of this threaded (JAX) process."""
+  return ['bash', '-c', f'ulimit -f {kib} && trap "" XFSZ && exec "$0" "$@"', *command]
 
 
 def test_a_failed_save_ends_the_run_with_one_paragraph_and_the_run_resumes(reference, tmp_path):
@@ -136,8 +133,8 @@ def test_a_failed_save_ends_the_run_with_one_paragraph_and_the_run_resumes(refer
   first = subprocess.run(_command(d) + ['--gin.TRAIN_STEPS=2'], capture_output=True,
                          text=True, env=_env(), cwd=REPO, timeout=300)
   assert first.returncode == 0, first.stderr[-2000:]
-  failed = subprocess.run(_command(d), capture_output=True, text=True, env=_env(), cwd=REPO,
-                          timeout=300, preexec_fn=_limit_file_size(512 * 1024))
+  failed = subprocess.run(_with_file_size_limit(_command(d), 512), capture_output=True,
+                          text=True, env=_env(), cwd=REPO, timeout=300)
   assert failed.returncode == 2, failed.stderr[-3000:]
   lines = [l for l in failed.stderr.replace('\r', '\n').splitlines()
            if l.strip() and not l.startswith('train:')]
