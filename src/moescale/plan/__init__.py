@@ -19,6 +19,8 @@ import dataclasses
 import math
 import time
 
+from flax import nnx
+
 from moescale.plan import estimate, hlo, platforms, program, target
 from moescale.plan.estimate import Assumptions
 from moescale.plan.platforms import PLATFORMS, Platform, platform
@@ -80,10 +82,9 @@ def with_mesh(cfg, sizes: dict):
       tensor=sizes['tensor'], num_devices=None))
 
 
-def _check_divided(model_fn, cfg, mesh) -> None:
+def _check_divided(abstract_params, cfg, mesh) -> None:
   from moescale import sharding as shd
-  from moescale.train import step as step_lib
-  bad = shd.undivided(step_lib.abstract_model(model_fn, cfg.seed)[1], mesh, cfg.rules)
+  bad = shd.undivided(abstract_params, mesh, cfg.rules)
   if bad:
     lines = [f"  {b['path']} {list(b['shape'])}: dimension {b['dim']} "
              f"({b['shape'][b['dim']]}) over {b['axis']}={b['axis_size']}" for b in bad[:8]]
@@ -122,7 +123,8 @@ def make_plan(model_fn, cfg, platform_: Platform, *, length: int, stream: bool =
     compiler_options = {'xla_tpu_no_crash_on_oom': True}
   cfg = with_mesh(cfg, resolved)
   the_mesh = trainer.check_mesh(model_fn, cfg, devs)
-  _check_divided(model_fn, cfg, the_mesh)
+  model = accounting.abstract_model(model_fn, cfg.seed)   # shapes only; built once here
+  _check_divided(nnx.state(model, nnx.Param), cfg, the_mesh)
   prog = program.compile_step(model_fn, cfg, the_mesh, length, stream, compiler_options)
   mem = estimate.memory(prog)
   fit = estimate.fits(mem, platform_, prog.refused)
@@ -132,7 +134,7 @@ def make_plan(model_fn, cfg, platform_: Platform, *, length: int, stream: bool =
   alts = _alternatives(model_fn, cfg, resolved, devs) if fit['fits'] is False else {}
   arrays = hlo.largest_arrays(prog.hlo, top) if prog.hlo else (
       [prog.refused.array] if prog.refused and prog.refused.array else [])
-  remat = bool(getattr(accounting.abstract_model(model_fn), 'remat', False))
+  remat = bool(getattr(model, 'remat', False))
   shards = resolved['data'] * resolved['fsdp'] * resolved['expert']
   return {
       'platform': platform_.name, 'compiler': platform_.compiler, 'devices': count,

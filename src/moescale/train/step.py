@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from moescale import accounting
 from moescale import sharding as shd
 from moescale.train import memory as memory_lib
 
@@ -80,8 +81,7 @@ class TrainState:
 
 def abstract_model(model_fn: Callable[..., nnx.Module], seed: int):
   """(graphdef, abstract params, abstract rest): shapes only, nothing allocated."""
-  model = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(seed)))
-  return nnx.split(model, nnx.Param, ...)
+  return nnx.split(accounting.abstract_model(model_fn, seed), nnx.Param, ...)
 
 
 def create_train_state(model_fn, optimizer: optax.GradientTransformation, seed: int,
